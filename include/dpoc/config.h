@@ -1,0 +1,63 @@
+/* Training configuration: TRL DPOConfig / HF TrainingArguments key names, read
+ * from a JSON file and `--set key=value` overrides. Unknown keys, wrong types and
+ * out-of-range values are errors naming the key (exit code 2). */
+#ifndef DPOC_CONFIG_H
+#define DPOC_CONFIG_H
+
+#include <stddef.h>
+#include <stdio.h>
+
+#include "dpoc/err.h"
+#include "dpoc/loss.h"
+
+#define DPOC_PATH_MAX 4096
+
+typedef enum { DPOC_SCHED_CONSTANT, DPOC_SCHED_CONSTANT_WARMUP, DPOC_SCHED_LINEAR, DPOC_SCHED_COSINE,
+               DPOC_SCHED_COSINE_MIN_LR } dpoc_sched_kind;
+
+typedef struct {
+    char model_name_or_path[DPOC_PATH_MAX];
+    char ref_model_name_or_path[DPOC_PATH_MAX]; /* empty: frozen copy of the starting policy */
+    char train_file[DPOC_PATH_MAX];
+    char output_dir[DPOC_PATH_MAX];
+
+    dpoc_loss_cfg loss;
+    long loss_weights_given; /* how many loss_weights the user gave; -1: none (all 1.0) */
+
+    double learning_rate;
+    dpoc_sched_kind lr_scheduler_type;
+    double warmup_steps; /* >= 1: steps; < 1: ratio of the total (transformers 5 semantics) */
+    double warmup_ratio; /* older name for a ratio; used when warmup_steps is 0 */
+    double num_cycles;   /* lr_scheduler_kwargs.num_cycles (cosine) */
+    double min_lr;       /* lr_scheduler_kwargs.min_lr, or < 0 */
+    double min_lr_rate;  /* lr_scheduler_kwargs.min_lr_rate, or < 0 */
+    double weight_decay;
+    double adam_beta1, adam_beta2, adam_epsilon;
+    double max_grad_norm; /* <= 0: no clipping */
+
+    size_t per_device_train_batch_size;
+    size_t gradient_accumulation_steps;
+    double num_train_epochs;
+    long max_steps; /* > 0 overrides num_train_epochs */
+    long max_length; /* <= 0: no truncation (None) */
+    int truncation_keep_end;
+    size_t logging_steps;
+    int logging_first_step;
+    unsigned long long seed;
+    int shuffle; /* train_sampling_strategy: "random" (1) or "sequential" (0) */
+} dpoc_config;
+
+void dpoc_config_defaults(dpoc_config *c);
+/* Applies a JSON object (keys as documented); `where` names the source in messages. */
+int dpoc_config_apply_json(dpoc_config *c, const char *json_text, const char *where, dpoc_err *err);
+int dpoc_config_load_file(dpoc_config *c, const char *path, dpoc_err *err);
+/* "key=value"; value parsed as JSON when it is valid JSON, else as a string. */
+int dpoc_config_set(dpoc_config *c, const char *assignment, dpoc_err *err);
+/* Cross-key checks once everything is applied (required keys, loss config). */
+int dpoc_config_finalize(dpoc_config *c, dpoc_err *err);
+/* Writes the key list with types, defaults and help. */
+void dpoc_config_print_help(FILE *f);
+/* The effective config as a JSON object string (caller frees). */
+char *dpoc_config_to_json(const dpoc_config *c);
+
+#endif

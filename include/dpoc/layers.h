@@ -1,0 +1,84 @@
+/* Transformer layer kernels, each a forward/backward pair on ONE sequence of
+ * T tokens (no batch dimension, no padding: every sequence at its own length).
+ * Shapes in comments are row-major. Every backward ACCUMULATES (+=) into its
+ * gradient outputs, which the caller zeroes; a NULL gradient pointer means
+ * "not needed" (frozen weight or an input that needs no gradient).
+ * The large products go through OpenBLAS cblas_sgemm. */
+#ifndef DPOC_LAYERS_H
+#define DPOC_LAYERS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* out is (T,C), wte is (V,C), tokens is (T) */
+void embedding_forward(float *out, const int32_t *tokens, const float *wte, size_t T, size_t C);
+/* dwte is (V,C) */
+void embedding_backward(float *dwte, const float *dout, const int32_t *tokens, size_t T, size_t C);
+
+/* Llama RMSNorm as Hugging Face computes it in fp32:
+ * out = weight * (x * rsqrt(mean(x^2) + eps)); rstd (T) is saved for backward. */
+void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight, size_t T, size_t C,
+                     float eps);
+void rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp,
+                      const float *weight, const float *rstd, size_t T, size_t C);
+
+/* out (T,OC) = inp (T,C) @ weight(OC,C)^T + bias(OC); bias may be NULL. Overwrites out. */
+void matmul_forward(float *out, const float *inp, const float *weight, const float *bias, size_t T,
+                    size_t C, size_t OC);
+/* dinp (T,C) += dout @ weight; dweight (OC,C) += dout^T @ inp; dbias (OC) += colsum(dout). */
+void matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
+                     const float *weight, size_t T, size_t C, size_t OC);
+
+/* Rotary embedding tables in Hugging Face's layout: inv_freq[i] = 1/theta^(2i/hd) (fp32),
+ * angle = pos * inv_freq[i] (fp32 product), cos/sin (T, hd/2) for positions 0..T-1. */
+void rope_tables(float *cos_t, float *sin_t, size_t T, size_t hd, float theta);
+/* In place on x (T, nh, hd), half-split layout ("rotate_half"): for i < hd/2,
+ * x1 = x[i], x2 = x[i+hd/2]: x[i] = x1*cos - x2*sin, x[i+hd/2] = x2*cos + x1*sin. */
+void rope_forward(float *x, const float *cos_t, const float *sin_t, size_t T, size_t nh, size_t hd);
+/* In place on dx (T, nh, hd): the transpose rotation. */
+void rope_backward(float *dx, const float *cos_t, const float *sin_t, size_t T, size_t nh, size_t hd);
+
+/* Causal grouped-query attention. q (T, nh, hd), k and v (T, nkv, hd); head h uses
+ * kv head h / (nh/nkv). scale = 1/sqrt(hd). att (nh, T, T) holds the softmax
+ * probabilities (upper triangle zero) for backward. out (T, nh, hd). */
+void attention_forward(float *out, float *att, const float *q, const float *k, const float *v, size_t T,
+                       size_t nh, size_t nkv, size_t hd);
+void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q,
+                        const float *k, const float *v, const float *att, size_t T, size_t nh,
+                        size_t nkv, size_t hd);
+
+/* SwiGLU: out (N) = silu(gate) * up, silu(x) = x * sigmoid(x). N = T * intermediate. */
+void swiglu_forward(float *out, const float *gate, const float *up, size_t N);
+void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
+                     size_t N);
+
+/* Log-prob head over R rows (only the positions whose next token is a label):
+ * h (R,C) final-normed hidden states, w (V,C) the LM head, labels (R).
+ * logits = h @ w^T computed in vocabulary chunks of at most LMHEAD_CHUNK columns,
+ * never the whole (R,V) matrix. Per row it writes:
+ *   logp[r]   = logits[label] - logsumexp(logits)
+ *   lse[r]    = logsumexp(logits)                (kept for backward)
+ * and, when the pointer is not NULL (metrics; no gradient flows through them):
+ *   entropy[r]          = -sum p log p
+ *   mean_logit[r]       = mean over V of logits
+ *   log_sum_sq_probs[r] = log(sum p^2)           (WPO weighting)
+ *   is_top1[r]          = 1 if logits[label] >= every logit, else 0 */
+#define LMHEAD_CHUNK 4096
+typedef struct {
+    float *logp;
+    float *lse;
+    float *entropy;
+    float *mean_logit;
+    float *log_sum_sq_probs;
+    uint8_t *is_top1;
+} lmhead_out;
+/* scratch: at least R * min(V, LMHEAD_CHUNK) floats. */
+void lmhead_forward(lmhead_out *o, const float *h, const float *w, const int32_t *labels, size_t R,
+                    size_t C, size_t V, float *scratch);
+/* Given dlogp (R) = dLoss/dlogp: dlogits = dlogp * (onehot(label) - softmax), recomputed per chunk.
+ * dh (R,C) += dlogits @ w; dw (V,C) += dlogits^T @ h. */
+void lmhead_backward(float *dh, float *dw, const float *dlogp, const float *h, const float *w,
+                     const int32_t *labels, const float *lse, size_t R, size_t C, size_t V,
+                     float *scratch);
+
+#endif

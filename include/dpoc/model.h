@@ -1,0 +1,122 @@
+/* Decoder-only Llama-family model (LlamaForCausalLM, Qwen2ForCausalLM) in fp32.
+ *
+ * All parameters live in ONE flat float block described by a size table
+ * (name, shape, offset), in the order of dpoc_model_param_names; gradients use a
+ * second block of the same layout, so one buffer is allreduced and one is
+ * checkpointed. Layer views are offsets, turned into pointers against any base
+ * (parameters or gradients). */
+#ifndef DPOC_MODEL_H
+#define DPOC_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "dpoc/err.h"
+#include "dpoc/layers.h"
+
+typedef enum { DPOC_ARCH_LLAMA, DPOC_ARCH_QWEN2 } dpoc_arch;
+
+typedef struct {
+    dpoc_arch arch;
+    size_t vocab_size;
+    size_t hidden_size;        /* C */
+    size_t intermediate_size;  /* F */
+    size_t n_layers;
+    size_t n_heads;
+    size_t n_kv_heads;
+    size_t head_dim;
+    size_t max_position_embeddings;
+    float rms_norm_eps;
+    float rope_theta;
+    int tie_word_embeddings;
+    int qkv_bias;     /* Qwen2: bias on q/k/v projections */
+    int bos_token_id; /* -1 when absent */
+    int eos_token_id;
+    int pad_token_id;
+} dpoc_model_config;
+
+/* Reads a Hugging Face config.json (transformers 4 and 5 spellings: rope_theta or
+ * rope_parameters.rope_theta). Unsupported fields in use (rope_scaling, a sliding
+ * window actually in use, an unknown architecture or activation) are errors naming
+ * the field. */
+int dpoc_hf_config_read(dpoc_model_config *cfg, const char *config_json_path, dpoc_err *err);
+
+#define DPOC_PARAM_NAME_MAX 96
+#define DPOC_NO_PARAM ((size_t)-1)
+
+typedef struct {
+    char name[DPOC_PARAM_NAME_MAX]; /* Hugging Face tensor name */
+    size_t ndim;
+    size_t shape[2];
+    size_t offset; /* in floats, into the flat block */
+    size_t numel;
+} dpoc_param_info;
+
+/* Offsets (in floats) of one layer's tensors; DPOC_NO_PARAM when absent. */
+typedef struct {
+    size_t attn_norm, wq, bq, wk, bk, wv, bv, wo, mlp_norm, wgate, wup, wdown;
+} dpoc_layer_offsets;
+
+typedef struct {
+    dpoc_model_config cfg;
+    size_t n_tensors;
+    dpoc_param_info *info;
+    size_t numel;   /* total parameters */
+    float *params;  /* the flat block */
+    size_t off_wte, off_final_norm, off_lm_head; /* lm_head == wte when tied */
+    dpoc_layer_offsets *layers;
+} dpoc_model;
+
+/* Builds the size table and allocates a zeroed parameter block. */
+int dpoc_model_init(dpoc_model *m, const dpoc_model_config *cfg, dpoc_err *err);
+/* config.json + safetensors weights of an HF directory. */
+int dpoc_model_load(dpoc_model *m, const char *dir, dpoc_err *err);
+void dpoc_model_free(dpoc_model *m);
+/* Index of a tensor by HF name, or DPOC_NO_PARAM. */
+size_t dpoc_model_find(const dpoc_model *m, const char *name);
+
+/* Activations of one sequence, kept per layer so backward (or a recompute) can use them.
+ * Sized for up to max_T tokens and max_R scored rows. */
+typedef struct {
+    float *x_in, *ln1, *rstd1, *q, *k, *v, *att, *atty, *x_mid, *ln2, *rstd2, *gate, *up, *act;
+} dpoc_layer_acts;
+
+typedef struct {
+    size_t max_T;
+    size_t T, row0, R; /* the current sequence: rows row0..row0+R-1 are scored */
+    float *block;      /* one allocation */
+    dpoc_layer_acts *layers;
+    float *x_out, *lnf, *rstdf; /* (T,C), (T,C), (T) */
+    float *cos_t, *sin_t;       /* rope tables (max_T, hd/2) */
+    float *logits_scratch;      /* lm head chunk scratch */
+    int32_t *labels;            /* (R) */
+    /* per scored row: outputs of the head */
+    float *logp, *lse, *entropy, *mean_logit, *log_sum_sq_probs;
+    uint8_t *is_top1;
+} dpoc_acts;
+
+int dpoc_acts_alloc(dpoc_acts *a, const dpoc_model_config *cfg, size_t max_T, dpoc_err *err);
+void dpoc_acts_free(dpoc_acts *a);
+
+/* Scratch for backward, sized for max_T. */
+typedef struct {
+    size_t max_T;
+    float *block;
+    float *dx, *dln, *dq, *dk, *dv, *datty, *dgate, *dup, *dact, *dh;
+} dpoc_grad_scratch;
+
+int dpoc_grad_scratch_alloc(dpoc_grad_scratch *s, const dpoc_model_config *cfg, size_t max_T, dpoc_err *err);
+void dpoc_grad_scratch_free(dpoc_grad_scratch *s);
+
+/* Forward of one sequence tokens (T). Rows t in [row0, row0+R) are scored: the
+ * head gives log p(tokens[t+1] | tokens[..t]) and the metric statistics for each.
+ * Requires row0 + R <= T - 1 and T <= a->max_T. */
+void dpoc_model_forward(const dpoc_model *m, dpoc_acts *a, const int32_t *tokens, size_t T, size_t row0,
+                        size_t R);
+
+/* Backward of the sequence last forwarded into a: dlogp (R) = dLoss/dlogp of each
+ * scored row. Accumulates into grads (a block of m->numel floats). */
+void dpoc_model_backward(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_grad_scratch *s,
+                         const int32_t *tokens, const float *dlogp);
+
+#endif

@@ -1,0 +1,34 @@
+/* AdamW as torch.optim.AdamW (decoupled weight decay, bias correction), the HF
+ * learning-rate schedules and gradient-norm clipping as
+ * torch.nn.utils.clip_grad_norm_, all over the flat parameter/gradient blocks. */
+#ifndef DPOC_OPTIM_H
+#define DPOC_OPTIM_H
+
+#include <stddef.h>
+
+#include "dpoc/config.h"
+#include "dpoc/err.h"
+
+typedef struct {
+    size_t n;
+    float *m, *v; /* first and second moments, flat like the parameters */
+    long step;    /* optimizer steps taken */
+    double beta1, beta2, eps, weight_decay;
+} dpoc_adamw;
+
+int dpoc_adamw_init(dpoc_adamw *o, size_t n, const dpoc_config *c, dpoc_err *err);
+void dpoc_adamw_free(dpoc_adamw *o);
+/* One step at learning rate lr: params -= ... using grads. */
+void dpoc_adamw_step(dpoc_adamw *o, float *params, const float *grads, double lr);
+
+/* L2 norm of the whole gradient block (accumulated in double). */
+double dpoc_grad_norm(const float *grads, size_t n);
+/* clip_grad_norm_: scales grads by min(1, max_norm / (norm + 1e-6)). */
+void dpoc_clip_grads(float *grads, size_t n, double norm, double max_norm);
+
+/* Warm-up steps as transformers computes them for num_training_steps. */
+long dpoc_warmup_steps(const dpoc_config *c, long num_training_steps);
+/* Learning rate multiplier (HF lr_lambda) at optimizer step `step` (0-based). */
+double dpoc_lr_lambda(const dpoc_config *c, long step, long warmup, long total);
+
+#endif

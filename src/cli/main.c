@@ -1,0 +1,80 @@
+/* dpoc command line. Only here is the process's end decided: library calls
+ * return a status and a message; the exit code is that status (2 = bad input). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dpoc/config.h"
+#include "dpoc/err.h"
+#include "dpoc/trainer.h"
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "dpoc %s - Direct Preference Optimization on CPU clusters\n\n"
+            "usage: dpoc <command> [options]\n\n"
+            "commands:\n"
+            "  train --config FILE.json [--set key=value ...]   train with DPO (see `dpoc train --help`)\n"
+            "  --help                                           this text\n"
+            "  --version                                        print the version\n",
+            DPOC_VERSION);
+}
+
+static void train_usage(FILE *f) {
+    fprintf(f,
+            "usage: dpoc train --config FILE.json [--set key=value ...]\n\n"
+            "Trains the policy model with DPO on the pairs in train_file and writes\n"
+            "output_dir/metrics.jsonl (one JSON object per logging step, TRL metric names).\n"
+            "--set overrides a config key; the value is JSON (numbers, true, [\"a\",\"b\"]) or a bare string.\n\n"
+            "train_file: pre-tokenized JSONL, one pair per line:\n"
+            "  {\"prompt_input_ids\": [...], \"chosen_input_ids\": [...], \"rejected_input_ids\": [...]}\n\n");
+    dpoc_config_print_help(f);
+}
+
+static int cmd_train(int argc, char **argv) {
+    dpoc_config cfg;
+    dpoc_config_defaults(&cfg);
+    dpoc_err err;
+    dpoc_err_clear(&err);
+    const char *config_path = NULL;
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            train_usage(stdout);
+            return 0;
+        }
+    }
+    /* the file first, then every --set in order */
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--config") && i + 1 < argc) config_path = argv[++i];
+        else if (!strcmp(argv[i], "--set") && i + 1 < argc) i++;
+        else {
+            fprintf(stderr, "dpoc train: unexpected argument '%s' (see dpoc train --help)\n", argv[i]);
+            return DPOC_EINPUT;
+        }
+    }
+    if (!config_path) {
+        fprintf(stderr, "dpoc train: --config FILE is required (see dpoc train --help)\n");
+        return DPOC_EINPUT;
+    }
+    int rc = dpoc_config_load_file(&cfg, config_path, &err);
+    for (int i = 0; !rc && i < argc; i++)
+        if (!strcmp(argv[i], "--set")) rc = dpoc_config_set(&cfg, argv[++i], &err);
+        else if (!strcmp(argv[i], "--config")) i++;
+    if (!rc) rc = dpoc_config_finalize(&cfg, &err);
+    if (!rc) rc = dpoc_train(&cfg, &err);
+    if (rc) fprintf(stderr, "dpoc train: error: %s\n", err.msg);
+    return rc;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? DPOC_EINPUT : 0;
+    }
+    if (!strcmp(argv[1], "--version")) {
+        printf("dpoc %s\n", DPOC_VERSION);
+        return 0;
+    }
+    if (!strcmp(argv[1], "train")) return cmd_train(argc - 2, argv + 2);
+    fprintf(stderr, "dpoc: unknown command '%s' (see dpoc --help)\n", argv[1]);
+    return DPOC_EINPUT;
+}

@@ -1,0 +1,57 @@
+#include "core/fileutil.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+int dpoc_read_file(const char *path, char **out, size_t *len, dpoc_err *err) {
+    *out = NULL;
+    FILE *f = fopen(path, "rb");
+    if (!f) return dpoc_errf(err, DPOC_EINPUT, "%s: cannot open: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
+        fclose(f);
+        return dpoc_errf(err, DPOC_EINPUT, "%s: not a regular file", path);
+    }
+    size_t n = (size_t)st.st_size;
+    char *buf = dpoc_malloc(n + 1, path, err);
+    if (!buf) {
+        fclose(f);
+        return DPOC_ENOMEM;
+    }
+    if (n && fread(buf, 1, n, f) != n) {
+        free(buf);
+        fclose(f);
+        return dpoc_errf(err, DPOC_EIO, "%s: read failed", path);
+    }
+    fclose(f);
+    buf[n] = '\0';
+    *out = buf;
+    if (len) *len = n;
+    return 0;
+}
+
+int dpoc_path_join(char *buf, size_t n, const char *a, const char *b, dpoc_err *err) {
+    int w = snprintf(buf, n, "%s/%s", a, b);
+    if (w < 0 || (size_t)w >= n) return dpoc_errf(err, DPOC_EINPUT, "path too long: %s/%s", a, b);
+    return 0;
+}
+
+int dpoc_mkdirs(const char *path, dpoc_err *err) {
+    char tmp[4096];
+    size_t n = strlen(path);
+    if (n == 0 || n >= sizeof tmp) return dpoc_errf(err, DPOC_EINPUT, "bad directory path '%s'", path);
+    memcpy(tmp, path, n + 1);
+    for (size_t i = 1; i <= n; i++) {
+        if (tmp[i] == '/' || tmp[i] == '\0') {
+            char c = tmp[i];
+            tmp[i] = '\0';
+            if (mkdir(tmp, 0777) != 0 && errno != EEXIST)
+                return dpoc_errf(err, DPOC_EIO, "cannot create directory '%s': %s", tmp, strerror(errno));
+            tmp[i] = c;
+        }
+    }
+    return 0;
+}

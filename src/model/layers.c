@@ -1,0 +1,493 @@
+/* Transformer layer kernels (Llama / Qwen2, fp32), one forward/backward pair per
+ * layer in the style of karpathy/llm.c. The semantics follow Hugging Face
+ * transformers' modeling_llama.py in fp32 (RMSNorm, rotate_half RoPE, eager
+ * causal GQA attention, SwiGLU MLP); see include/dpoc/layers.h for the API.
+ *
+ * Conventions:
+ *  - shapes are row-major and given in a comment above each function;
+ *  - every backward ACCUMULATES (+=) into its gradient outputs; a NULL gradient
+ *    pointer means "not needed";
+ *  - outputs never alias inputs (the pointers are restrict-qualified), except
+ *    the in-place RoPE;
+ *  - the large products go through OpenBLAS cblas_sgemm; long reductions
+ *    (RMS mean, softmax and logsumexp sums) accumulate in double and round once.
+ * Callers guarantee the shape invariants (hd even, nh a multiple of nkv, token
+ * ids and labels in [0, V)); they are checked with assert() in debug builds. */
+#include "dpoc/layers.h"
+
+#include <assert.h>
+#include <limits.h>
+#include <math.h>
+#include <string.h>
+
+#include <cblas.h>
+
+/* Rows of the LM head processed together in the forward: the online-logsumexp
+ * state of a block lives on the stack (no allocation in a void kernel), and each
+ * block streams the whole head weight once, so larger blocks mean fewer passes
+ * over w. */
+#define LMHEAD_ROW_BLOCK 256
+
+/* The LM head with an explicit vocabulary chunk width. lmhead_forward/backward
+ * call these with LMHEAD_CHUNK; the unit tests call them with small chunks to
+ * exercise the cross-chunk logic. scratch: at least R * min(V, chunk) floats. */
+void lmhead_forward_chunked(lmhead_out *o, const float *h, const float *w, const int32_t *labels, size_t R,
+                            size_t C, size_t V, float *scratch, size_t chunk);
+void lmhead_backward_chunked(float *dh, float *dw, const float *dlogp, const float *h, const float *w,
+                             const int32_t *labels, const float *lse, size_t R, size_t C, size_t V,
+                             float *scratch, size_t chunk);
+
+/* BLAS dimensions are int (blasint) in the CBLAS interface. */
+static int blas_dim(size_t n) {
+    assert(n <= (size_t)INT_MAX);
+    return (int)n;
+}
+
+static size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
+
+/* ------------------------------------------------------------------------ */
+/* Embedding */
+
+/* out (T,C) = wte[tokens] with wte (V,C), tokens (T) */
+void embedding_forward(float *restrict out, const int32_t *restrict tokens, const float *restrict wte, size_t T,
+                       size_t C) {
+    for (size_t t = 0; t < T; t++) {
+        assert(tokens[t] >= 0);
+        memcpy(out + t * C, wte + (size_t)tokens[t] * C, C * sizeof *out);
+    }
+}
+
+/* dwte (V,C) += scatter of dout (T,C) at tokens (T); repeated tokens accumulate */
+void embedding_backward(float *restrict dwte, const float *restrict dout, const int32_t *restrict tokens,
+                        size_t T, size_t C) {
+    if (!dwte) return;
+    for (size_t t = 0; t < T; t++) {
+        assert(tokens[t] >= 0);
+        float *restrict row = dwte + (size_t)tokens[t] * C;
+        const float *restrict d = dout + t * C;
+        for (size_t i = 0; i < C; i++) row[i] += d[i];
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* RMSNorm (LlamaRMSNorm / Qwen2RMSNorm) */
+
+/* out (T,C), rstd (T), inp (T,C), weight (C).
+ * var = mean(x^2) (double accumulation, rounded to fp32 like the fp32 tensor),
+ * rstd = 1/sqrt(var + eps) in fp32, out = weight * (x * rstd) in that order. */
+void rmsnorm_forward(float *restrict out, float *restrict rstd, const float *restrict inp,
+                     const float *restrict weight, size_t T, size_t C, float eps) {
+    for (size_t t = 0; t < T; t++) {
+        const float *restrict x = inp + t * C;
+        double ss = 0.0;
+        for (size_t i = 0; i < C; i++) ss += (double)x[i] * (double)x[i];
+        const float var = (float)(ss / (double)C);
+        const float r = 1.0f / sqrtf(var + eps);
+        float *restrict o = out + t * C;
+        for (size_t i = 0; i < C; i++) o[i] = weight[i] * (x[i] * r);
+        rstd[t] = r;
+    }
+}
+
+/* dinp (T,C) += ..., dweight (C) += ..., given dout (T,C), inp (T,C), weight (C), rstd (T).
+ * With n = x * rstd and g = dout * weight:
+ *   dx = rstd * (g - n * mean(g * n)),   dweight += dout * n. */
+void rmsnorm_backward(float *restrict dinp, float *restrict dweight, const float *restrict dout,
+                      const float *restrict inp, const float *restrict weight, const float *restrict rstd,
+                      size_t T, size_t C) {
+    for (size_t t = 0; t < T; t++) {
+        const float *restrict x = inp + t * C;
+        const float *restrict d = dout + t * C;
+        const float r = rstd[t];
+        if (dweight) {
+            for (size_t i = 0; i < C; i++) dweight[i] += d[i] * (x[i] * r);
+        }
+        if (dinp) {
+            double dot = 0.0; /* sum_i g_i * n_i */
+            for (size_t i = 0; i < C; i++) dot += (double)(d[i] * weight[i]) * (double)(x[i] * r);
+            const float mean_gn = (float)(dot / (double)C);
+            float *restrict dx = dinp + t * C;
+            for (size_t i = 0; i < C; i++) dx[i] += r * (d[i] * weight[i] - (x[i] * r) * mean_gn);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Linear layer (nn.Linear: y = x W^T + b) */
+
+/* out (T,OC) = inp (T,C) @ weight (OC,C)^T + bias (OC); bias may be NULL.
+ * As torch.addmm: out is filled with the bias, then the product is added. */
+void matmul_forward(float *restrict out, const float *restrict inp, const float *restrict weight,
+                    const float *restrict bias, size_t T, size_t C, size_t OC) {
+    if (T == 0 || OC == 0) return;
+    for (size_t t = 0; t < T; t++) {
+        float *restrict o = out + t * OC;
+        if (bias) memcpy(o, bias, OC * sizeof *o);
+        else memset(o, 0, OC * sizeof *o);
+    }
+    if (C == 0) return;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_dim(T), blas_dim(OC), blas_dim(C), 1.0f, inp,
+                blas_dim(C), weight, blas_dim(C), 1.0f, out, blas_dim(OC));
+}
+
+/* dinp (T,C) += dout (T,OC) @ weight (OC,C); dweight (OC,C) += dout^T @ inp (T,C);
+ * dbias (OC) += column sums of dout. */
+void matmul_backward(float *restrict dinp, float *restrict dweight, float *restrict dbias,
+                     const float *restrict dout, const float *restrict inp, const float *restrict weight,
+                     size_t T, size_t C, size_t OC) {
+    if (T == 0 || OC == 0) return;
+    if (dinp && C > 0) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, blas_dim(T), blas_dim(C), blas_dim(OC), 1.0f,
+                    dout, blas_dim(OC), weight, blas_dim(C), 1.0f, dinp, blas_dim(C));
+    }
+    if (dweight && C > 0) {
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, blas_dim(OC), blas_dim(C), blas_dim(T), 1.0f,
+                    dout, blas_dim(OC), inp, blas_dim(C), 1.0f, dweight, blas_dim(C));
+    }
+    if (dbias) {
+        for (size_t t = 0; t < T; t++) {
+            const float *restrict d = dout + t * OC;
+            for (size_t o = 0; o < OC; o++) dbias[o] += d[o];
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Rotary position embedding (LlamaRotaryEmbedding, default rope type) */
+
+/* cos_t, sin_t (T, hd/2). As Hugging Face in fp32:
+ *   inv_freq[i] = 1 / theta^(float(2i) / float(hd))   (fp32 pow and division)
+ *   angle       = float(t) * inv_freq[i]              (one fp32 product)
+ *   cos, sin    = cosf(angle), sinf(angle)
+ * (HF's emb = cat(freqs, freqs) repeats the same half, so only hd/2 are stored.) */
+void rope_tables(float *restrict cos_t, float *restrict sin_t, size_t T, size_t hd, float theta) {
+    assert(hd % 2 == 0);
+    const size_t half = hd / 2;
+    for (size_t i = 0; i < half; i++) {
+        const float exponent = (float)(2 * i) / (float)hd;
+        const float inv_freq = 1.0f / powf(theta, exponent);
+        for (size_t t = 0; t < T; t++) {
+            const float angle = (float)t * inv_freq;
+            cos_t[t * half + i] = cosf(angle);
+            sin_t[t * half + i] = sinf(angle);
+        }
+    }
+}
+
+/* x (T, nh, hd) in place; cos_t, sin_t (T, hd/2). q*cos + rotate_half(q)*sin:
+ *   y[i]      = x[i]*cos - x[i+hd/2]*sin
+ *   y[i+hd/2] = x[i+hd/2]*cos + x[i]*sin */
+void rope_forward(float *restrict x, const float *restrict cos_t, const float *restrict sin_t, size_t T,
+                  size_t nh, size_t hd) {
+    assert(hd % 2 == 0);
+    const size_t half = hd / 2;
+    for (size_t t = 0; t < T; t++) {
+        const float *restrict c = cos_t + t * half;
+        const float *restrict s = sin_t + t * half;
+        for (size_t h = 0; h < nh; h++) {
+            float *restrict x1 = x + (t * nh + h) * hd;
+            float *restrict x2 = x1 + half;
+            for (size_t i = 0; i < half; i++) {
+                const float a = x1[i], b = x2[i];
+                x1[i] = a * c[i] - b * s[i];
+                x2[i] = b * c[i] + a * s[i];
+            }
+        }
+    }
+}
+
+/* dx (T, nh, hd) in place: the transpose of the rotation,
+ *   dx1 = dy1*cos + dy2*sin,  dx2 = dy2*cos - dy1*sin. */
+void rope_backward(float *restrict dx, const float *restrict cos_t, const float *restrict sin_t, size_t T,
+                   size_t nh, size_t hd) {
+    assert(hd % 2 == 0);
+    const size_t half = hd / 2;
+    for (size_t t = 0; t < T; t++) {
+        const float *restrict c = cos_t + t * half;
+        const float *restrict s = sin_t + t * half;
+        for (size_t h = 0; h < nh; h++) {
+            float *restrict d1 = dx + (t * nh + h) * hd;
+            float *restrict d2 = d1 + half;
+            for (size_t i = 0; i < half; i++) {
+                const float a = d1[i], b = d2[i];
+                d1[i] = a * c[i] + b * s[i];
+                d2[i] = b * c[i] - a * s[i];
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Causal grouped-query attention (eager_attention_forward) */
+
+/* The fp32 scale HF multiplies the scores by: head_dim ** -0.5 rounded to fp32. */
+static float attention_scale(size_t hd) { return (float)(1.0 / sqrt((double)hd)); }
+
+/* out (T, nh, hd), att (nh, T, T); q (T, nh, hd), k and v (T, nkv, hd).
+ * Head h reads kv head h / (nh / nkv) (repeat_kv). Per head and query row t:
+ *   score[s] = (q_t . k_s) * scale for s <= t (masked s > t give probability 0),
+ *   att[h,t,:] = softmax(score) in fp32 (max subtracted, double sum),
+ *   out_t = sum_s att[h,t,s] * v_s. */
+void attention_forward(float *restrict out, float *restrict att, const float *restrict q,
+                       const float *restrict k, const float *restrict v, size_t T, size_t nh, size_t nkv,
+                       size_t hd) {
+    assert(nkv > 0 && nh % nkv == 0);
+    const size_t group = nh / nkv;
+    const size_t q_stride = nh * hd, kv_stride = nkv * hd;
+    const float scale = attention_scale(hd);
+    for (size_t h = 0; h < nh; h++) {
+        const size_t kvh = h / group;
+        for (size_t t = 0; t < T; t++) {
+            const float *restrict qt = q + t * q_stride + h * hd;
+            float *restrict row = att + (h * T + t) * T;
+            float maxv = -INFINITY;
+            for (size_t s = 0; s <= t; s++) {
+                const float *restrict ks = k + s * kv_stride + kvh * hd;
+                float dot = 0.0f;
+                for (size_t i = 0; i < hd; i++) dot += qt[i] * ks[i];
+                const float score = dot * scale;
+                row[s] = score;
+                if (score > maxv) maxv = score;
+            }
+            double sum = 0.0;
+            for (size_t s = 0; s <= t; s++) {
+                const float e = expf(row[s] - maxv);
+                row[s] = e;
+                sum += e;
+            }
+            const float sumf = (float)sum;
+            for (size_t s = 0; s <= t; s++) row[s] /= sumf;
+            for (size_t s = t + 1; s < T; s++) row[s] = 0.0f;
+
+            float *restrict ot = out + t * q_stride + h * hd;
+            for (size_t i = 0; i < hd; i++) ot[i] = 0.0f;
+            for (size_t s = 0; s <= t; s++) {
+                const float p = row[s];
+                const float *restrict vs = v + s * kv_stride + kvh * hd;
+                for (size_t i = 0; i < hd; i++) ot[i] += p * vs[i];
+            }
+        }
+    }
+}
+
+/* dq (T, nh, hd), dk and dv (T, nkv, hd) += ..., given dout (T, nh, hd) and the
+ * forward's q, k, v, att. With P = att[h,t,:] and dP_s = dout_t . v_s:
+ *   dv_s += P_s dout_t
+ *   dS_s  = P_s (dP_s - sum_s' P_s' dP_s')         (softmax backward)
+ *   dq_t += scale sum_s dS_s k_s,  dk_s += scale dS_s q_t
+ * No scratch: dP is computed twice (once for the row sum, once for dS). The kv
+ * heads accumulate the gradients of all query heads in their group. */
+void attention_backward(float *restrict dq, float *restrict dk, float *restrict dv, const float *restrict dout,
+                        const float *restrict q, const float *restrict k, const float *restrict v,
+                        const float *restrict att, size_t T, size_t nh, size_t nkv, size_t hd) {
+    assert(nkv > 0 && nh % nkv == 0);
+    const size_t group = nh / nkv;
+    const size_t q_stride = nh * hd, kv_stride = nkv * hd;
+    const float scale = attention_scale(hd);
+    const int need_scores = dq != NULL || dk != NULL;
+    for (size_t h = 0; h < nh; h++) {
+        const size_t kvh = h / group;
+        for (size_t t = 0; t < T; t++) {
+            const float *restrict row = att + (h * T + t) * T;
+            const float *restrict dot_ = dout + t * q_stride + h * hd;
+            const float *restrict qt = q + t * q_stride + h * hd;
+
+            /* pass 1: dv, and the row sum D = sum_s P_s dP_s */
+            double D = 0.0;
+            for (size_t s = 0; s <= t; s++) {
+                const float p = row[s];
+                const float *restrict vs = v + s * kv_stride + kvh * hd;
+                if (need_scores) {
+                    float dp = 0.0f;
+                    for (size_t i = 0; i < hd; i++) dp += dot_[i] * vs[i];
+                    D += (double)p * (double)dp;
+                }
+                if (dv) {
+                    float *restrict dvs = dv + s * kv_stride + kvh * hd;
+                    for (size_t i = 0; i < hd; i++) dvs[i] += p * dot_[i];
+                }
+            }
+            if (!need_scores) continue;
+
+            /* pass 2: dS, then dq and dk */
+            const float Df = (float)D;
+            float *restrict dqt = dq ? dq + t * q_stride + h * hd : NULL;
+            for (size_t s = 0; s <= t; s++) {
+                const float p = row[s];
+                const float *restrict vs = v + s * kv_stride + kvh * hd;
+                const float *restrict ks = k + s * kv_stride + kvh * hd;
+                float dp = 0.0f;
+                for (size_t i = 0; i < hd; i++) dp += dot_[i] * vs[i];
+                const float ds = p * (dp - Df) * scale;
+                if (dqt) {
+                    for (size_t i = 0; i < hd; i++) dqt[i] += ds * ks[i];
+                }
+                if (dk) {
+                    float *restrict dks = dk + s * kv_stride + kvh * hd;
+                    for (size_t i = 0; i < hd; i++) dks[i] += ds * qt[i];
+                }
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* SwiGLU (LlamaMLP: down(silu(gate(x)) * up(x))), the elementwise part */
+
+/* out (N) = silu(gate) * up, silu(g) = g / (1 + exp(-g)) as PyTorch computes it. */
+void swiglu_forward(float *restrict out, const float *restrict gate, const float *restrict up, size_t N) {
+    for (size_t i = 0; i < N; i++) {
+        const float g = gate[i];
+        out[i] = (g / (1.0f + expf(-g))) * up[i];
+    }
+}
+
+/* dgate, dup (N) += ...: with sig = sigmoid(g),
+ *   dup += dout * silu(g),  dgate += dout * up * sig * (1 + g * (1 - sig)). */
+void swiglu_backward(float *restrict dgate, float *restrict dup, const float *restrict dout,
+                     const float *restrict gate, const float *restrict up, size_t N) {
+    for (size_t i = 0; i < N; i++) {
+        const float g = gate[i];
+        const float sig = 1.0f / (1.0f + expf(-g));
+        if (dup) dup[i] += dout[i] * (g * sig);
+        if (dgate) dgate[i] += dout[i] * up[i] * (sig * (1.0f + g * (1.0f - sig)));
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* LM head: per-row log-probability of the label and metrics, never the whole
+ * (R,V) logits matrix */
+
+/* Online softmax statistics of one row over the chunks seen so far, relative to
+ * the running max m: s = sum e, a = sum e (l - m), q = sum e^2 with e = exp(l - m).
+ * Then lse = m + log s, entropy = log s - a/s, log sum p^2 = log q - 2 log s. */
+typedef struct {
+    float max;          /* running max logit (-inf before the first chunk) */
+    float label_logit;  /* logit of the label once its chunk has been seen */
+    double sum_exp;     /* s */
+    double sum_exp_d;   /* a */
+    double sum_exp_sq;  /* q */
+    double sum_logits;  /* for the mean logit */
+} lmhead_row_state;
+
+/* Merges the statistics of one chunk row (relative to its own max cmax) into st. */
+static void lmhead_merge(lmhead_row_state *st, float cmax, double s, double a, double q) {
+    if (st->sum_exp == 0.0) { /* first chunk */
+        st->max = cmax;
+        st->sum_exp = s;
+        st->sum_exp_d = a;
+        st->sum_exp_sq = q;
+        return;
+    }
+    const float m = st->max > cmax ? st->max : cmax;
+    /* rescale both sides to the common max m: e' = e f, (l - m) = (l - m_i) + (m_i - m) */
+    const double d_old = (double)st->max - (double)m, d_new = (double)cmax - (double)m;
+    const double f_old = exp(d_old), f_new = exp(d_new);
+    st->sum_exp_d = f_old * (st->sum_exp_d + d_old * st->sum_exp) + f_new * (a + d_new * s);
+    st->sum_exp = f_old * st->sum_exp + f_new * s;
+    st->sum_exp_sq = f_old * f_old * st->sum_exp_sq + f_new * f_new * q;
+    st->max = m;
+}
+
+/* h (R,C), w (V,C), labels (R); outputs per row in o (see layers.h).
+ * Rows go in blocks of LMHEAD_ROW_BLOCK; within a block, each vocabulary chunk of
+ * at most `chunk` columns is computed by one sgemm into scratch (rows, n) and folded
+ * into the per-row online statistics, so one pass over the vocabulary gives the
+ * logsumexp and every metric. */
+void lmhead_forward_chunked(lmhead_out *o, const float *h, const float *w, const int32_t *labels, size_t R,
+                            size_t C, size_t V, float *scratch, size_t chunk) {
+    assert(chunk > 0 && V > 0 && C > 0);
+    lmhead_row_state st[LMHEAD_ROW_BLOCK];
+    for (size_t r0 = 0; r0 < R; r0 += LMHEAD_ROW_BLOCK) {
+        const size_t rb = min_size(LMHEAD_ROW_BLOCK, R - r0);
+        for (size_t r = 0; r < rb; r++) {
+            st[r] = (lmhead_row_state){.max = -INFINITY, .label_logit = NAN};
+            assert(labels[r0 + r] >= 0 && (size_t)labels[r0 + r] < V);
+        }
+        for (size_t v0 = 0; v0 < V; v0 += chunk) {
+            const size_t n = min_size(chunk, V - v0);
+            /* scratch (rb, n) = h[r0:r0+rb] @ w[v0:v0+n]^T */
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_dim(rb), blas_dim(n), blas_dim(C), 1.0f,
+                        h + r0 * C, blas_dim(C), w + v0 * C, blas_dim(C), 0.0f, scratch, blas_dim(n));
+            for (size_t r = 0; r < rb; r++) {
+                const float *restrict l = scratch + r * n;
+                float cmax = -INFINITY;
+                double lsum = 0.0;
+                for (size_t j = 0; j < n; j++) {
+                    if (l[j] > cmax) cmax = l[j];
+                    lsum += l[j];
+                }
+                double s = 0.0, a = 0.0, q = 0.0;
+                for (size_t j = 0; j < n; j++) {
+                    const float d = l[j] - cmax;
+                    const float e = expf(d);
+                    s += e;
+                    a += (double)e * (double)d;
+                    q += (double)e * (double)e;
+                }
+                lmhead_row_state *rs = &st[r];
+                rs->sum_logits += lsum;
+                lmhead_merge(rs, cmax, s, a, q);
+                const size_t label = (size_t)labels[r0 + r];
+                if (label >= v0 && label < v0 + n) rs->label_logit = l[label - v0];
+            }
+        }
+        for (size_t r = 0; r < rb; r++) {
+            const lmhead_row_state *rs = &st[r];
+            const size_t row = r0 + r;
+            const double log_s = log(rs->sum_exp);
+            const double lse = (double)rs->max + log_s;
+            o->lse[row] = (float)lse;
+            o->logp[row] = (float)((double)rs->label_logit - lse);
+            if (o->entropy) o->entropy[row] = (float)(log_s - rs->sum_exp_d / rs->sum_exp);
+            if (o->mean_logit) o->mean_logit[row] = (float)(rs->sum_logits / (double)V);
+            if (o->log_sum_sq_probs) o->log_sum_sq_probs[row] = (float)(log(rs->sum_exp_sq) - 2.0 * log_s);
+            /* Ties count as top-1 (>=), unlike torch.argmax which returns the first
+             * maximal index: a label tied with an earlier index is top-1 here. */
+            if (o->is_top1) o->is_top1[row] = rs->label_logit >= rs->max;
+        }
+    }
+}
+
+void lmhead_forward(lmhead_out *o, const float *h, const float *w, const int32_t *labels, size_t R, size_t C,
+                    size_t V, float *scratch) {
+    lmhead_forward_chunked(o, h, w, labels, R, C, V, scratch, LMHEAD_CHUNK);
+}
+
+/* dh (R,C) += dlogits @ w, dw (V,C) += dlogits^T @ h, chunk by chunk, with
+ * dlogits (R, n) = dlogp * (onehot(label) - exp(logits - lse)) recomputed into scratch. */
+void lmhead_backward_chunked(float *dh, float *dw, const float *dlogp, const float *h, const float *w,
+                             const int32_t *labels, const float *lse, size_t R, size_t C, size_t V,
+                             float *scratch, size_t chunk) {
+    assert(chunk > 0);
+    if (R == 0 || C == 0 || (!dh && !dw)) return;
+    for (size_t v0 = 0; v0 < V; v0 += chunk) {
+        const size_t n = min_size(chunk, V - v0);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_dim(R), blas_dim(n), blas_dim(C), 1.0f, h,
+                    blas_dim(C), w + v0 * C, blas_dim(C), 0.0f, scratch, blas_dim(n));
+        for (size_t r = 0; r < R; r++) {
+            float *restrict l = scratch + r * n;
+            const float g = dlogp[r], m = lse[r];
+            const size_t label = (size_t)labels[r];
+            const int has_label = label >= v0 && label < v0 + n;
+            const float p_label = has_label ? expf(l[label - v0] - m) : 0.0f;
+            for (size_t j = 0; j < n; j++) l[j] = -g * expf(l[j] - m);
+            if (has_label) l[label - v0] = g * (1.0f - p_label);
+        }
+        /* dh (R,C) += dlogits (R,n) @ w_chunk (n,C) */
+        if (dh) {
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, blas_dim(R), blas_dim(C), blas_dim(n), 1.0f,
+                        scratch, blas_dim(n), w + v0 * C, blas_dim(C), 1.0f, dh, blas_dim(C));
+        }
+        /* dw_chunk (n,C) += dlogits^T (n,R) @ h (R,C) */
+        if (dw) {
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, blas_dim(n), blas_dim(C), blas_dim(R), 1.0f,
+                        scratch, blas_dim(n), h, blas_dim(C), 1.0f, dw + v0 * C, blas_dim(C));
+        }
+    }
+}
+
+void lmhead_backward(float *dh, float *dw, const float *dlogp, const float *h, const float *w,
+                     const int32_t *labels, const float *lse, size_t R, size_t C, size_t V, float *scratch) {
+    lmhead_backward_chunked(dh, dw, dlogp, h, w, labels, lse, R, C, V, scratch, LMHEAD_CHUNK);
+}

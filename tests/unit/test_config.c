@@ -1,0 +1,123 @@
+/* Config parsing: TRL/HF key names, defaults as TRL's DPOConfig, and errors that
+ * name the key with status 2. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dpoc/config.h"
+#include "testutil.h"
+
+static void expect_error(const char *json, const char *needle) {
+    dpoc_config c;
+    dpoc_config_defaults(&c);
+    dpoc_err err;
+    dpoc_err_clear(&err);
+    int rc = dpoc_config_apply_json(&c, json, "cfg.json", &err);
+    if (!rc) {
+        strcpy(c.model_name_or_path, "m");
+        strcpy(c.train_file, "t");
+        rc = dpoc_config_finalize(&c, &err);
+    }
+    assert_int_equal(rc, DPOC_EINPUT);
+    if (!strstr(err.msg, needle)) fail_msg("message '%s' does not mention '%s'", err.msg, needle);
+}
+
+static void test_defaults_match_trl(void **state) {
+    (void)state;
+    /* TRL 1.16 DPOConfig / transformers 5.23 TrainingArguments defaults */
+    dpoc_config c;
+    dpoc_config_defaults(&c);
+    assert_true(c.loss.beta == 0.1);
+    assert_true(c.learning_rate == 1e-6);
+    assert_true(c.max_length == 1024);
+    assert_true(c.logging_steps == 10);
+    assert_true(c.adam_beta1 == 0.9 && c.adam_beta2 == 0.999 && c.adam_epsilon == 1e-8);
+    assert_true(c.max_grad_norm == 1.0);
+    assert_true(c.lr_scheduler_type == DPOC_SCHED_LINEAR);
+    assert_true(c.per_device_train_batch_size == 8);
+    assert_true(c.num_train_epochs == 3.0);
+    assert_true(c.loss.n_types == 1 && c.loss.types[0] == DPOC_LOSS_SIGMOID);
+    assert_true(c.loss.discopop_tau == 0.05 && c.loss.f_alpha_divergence_coef == 0.5);
+    assert_int_equal(c.seed, 42);
+}
+
+static void test_parse_and_set(void **state) {
+    (void)state;
+    dpoc_config c;
+    dpoc_config_defaults(&c);
+    dpoc_err err;
+    const char *json = "{\"model_name_or_path\": \"m\", \"train_file\": \"d.jsonl\", \"beta\": 0.5,"
+                       " \"loss_type\": [\"sigmoid\", \"bco_pair\", \"sft\"], \"loss_weights\": [0.8, 0.2, 1.0],"
+                       " \"max_length\": null, \"lr_scheduler_type\": \"cosine_with_min_lr\","
+                       " \"lr_scheduler_kwargs\": {\"min_lr_rate\": 0.1}, \"ld_alpha\": 0.3}";
+    assert_int_equal(dpoc_config_apply_json(&c, json, "x", &err), 0);
+    assert_int_equal(dpoc_config_set(&c, "learning_rate=5e-7", &err), 0);
+    assert_int_equal(dpoc_config_set(&c, "output_dir=runs/a", &err), 0);
+    assert_int_equal(dpoc_config_set(&c, "truncation_mode=keep_end", &err), 0);
+    assert_int_equal(dpoc_config_finalize(&c, &err), 0);
+    assert_true(c.loss.beta == 0.5);
+    assert_int_equal(c.loss.n_types, 3);
+    assert_true(c.loss.types[2] == DPOC_LOSS_SFT);
+    assert_true(c.loss.weights[0] == 0.8 && c.loss.weights[1] == 0.2 && c.loss.weights[2] == 1.0);
+    assert_true(c.max_length <= 0);
+    assert_true(c.learning_rate == 5e-7);
+    assert_string_equal(c.output_dir, "runs/a");
+    assert_true(c.truncation_keep_end);
+    assert_true(c.loss.has_ld_alpha && c.loss.ld_alpha == 0.3);
+    assert_true(c.min_lr_rate == 0.1);
+    /* the dump parses back to the same values */
+    char *dump = dpoc_config_to_json(&c);
+    dpoc_config d;
+    dpoc_config_defaults(&d);
+    assert_int_equal(dpoc_config_apply_json(&d, dump, "dump", &err), 0);
+    assert_int_equal(dpoc_config_finalize(&d, &err), 0);
+    assert_true(d.loss.beta == 0.5 && d.loss.n_types == 3 && d.loss.weights[1] == 0.2);
+    free(dump);
+}
+
+static void test_errors_name_the_key(void **state) {
+    (void)state;
+    expect_error("{\"betta\": 0.1}", "'betta'");
+    expect_error("{\"beta\": \"high\"}", "'beta'");
+    expect_error("{\"beta\": -1}", "'beta'");
+    expect_error("{\"per_device_train_batch_size\": 0}", "'per_device_train_batch_size'");
+    expect_error("{\"per_device_train_batch_size\": 2.5}", "'per_device_train_batch_size'");
+    expect_error("{\"loss_type\": \"dpo\"}", "unknown loss type 'dpo'");
+    expect_error("{\"loss_type\": [\"sigmoid\", \"ipo\"], \"loss_weights\": [1.0]}", "'loss_weights'");
+    expect_error("{\"lr_scheduler_type\": \"poly\"}", "'lr_scheduler_type'");
+    expect_error("{\"loss_type\": \"exo_pair\"}", "'label_smoothing'");
+    expect_error("{\"loss_type\": \"bco_pair\", \"f_divergence_type\": \"js_divergence\"}", "'f_divergence_type'");
+    expect_error("{\"bf16\": true}", "'bf16'");
+    expect_error("{\"ld_alpha\": 2}", "'ld_alpha'");
+    expect_error("{\"lr_scheduler_type\": \"cosine_with_min_lr\"}", "'lr_scheduler_kwargs'");
+    expect_error("[1, 2]", "JSON object");
+    expect_error("{\"beta\": 0.1,\n \"seed\": }", "cfg.json:2");
+}
+
+static void test_set_errors(void **state) {
+    (void)state;
+    dpoc_config c;
+    dpoc_config_defaults(&c);
+    dpoc_err err;
+    assert_int_equal(dpoc_config_set(&c, "nokey", &err), DPOC_EINPUT);
+    assert_int_equal(dpoc_config_set(&c, "max_steps=abc", &err), DPOC_EINPUT);
+    assert_non_null(strstr(err.msg, "'max_steps'"));
+}
+
+static void test_missing_file_names_path(void **state) {
+    (void)state;
+    dpoc_config c;
+    dpoc_config_defaults(&c);
+    dpoc_err err;
+    assert_int_equal(dpoc_config_load_file(&c, "/nonexistent/x.json", &err), DPOC_EINPUT);
+    assert_non_null(strstr(err.msg, "/nonexistent/x.json"));
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_defaults_match_trl),  cmocka_unit_test(test_parse_and_set),
+        cmocka_unit_test(test_errors_name_the_key), cmocka_unit_test(test_set_errors),
+        cmocka_unit_test(test_missing_file_names_path),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

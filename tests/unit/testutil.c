@@ -1,0 +1,78 @@
+#include "testutil.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+const char *fixture_path(const char *rel) {
+    static char buf[4096];
+    snprintf(buf, sizeof buf, "%s/%s", DPOC_FIXTURES, rel);
+    return buf;
+}
+
+char *read_text_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = malloc((size_t)n + 1);
+    if (!buf || fread(buf, 1, (size_t)n, f) != (size_t)n) {
+        free(buf);
+        fclose(f);
+        return NULL;
+    }
+    buf[n] = '\0';
+    fclose(f);
+    if (len) *len = (size_t)n;
+    return buf;
+}
+
+cJSON *load_json_fixture(const char *rel) {
+    const char *path = fixture_path(rel);
+    char *text = read_text_file(path, NULL);
+    if (!text) fail_msg("cannot read fixture %s", path);
+    cJSON *j = cJSON_Parse(text);
+    free(text);
+    if (!j) fail_msg("fixture %s is not valid JSON", path);
+    return j;
+}
+
+size_t json_doubles(const cJSON *arr, double **out) {
+    size_t n = (size_t)cJSON_GetArraySize(arr);
+    double *v = calloc(n ? n : 1, sizeof *v);
+    size_t i = 0;
+    const cJSON *it;
+    cJSON_ArrayForEach(it, arr) v[i++] = it->valuedouble;
+    *out = v;
+    return n;
+}
+
+double rel_maxabs_err(const float *a, const float *b, size_t n, double floor) {
+    double maxdiff = 0, maxref = floor;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - (double)b[i]);
+        if (d > maxdiff || isnan(d)) maxdiff = isnan(d) ? INFINITY : d;
+        if (fabs((double)b[i]) > maxref) maxref = fabs((double)b[i]);
+    }
+    return maxdiff / maxref;
+}
+
+void assert_close(double a, double b, double rtol, double atol, const char *fmt, ...) {
+    if (fabs(a - b) <= rtol * fabs(b) + atol) return;
+    char what[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    fail_msg("%s: got %.9g, expected %.9g (diff %.3g, rtol %.1g, atol %.1g)", what, a, b, fabs(a - b),
+             rtol, atol);
+}
+
+const char *make_temp_dir(void) {
+    static char buf[64];
+    strcpy(buf, "/tmp/dpoc-test-XXXXXX");
+    if (!mkdtemp(buf)) fail_msg("mkdtemp failed");
+    return buf;
+}

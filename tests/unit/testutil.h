@@ -1,0 +1,36 @@
+/* Shared helpers for the CMocka tests: fixture paths, JSON and tensor
+ * comparisons with explicit tolerances that print what differed. */
+#ifndef DPOC_TESTUTIL_H
+#define DPOC_TESTUTIL_H
+
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <cjson/cJSON.h>
+
+/* DPOC_FIXTURES "/" rel, in a static buffer (one at a time). */
+const char *fixture_path(const char *rel);
+
+/* Reads a whole file; NULL on failure. Caller frees. */
+char *read_text_file(const char *path, size_t *len);
+
+/* Parses a JSON file; fails the test if it cannot. Caller cJSON_Delete()s. */
+cJSON *load_json_fixture(const char *rel);
+
+/* Copies a JSON array of numbers into a new double array; returns count. */
+size_t json_doubles(const cJSON *arr, double **out);
+
+/* max |a-b| / max(max |b|, floor): the relative max-abs error used by the
+ * gradient comparisons (the reference is b). */
+double rel_maxabs_err(const float *a, const float *b, size_t n, double floor);
+
+/* Asserts |a-b| <= rtol*|b| + atol, printing name and values on failure. */
+void assert_close(double a, double b, double rtol, double atol, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+
+/* A fresh temporary directory (mkdtemp under /tmp); returns a static copy. */
+const char *make_temp_dir(void);
+
+#endif
