@@ -62,7 +62,8 @@ void swiglu_backward(float *dgate, float *dup, const float *dout, const float *g
  *   entropy[r]          = -sum p log p
  *   mean_logit[r]       = mean over V of logits
  *   log_sum_sq_probs[r] = log(sum p^2)           (WPO weighting)
- *   is_top1[r]          = 1 if logits[label] >= every logit, else 0 */
+ *   is_top1[r]          = 1 if argmax(logits) == label, argmax being the first
+ *                         maximal index as torch.argmax returns it */
 #define LMHEAD_CHUNK 4096
 typedef struct {
     float *logp;

@@ -9,14 +9,25 @@
 #include "dpoc/config.h"
 #include "dpoc/err.h"
 
+/* A contiguous run of parameters that shares one weight-decay setting. */
+typedef struct {
+    size_t offset, count;
+    int decay;
+} dpoc_decay_range;
+
 typedef struct {
     size_t n;
     float *m, *v; /* first and second moments, flat like the parameters */
+    dpoc_decay_range *ranges; /* cover [0, n) in order */
+    size_t n_ranges;
     long step;    /* optimizer steps taken */
     double beta1, beta2, eps, weight_decay;
 } dpoc_adamw;
 
-int dpoc_adamw_init(dpoc_adamw *o, size_t n, const dpoc_config *c, dpoc_err *err);
+/* decay[i] says whether tensor i (offset[i], count[i], in flat order) gets weight
+ * decay; transformers exempts biases and normalization weights. */
+int dpoc_adamw_init(dpoc_adamw *o, size_t n, const dpoc_config *c, size_t n_tensors, const size_t *offset,
+                    const size_t *count, const int *decay, dpoc_err *err);
 void dpoc_adamw_free(dpoc_adamw *o);
 /* One step at learning rate lr: params -= ... using grads. */
 void dpoc_adamw_step(dpoc_adamw *o, float *params, const float *grads, double lr);

@@ -273,6 +273,7 @@ void dpoc_config_defaults(dpoc_config *c) {
     c->loss.n_types = 1;
     c->loss.types[0] = DPOC_LOSS_SIGMOID;
     c->loss_weights_given = -1;
+    for (size_t i = 0; i < DPOC_MAX_LOSS_TYPES; i++) c->loss.weights[i] = 1.0;
     c->loss.beta = 0.1;
     c->loss.f_divergence_type = DPOC_FDIV_REVERSE_KL;
     c->loss.f_alpha_divergence_coef = 0.5;

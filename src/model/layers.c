@@ -364,6 +364,7 @@ void swiglu_backward(float *restrict dgate, float *restrict dup, const float *re
 typedef struct {
     float max;          /* running max logit (-inf before the first chunk) */
     float label_logit;  /* logit of the label once its chunk has been seen */
+    size_t argmax;      /* first index of the running max (torch.argmax semantics) */
     double sum_exp;     /* s */
     double sum_exp_d;   /* a */
     double sum_exp_sq;  /* q */
@@ -412,9 +413,10 @@ void lmhead_forward_chunked(lmhead_out *o, const float *h, const float *w, const
             for (size_t r = 0; r < rb; r++) {
                 const float *restrict l = scratch + r * n;
                 float cmax = -INFINITY;
+                size_t carg = 0;
                 double lsum = 0.0;
                 for (size_t j = 0; j < n; j++) {
-                    if (l[j] > cmax) cmax = l[j];
+                    if (l[j] > cmax) cmax = l[j], carg = j; /* strict: the first maximal index wins */
                     lsum += l[j];
                 }
                 double s = 0.0, a = 0.0, q = 0.0;
@@ -426,6 +428,8 @@ void lmhead_forward_chunked(lmhead_out *o, const float *h, const float *w, const
                     q += (double)e * (double)e;
                 }
                 lmhead_row_state *rs = &st[r];
+                /* chunks come in increasing index order: a later chunk takes the argmax only if strictly larger */
+                if (rs->sum_exp == 0.0 || cmax > rs->max) rs->argmax = v0 + carg;
                 rs->sum_logits += lsum;
                 lmhead_merge(rs, cmax, s, a, q);
                 const size_t label = (size_t)labels[r0 + r];
@@ -442,9 +446,9 @@ void lmhead_forward_chunked(lmhead_out *o, const float *h, const float *w, const
             if (o->entropy) o->entropy[row] = (float)(log_s - rs->sum_exp_d / rs->sum_exp);
             if (o->mean_logit) o->mean_logit[row] = (float)(rs->sum_logits / (double)V);
             if (o->log_sum_sq_probs) o->log_sum_sq_probs[row] = (float)(log(rs->sum_exp_sq) - 2.0 * log_s);
-            /* Ties count as top-1 (>=), unlike torch.argmax which returns the first
-             * maximal index: a label tied with an earlier index is top-1 here. */
-            if (o->is_top1) o->is_top1[row] = rs->label_logit >= rs->max;
+            /* top-1 as TRL computes it: argmax == label, where argmax is the first
+             * maximal index (a label tied with an earlier index is not top-1) */
+            if (o->is_top1) o->is_top1[row] = rs->argmax == (size_t)labels[row];
         }
     }
 }

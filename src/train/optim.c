@@ -8,14 +8,32 @@
 /* torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing. */
 #define CLIP_NORM_EPS 1e-6
 
-int dpoc_adamw_init(dpoc_adamw *o, size_t n, const dpoc_config *c, dpoc_err *err) {
+int dpoc_adamw_init(dpoc_adamw *o, size_t n, const dpoc_config *c, size_t n_tensors, const size_t *offset,
+                    const size_t *count, const int *decay, dpoc_err *err) {
     memset(o, 0, sizeof *o);
     o->n = n;
     o->m = dpoc_calloc(n, sizeof(float), "AdamW first moments", err);
     o->v = dpoc_calloc(n, sizeof(float), "AdamW second moments", err);
-    if (!o->m || !o->v) {
+    o->ranges = dpoc_calloc(n_tensors + 1, sizeof *o->ranges, "AdamW decay ranges", err);
+    if (!o->m || !o->v || !o->ranges) {
         dpoc_adamw_free(o);
         return DPOC_ENOMEM;
+    }
+    /* merge neighbouring tensors with the same setting; check they tile [0, n) */
+    size_t pos = 0;
+    for (size_t i = 0; i < n_tensors; i++) {
+        if (offset[i] != pos) {
+            dpoc_adamw_free(o);
+            return dpoc_errf(err, DPOC_EINTERNAL, "AdamW: tensor %zu does not follow the previous one", i);
+        }
+        dpoc_decay_range *last = o->n_ranges ? &o->ranges[o->n_ranges - 1] : NULL;
+        if (last && last->decay == (decay[i] != 0)) last->count += count[i];
+        else o->ranges[o->n_ranges++] = (dpoc_decay_range){offset[i], count[i], decay[i] != 0};
+        pos += count[i];
+    }
+    if (pos != n) {
+        dpoc_adamw_free(o);
+        return dpoc_errf(err, DPOC_EINTERNAL, "AdamW: the tensors cover %zu of %zu parameters", pos, n);
     }
     o->beta1 = c->adam_beta1;
     o->beta2 = c->adam_beta2;
@@ -25,6 +43,7 @@ int dpoc_adamw_init(dpoc_adamw *o, size_t n, const dpoc_config *c, dpoc_err *err
 }
 
 void dpoc_adamw_free(dpoc_adamw *o) {
+    free(o->ranges);
     free(o->m);
     free(o->v);
     memset(o, 0, sizeof *o);
@@ -37,18 +56,21 @@ void dpoc_adamw_step(dpoc_adamw *o, float *restrict params, const float *restric
     const double bc2 = 1.0 - pow(o->beta2, (double)o->step);
     /* torch: param *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = b2*v + (1-b2)*g*g;
      * param -= (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps) */
-    const float decay = (float)(1.0 - lr * o->weight_decay);
     const float step_size = (float)(lr / bc1);
     const float bc2_sqrt = (float)sqrt(bc2);
     const float eps = (float)o->eps;
     float *restrict m = o->m, *restrict v = o->v;
-    for (size_t i = 0; i < o->n; i++) {
-        float g = grads[i];
-        params[i] *= decay;
-        m[i] += (g - m[i]) * (1.0f - b1);
-        v[i] = v[i] * b2 + (1.0f - b2) * g * g;
-        float denom = sqrtf(v[i]) / bc2_sqrt + eps;
-        params[i] -= step_size * m[i] / denom;
+    for (size_t r = 0; r < o->n_ranges; r++) {
+        const float decay = o->ranges[r].decay ? (float)(1.0 - lr * o->weight_decay) : 1.0f;
+        const size_t end = o->ranges[r].offset + o->ranges[r].count;
+        for (size_t i = o->ranges[r].offset; i < end; i++) {
+            float g = grads[i];
+            params[i] *= decay;
+            m[i] += (g - m[i]) * (1.0f - b1);
+            v[i] = v[i] * b2 + (1.0f - b2) * g * g;
+            float denom = sqrtf(v[i]) / bc2_sqrt + eps;
+            params[i] -= step_size * m[i] / denom;
+        }
     }
 }
 

@@ -45,6 +45,32 @@ static int same_architecture(const dpoc_model_config *a, const dpoc_model_config
     return a->vocab_size == b->vocab_size && a->hidden_size == b->hidden_size && a->n_layers == b->n_layers;
 }
 
+/* transformers' Trainer exempts biases and normalization weights from weight decay
+ * (Trainer.get_decay_parameter_names: "bias" and the *norm* modules). */
+static int gets_weight_decay(const char *name) {
+    return strstr(name, "bias") == NULL && strstr(name, "norm") == NULL;
+}
+
+static int init_optimizer(dpoc_trainer *t, dpoc_err *err) {
+    const size_t n = t->policy.n_tensors;
+    size_t *off = dpoc_malloc(n * sizeof *off, "optimizer table", err);
+    size_t *cnt = dpoc_malloc(n * sizeof *cnt, "optimizer table", err);
+    int *decay = dpoc_malloc(n * sizeof *decay, "optimizer table", err);
+    int rc = DPOC_ENOMEM;
+    if (off && cnt && decay) {
+        for (size_t i = 0; i < n; i++) {
+            off[i] = t->policy.info[i].offset;
+            cnt[i] = t->policy.info[i].numel;
+            decay[i] = gets_weight_decay(t->policy.info[i].name);
+        }
+        rc = dpoc_adamw_init(&t->opt, t->policy.numel, &t->cfg, n, off, cnt, decay, err);
+    }
+    free(off);
+    free(cnt);
+    free(decay);
+    return rc;
+}
+
 int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_err *err) {
     memset(t, 0, sizeof *t);
     t->cfg = *cfg;
@@ -86,7 +112,7 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_err *err) {
         if ((rc = dpoc_acts_alloc(&t->acts[s], &t->policy.cfg, t->max_T, err))) goto fail;
     if ((rc = dpoc_acts_alloc(&t->ref_acts, &t->ref.cfg, t->max_T, err))) goto fail;
     if ((rc = dpoc_grad_scratch_alloc(&t->scratch, &t->policy.cfg, t->max_T, err))) goto fail;
-    if ((rc = dpoc_adamw_init(&t->opt, t->policy.numel, cfg, err))) goto fail;
+    if ((rc = init_optimizer(t, err))) goto fail;
 
     /* schedule as transformers computes it (drop_last false) */
     t->steps_in_epoch = (t->data.n_pairs + bs - 1) / bs;

@@ -39,6 +39,8 @@ static void base_config(dpoc_config *c, const char *model) {
     c->per_device_train_batch_size = BATCH;
     c->shuffle = 0;
     c->max_steps = 1;
+    dpoc_err err;
+    if (dpoc_config_finalize(c, &err)) fail_msg("%s", err.msg);
 }
 
 static cJSON *batch_json(const char *model) {

@@ -813,9 +813,9 @@ static void test_lmhead_large_logits(void **state) {
     free(h), free(w);
 }
 
-/* is_top1 is "label logit >= every logit": integer data makes the logits exact, so
- * ties are real ties. A label tied with an EARLIER index counts as top-1 here,
- * whereas torch.argmax (first maximal index) would not. */
+/* is_top1 is "argmax == label" with torch.argmax's first-maximal-index rule (what
+ * TRL's fused head reports): integer data makes the logits exact, so ties are real
+ * ties, and a label tied with an EARLIER index is not top-1. */
 static void test_lmhead_top1_ties(void **state) {
     (void)state;
     rng_t rng = {22};
@@ -831,7 +831,8 @@ static void test_lmhead_top1_ties(void **state) {
     /* the other logits are below 30, so p(tied label) = 1 / (2 + e^-1) */
     const double tied_logp = -log(2.0 + exp(-1.0));
     const int32_t labels[R_] = {(int32_t)tie_b, (int32_t)tie_a, (int32_t)runner_up, 0, (int32_t)tie_b, 36};
-    const uint8_t expect[R_] = {1, 1, 0, 0, 1, 0};
+    /* torch.argmax semantics: the first maximal index (tie_a < tie_b) is the top-1 */
+    const uint8_t expect[R_] = {0, 1, 0, 0, 0, 0};
     for (size_t k = 0; k < sizeof lmhead_chunks / sizeof *lmhead_chunks; k++) {
         lmhead_bufs b;
         lmhead_out o = lmhead_out_of(&b);
