@@ -45,6 +45,13 @@ typedef struct {
     int logging_first_step;
     unsigned long long seed;
     int shuffle; /* train_sampling_strategy: "random" (1) or "sequential" (0) */
+
+    /* data parallelism (MPI) */
+    size_t replica_check_steps; /* compare replica checksums every N steps (0: only at start) */
+    double bucket_size_mb;      /* gradient allreduce bucket size */
+    double collective_timeout_s; /* watchdog: abort when a step makes no progress this long */
+    size_t num_threads;         /* BLAS/kernel threads per rank (0: cores / ranks on the node) */
+    int model_loading_broadcast; /* model_loading: "each_rank" (0, mmap on every rank) or "broadcast" (1) */
 } dpoc_config;
 
 void dpoc_config_defaults(dpoc_config *c);

@@ -72,6 +72,10 @@ int dpoc_model_init(dpoc_model *m, const dpoc_model_config *cfg, dpoc_err *err);
 /* config.json + safetensors weights of an HF directory. */
 int dpoc_model_load(dpoc_model *m, const char *dir, dpoc_err *err);
 void dpoc_model_free(dpoc_model *m);
+/* Writes dir/model.safetensors (F32, HF tensor names) and copies config.json from
+ * src_dir, so dir loads as a Hugging Face model directory. Each file is written
+ * to a temporary name and renamed into place. */
+int dpoc_model_save(const dpoc_model *m, const char *dir, const char *src_dir, dpoc_err *err);
 /* Index of a tensor by HF name, or DPOC_NO_PARAM. */
 size_t dpoc_model_find(const dpoc_model *m, const char *name);
 
@@ -114,9 +118,18 @@ void dpoc_grad_scratch_free(dpoc_grad_scratch *s);
 void dpoc_model_forward(const dpoc_model *m, dpoc_acts *a, const int32_t *tokens, size_t T, size_t row0,
                         size_t R);
 
+/* Called during backward each time a tail of the gradient block is final for
+ * this sequence: grads[ready_from, numel) will not be written again (after the
+ * head and final norm, after each layer, and with 0 at the end). Lets the
+ * caller start communicating finished gradients while backward goes on. */
+typedef struct {
+    void (*ready)(void *ctx, size_t ready_from);
+    void *ctx;
+} dpoc_backward_hook;
+
 /* Backward of the sequence last forwarded into a: dlogp (R) = dLoss/dlogp of each
- * scored row. Accumulates into grads (a block of m->numel floats). */
+ * scored row. Accumulates into grads (a block of m->numel floats). hook may be NULL. */
 void dpoc_model_backward(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_grad_scratch *s,
-                         const int32_t *tokens, const float *dlogp);
+                         const int32_t *tokens, const float *dlogp, const dpoc_backward_hook *hook);
 
 #endif

@@ -1,6 +1,7 @@
-/* The DPO training loop of one process: micro-batches of pairs through the
- * policy and the frozen reference, TRL's loss and metrics, gradient
- * accumulation with HF Trainer's scaling, clipping, AdamW and the LR schedule. */
+/* The DPO training loop: micro-batches of pairs through the policy and the
+ * frozen reference, TRL's loss and metrics, gradient accumulation with HF
+ * Trainer's scaling, gradient averaging across MPI ranks, clipping, AdamW and
+ * the LR schedule. */
 #ifndef DPOC_TRAINER_H
 #define DPOC_TRAINER_H
 
@@ -10,9 +11,23 @@
 
 #include "dpoc/config.h"
 #include "dpoc/dataset.h"
+#include "dpoc/dist.h"
 #include "dpoc/err.h"
 #include "dpoc/model.h"
 #include "dpoc/optim.h"
+
+/* Per-micro-batch sums from which TRL's metrics follow; summed across ranks
+ * (TRL gathers every rank's values before averaging). */
+enum {
+    MB_REW_C, MB_REW_R, MB_ACC, MB_MARGIN, MB_LOGP_C, MB_LOGP_R, /* per-pair sums */
+    MB_PAIRS,
+    MB_LOGIT_C, MB_TOK_C, MB_LOGIT_R, MB_TOK_R, /* token sums and counts */
+    MB_ENT, MB_TOP1,
+    MB_NUM_TOKENS,
+    MB_LOSS,  /* this rank's micro-batch loss (a mean over its pairs) */
+    MB_RANKS, /* 1 per rank: the loss is averaged over ranks */
+    DPOC_MB_N
+};
 
 /* TRL's per-micro-batch metrics (before window averaging). */
 typedef struct {
@@ -23,27 +38,47 @@ typedef struct {
     size_t num_tokens; /* prompt+completion tokens of both sequences of every pair */
 } dpoc_mb_metrics;
 
+void dpoc_mb_metrics_from_sums(const double *sums, dpoc_mb_metrics *m);
+
 #define DPOC_N_WINDOW_METRICS 10
+
+/* Test-only fault injection, read from the environment at init:
+ * DPOC_TEST_FAIL_AT="RANK:STEP" makes that rank fail at that optimizer step;
+ * DPOC_TEST_PERTURB="RANK:TENSOR" perturbs a weight on that rank after loading;
+ * DPOC_TEST_HANG_AT="RANK:STEP" makes that rank stop making progress at that step. */
+typedef struct {
+    int fail_rank;
+    long fail_step;
+    int hang_rank;
+    long hang_step;
+    int perturb_rank;
+    char perturb_tensor[DPOC_PARAM_NAME_MAX];
+} dpoc_test_hooks;
 
 typedef struct {
     dpoc_config cfg;
+    dpoc_dist *dist; /* NULL: one process, no MPI */
     dpoc_model policy, ref;
     dpoc_dataset data;
     float *grads;
+    dpoc_grad_sync sync;
     dpoc_adamw opt;
     size_t max_T;
     dpoc_acts *acts;    /* one per sequence of a micro-batch (2 * batch size) */
     dpoc_acts ref_acts; /* reused for every reference forward */
     dpoc_grad_scratch scratch;
     int32_t *seq_buf;   /* (2 * batch size, max_T) token ids */
-    float *tok_buf;     /* per-token scratch: reference logps and dLoss/dlogp */
+    float *tok_buf;     /* dLoss/dlogp per token */
     size_t *order;      /* data order of the current epoch */
+    size_t *mb_pairs;   /* pairs of the current micro-batch */
+    double *step_sums;  /* (gradient_accumulation_steps, DPOC_MB_N) */
     long order_epoch;
 
     long total_steps, warmup_steps;
-    size_t steps_in_epoch;          /* micro-batches per epoch */
-    size_t updates_per_epoch;       /* optimizer steps per epoch */
+    size_t steps_in_epoch;    /* micro-batches per rank per epoch */
+    size_t updates_per_epoch; /* optimizer steps per epoch */
     long global_step;
+    double last_grad_norm;
 
     /* the logging window */
     double win_loss;
@@ -52,24 +87,32 @@ typedef struct {
     size_t total_tokens;
     size_t win_tokens;
     double win_start_time;
+    double win_comm_time;
     long last_logged_step;
     FILE *metrics_file;
     int quiet;
+    dpoc_test_hooks hooks;
+    volatile double progress_time; /* last sign of life, read by the watchdog */
 } dpoc_trainer;
 
-/* Loads models and data, sizes buffers, computes the schedule. */
-int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_err *err);
+/* Loads models and data, sizes buffers, computes the schedule. dist may be NULL. */
+int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, dpoc_err *err);
 void dpoc_trainer_free(dpoc_trainer *t);
 
-/* One micro-batch: forward policy and reference for pairs[0..B), loss, and
- * backward with dLoss scaled by grad_scale, accumulated into t->grads. */
-int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, double grad_scale,
-                             dpoc_mb_metrics *mb, dpoc_err *err);
+/* One micro-batch on this rank: forward policy and reference for pairs[0..B),
+ * loss, and backward with dLoss scaled by grad_scale, accumulated into t->grads.
+ * sums (DPOC_MB_N) receives this rank's metric sums. When sync_tail is set the
+ * finished gradient buckets start their allreduce during the last backward. */
+int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, double grad_scale, double *sums,
+                             int sync_tail, dpoc_err *err);
 
 /* One optimizer step (its micro-batches from the data order), logging as HF does. */
 int dpoc_trainer_step(dpoc_trainer *t, dpoc_err *err);
 
-/* The whole run: steps until total_steps; writes output_dir/metrics.jsonl. */
-int dpoc_train(const dpoc_config *cfg, dpoc_err *err);
+/* Checks that every rank holds the same weights; names the first tensor that differs. */
+int dpoc_trainer_check_replicas(dpoc_trainer *t, dpoc_err *err);
+
+/* The whole run: steps until total_steps; rank 0 writes output_dir/metrics.jsonl. */
+int dpoc_train(const dpoc_config *cfg, dpoc_dist *dist, dpoc_err *err);
 
 #endif

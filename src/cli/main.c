@@ -4,7 +4,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "commands.h"
 #include "dpoc/config.h"
+#include "dpoc/dist.h"
 #include "dpoc/err.h"
 #include "dpoc/trainer.h"
 
@@ -30,7 +32,7 @@ static void train_usage(FILE *f) {
     dpoc_config_print_help(f);
 }
 
-static int cmd_train(int argc, char **argv) {
+static int cmd_train(int argc, char **argv, int *pargc, char ***pargv) {
     dpoc_config cfg;
     dpoc_config_defaults(&cfg);
     dpoc_err err;
@@ -60,8 +62,26 @@ static int cmd_train(int argc, char **argv) {
         if (!strcmp(argv[i], "--set")) rc = dpoc_config_set(&cfg, argv[++i], &err);
         else if (!strcmp(argv[i], "--config")) i++;
     if (!rc) rc = dpoc_config_finalize(&cfg, &err);
-    if (!rc) rc = dpoc_train(&cfg, &err);
-    if (rc) fprintf(stderr, "dpoc train: error: %s\n", err.msg);
+    if (rc) {
+        /* every rank parses the same config: each reports and exits alike, no collective needed */
+        fprintf(stderr, "dpoc train: error: %s\n", err.msg);
+        return rc;
+    }
+    dpoc_dist dist;
+    rc = dpoc_dist_init(&dist, pargc, pargv, (int)cfg.num_threads, &err);
+    if (rc) {
+        fprintf(stderr, "dpoc train: error: %s\n", err.msg);
+        return rc;
+    }
+    rc = dpoc_train(&cfg, &dist, &err);
+    if (rc) {
+        char msg[DPOC_ERR_MSG_MAX + 32];
+        snprintf(msg, sizeof msg, "error: %s", err.msg);
+        /* one rank's error ends every rank at once: the others may be waiting in a collective */
+        if (dist.world > 1) dpoc_dist_abort(&dist, rc, msg);
+        fprintf(stderr, "dpoc train: %s\n", msg);
+    }
+    dpoc_dist_finalize(&dist);
     return rc;
 }
 
@@ -74,7 +94,8 @@ int main(int argc, char **argv) {
         printf("dpoc %s\n", DPOC_VERSION);
         return 0;
     }
-    if (!strcmp(argv[1], "train")) return cmd_train(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "train")) return cmd_train(argc - 2, argv + 2, &argc, &argv);
+    if (!strcmp(argv[1], "bench-comm")) return dpoc_cli_bench_comm(argc - 2, argv + 2, &argc, &argv);
     fprintf(stderr, "dpoc: unknown command '%s' (see dpoc --help)\n", argv[1]);
     return DPOC_EINPUT;
 }

@@ -196,6 +196,12 @@ static cJSON *get_sched_kwargs(const dpoc_config *c) {
     return o;
 }
 
+static const char *const LOADING[] = {"each_rank", "broadcast"};
+static int set_loading(dpoc_config *c, const key_def *k, const cJSON *v, const char *where, dpoc_err *err) {
+    return set_enum(k, v, where, LOADING, 2, &c->model_loading_broadcast, err);
+}
+static cJSON *get_loading(const dpoc_config *c) { return cJSON_CreateString(LOADING[c->model_loading_broadcast]); }
+
 /* Keys users bring from TRL configs that change nothing in dpoc's numbers. */
 static int set_ignored(dpoc_config *c, const key_def *k, const cJSON *v, const char *where, dpoc_err *err) {
     (void)c, (void)v, (void)where, (void)err, (void)k;
@@ -256,6 +262,15 @@ static const key_def KEYS[] = {
     {"seed", K_LONG, OFF(seed), 0, 9e15, 0, 0, "random seed (data order)"},
     {"train_sampling_strategy", K_CUSTOM, 0, 0, 0, set_sampling, get_sampling,
      "random (shuffled every epoch) or sequential (file order)"},
+    {"replica_check_steps", K_SIZE, OFF(replica_check_steps), 0, 1e15, 0, 0,
+     "MPI: check that every rank holds the same weights every N steps (0: only at start)"},
+    {"bucket_size_mb", K_DOUBLE, OFF(bucket_size_mb), 0.001, 4096, 0, 0, "MPI: gradient allreduce bucket size"},
+    {"collective_timeout_s", K_DOUBLE, OFF(collective_timeout_s), 1, 1e9, 0, 0,
+     "abort the job when a step makes no progress for this long"},
+    {"num_threads", K_SIZE, OFF(num_threads), 0, 4096, 0, 0,
+     "BLAS/kernel threads per rank (0: cores / ranks on the node; OMP_NUM_THREADS overrides 0)"},
+    {"model_loading", K_CUSTOM, 0, 0, 0, set_loading, get_loading,
+     "each_rank (every rank maps the files) or broadcast (rank 0 reads, MPI_Bcast)"},
     /* accepted for portability of TRL configs; they do not change dpoc's numbers */
     {"report_to", K_CUSTOM, 0, 0, 0, set_ignored, 0, "accepted and ignored"},
     {"run_name", K_CUSTOM, 0, 0, 0, set_ignored, 0, "accepted and ignored"},
@@ -295,6 +310,9 @@ void dpoc_config_defaults(dpoc_config *c) {
     c->logging_steps = 10;
     c->seed = 42;
     c->shuffle = 1;
+    c->replica_check_steps = 100;
+    c->bucket_size_mb = 25.0;
+    c->collective_timeout_s = 1800.0;
 }
 
 static const key_def *find_key(const char *name) {

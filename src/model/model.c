@@ -262,7 +262,7 @@ void dpoc_model_forward(const dpoc_model *m, dpoc_acts *a, const int32_t *tokens
 }
 
 void dpoc_model_backward(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_grad_scratch *s,
-                         const int32_t *tokens, const float *dlogp) {
+                         const int32_t *tokens, const float *dlogp, const dpoc_backward_hook *hook) {
     const dpoc_model_config *cfg = &m->cfg;
     const size_t C = cfg->hidden_size, F = cfg->intermediate_size, V = cfg->vocab_size;
     const size_t nh = cfg->n_heads, nkv = cfg->n_kv_heads, hd = cfg->head_dim;
@@ -276,6 +276,8 @@ void dpoc_model_backward(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_g
                     a->labels, a->lse, a->R, C, V, a->logits_scratch);
     memset(s->dx, 0, T * C * sizeof(float));
     rmsnorm_backward(s->dx, G + m->off_final_norm, s->dln, a->x_out, W + m->off_final_norm, a->rstdf, T, C);
+    /* the final norm and an untied head sit at the end of the block; a tied head is the embedding */
+    if (hook) hook->ready(hook->ctx, m->off_final_norm);
     for (size_t li = cfg->n_layers; li-- > 0;) {
         const dpoc_layer_offsets *o = &m->layers[li];
         dpoc_layer_acts *la = &a->layers[li];
@@ -303,6 +305,9 @@ void dpoc_model_backward(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_g
         matmul_backward(s->dln, G + o->wk, PTR(G, o->bk), s->dk, la->ln1, W + o->wk, T, C, KD);
         matmul_backward(s->dln, G + o->wv, PTR(G, o->bv), s->dv, la->ln1, W + o->wv, T, C, KD);
         rmsnorm_backward(s->dx, G + o->attn_norm, s->dln, la->x_in, W + o->attn_norm, la->rstd1, T, C);
+        /* layers are laid out in order, each starting with its input norm */
+        if (hook) hook->ready(hook->ctx, o->attn_norm);
     }
     embedding_backward(G + m->off_wte, s->dx, tokens, T, C);
+    if (hook) hook->ready(hook->ctx, 0);
 }

@@ -8,11 +8,22 @@
  *   the step (read before the scheduler advances);
  * - TRL's metrics are per micro-batch values averaged over the window, except
  *   num_tokens, a running total;
- * - `epoch` = epoch index + (micro-batches done in the epoch) / micro-batches per epoch. */
+ * - `epoch` = epoch index + (micro-batches done in the epoch) / micro-batches per epoch.
+ *
+ * With W MPI ranks every optimizer step consumes batch x accumulation x W pairs:
+ * micro-step m of rank r takes the pairs at positions ((m W + r) b ... + b) of the
+ * epoch's order, as accelerate shards a DataLoader (rank r gets every W-th batch).
+ * Gradients are summed across ranks and divided by W (DDP's mean); the logged
+ * loss is the mean over ranks; TRL's metrics are computed from sums over all ranks.
+ * Epoch tail: one process takes a smaller last micro-batch (HF, drop_last false);
+ * several ranks fill the last micro-batches from the start of the epoch's order,
+ * as accelerate's even_batches does, so every rank always has a full batch. */
 #include "dpoc/trainer.h"
 
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -24,10 +35,13 @@
 #include "dpoc/loss.h"
 
 enum { W_REW_C, W_REW_R, W_REW_ACC, W_REW_MARGIN, W_LOGP_C, W_LOGP_R, W_LOGIT_C, W_LOGIT_R, W_ENTROPY, W_TOK_ACC };
+/* PyTorch DDP's default bucket_cap_mb is in MiB */
+#define BYTES_PER_MB (1024.0 * 1024.0)
 static const char *const WINDOW_NAMES[DPOC_N_WINDOW_METRICS] = {
     "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
     "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy",
 };
+
 
 static double now_s(void) {
     struct timespec ts;
@@ -35,15 +49,10 @@ static double now_s(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static int copy_model(dpoc_model *dst, const dpoc_model *src, dpoc_err *err) {
-    DPOC_TRY(dpoc_model_init(dst, &src->cfg, err));
-    memcpy(dst->params, src->params, src->numel * sizeof(float));
-    return 0;
-}
+static int world_of(const dpoc_trainer *t) { return t->dist ? t->dist->world : 1; }
+static int rank_of(const dpoc_trainer *t) { return t->dist ? t->dist->rank : 0; }
 
-static int same_architecture(const dpoc_model_config *a, const dpoc_model_config *b) {
-    return a->vocab_size == b->vocab_size && a->hidden_size == b->hidden_size && a->n_layers == b->n_layers;
-}
+/* ---- loading ---- */
 
 /* transformers' Trainer exempts biases and normalization weights from weight decay
  * (Trainer.get_decay_parameter_names: "bias" and the *norm* modules). */
@@ -71,14 +80,63 @@ static int init_optimizer(dpoc_trainer *t, dpoc_err *err) {
     return rc;
 }
 
-int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_err *err) {
+/* Every rank maps the files itself, or (model_loading "broadcast") rank 0 reads
+ * them and the others receive the weights. The outcome on rank 0 is shared first,
+ * so a bad file ends every rank with rank 0's message instead of a hang. */
+static int load_model(dpoc_trainer *t, dpoc_model *m, const char *dir, dpoc_err *err) {
+    dpoc_dist *d = t->dist;
+    if (!d || d->world == 1 || !t->cfg.model_loading_broadcast) return dpoc_model_load(m, dir, err);
+    double status = 0;
+    int rc = 0;
+    if (d->rank == 0) {
+        rc = dpoc_model_load(m, dir, err);
+        status = rc;
+    }
+    DPOC_TRY(dpoc_dist_sum_doubles(d, &status, 1, err));
+    if (status != 0) {
+        if (d->rank != 0) rc = dpoc_errf(err, (int)status, "rank 0 could not load %s", dir);
+        return rc;
+    }
+    if (d->rank != 0) {
+        char path[DPOC_PATH_MAX + 16];
+        dpoc_model_config mc;
+        DPOC_TRY(dpoc_path_join(path, sizeof path, dir, "config.json", err));
+        DPOC_TRY(dpoc_hf_config_read(&mc, path, err));
+        DPOC_TRY(dpoc_model_init(m, &mc, err));
+    }
+    return dpoc_dist_bcast_floats(d, m->params, m->numel, 0, err);
+}
+
+static int copy_model(dpoc_model *dst, const dpoc_model *src, dpoc_err *err) {
+    DPOC_TRY(dpoc_model_init(dst, &src->cfg, err));
+    memcpy(dst->params, src->params, src->numel * sizeof(float));
+    return 0;
+}
+
+static int same_architecture(const dpoc_model_config *a, const dpoc_model_config *b) {
+    return a->vocab_size == b->vocab_size && a->hidden_size == b->hidden_size && a->n_layers == b->n_layers;
+}
+
+static void read_test_hooks(dpoc_test_hooks *h) {
+    h->fail_rank = h->perturb_rank = h->hang_rank = -1;
+    const char *hang = getenv("DPOC_TEST_HANG_AT");
+    if (hang && sscanf(hang, "%d:%ld", &h->hang_rank, &h->hang_step) != 2) h->hang_rank = -1;
+    const char *f = getenv("DPOC_TEST_FAIL_AT");
+    if (f && sscanf(f, "%d:%ld", &h->fail_rank, &h->fail_step) != 2) h->fail_rank = -1;
+    const char *p = getenv("DPOC_TEST_PERTURB");
+    if (p && sscanf(p, "%d:%95s", &h->perturb_rank, h->perturb_tensor) != 2) h->perturb_rank = -1;
+}
+
+int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, dpoc_err *err) {
     memset(t, 0, sizeof *t);
     t->cfg = *cfg;
+    t->dist = dist;
     t->order_epoch = -1;
-    int rc = dpoc_model_load(&t->policy, cfg->model_name_or_path, err);
+    read_test_hooks(&t->hooks);
+    int rc = load_model(t, &t->policy, cfg->model_name_or_path, err);
     if (rc) goto fail;
     if (cfg->ref_model_name_or_path[0]) {
-        if ((rc = dpoc_model_load(&t->ref, cfg->ref_model_name_or_path, err))) goto fail;
+        if ((rc = load_model(t, &t->ref, cfg->ref_model_name_or_path, err))) goto fail;
         if (!same_architecture(&t->policy.cfg, &t->ref.cfg)) {
             rc = dpoc_errf(err, DPOC_EINPUT, "ref_model_name_or_path '%s' has a different vocabulary or shape than '%s'",
                            cfg->ref_model_name_or_path, cfg->model_name_or_path);
@@ -87,10 +145,14 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_err *err) {
     } else if ((rc = copy_model(&t->ref, &t->policy, err))) {
         goto fail;
     }
+    if (t->hooks.perturb_rank == rank_of(t)) {
+        size_t i = dpoc_model_find(&t->policy, t->hooks.perturb_tensor);
+        if (i != DPOC_NO_PARAM) t->policy.params[t->policy.info[i].offset] += 1e-3f;
+    }
     rc = dpoc_dataset_load_pretokenized(&t->data, cfg->train_file, t->policy.cfg.vocab_size, cfg->max_length,
                                         cfg->truncation_keep_end, err);
     if (rc) goto fail;
-    const size_t bs = cfg->per_device_train_batch_size, n_seq = 2 * bs;
+    const size_t bs = cfg->per_device_train_batch_size, n_seq = 2 * bs, ga = cfg->gradient_accumulation_steps;
     t->max_T = dpoc_dataset_max_seq_len(&t->data, cfg->max_length);
     if (t->max_T > t->policy.cfg.max_position_embeddings) {
         rc = dpoc_errf(err, DPOC_EINPUT,
@@ -104,7 +166,9 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_err *err) {
     t->seq_buf = dpoc_malloc(n_seq * t->max_T * sizeof(int32_t), "token buffers", err);
     t->tok_buf = dpoc_malloc(n_seq * t->max_T * sizeof(float), "token buffers", err);
     t->order = dpoc_malloc(t->data.n_pairs * sizeof(size_t), "data order", err);
-    if (!t->grads || !t->acts || !t->seq_buf || !t->tok_buf || !t->order) {
+    t->mb_pairs = dpoc_malloc(bs * sizeof(size_t), "micro-batch", err);
+    t->step_sums = dpoc_calloc(ga * DPOC_MB_N, sizeof(double), "metric sums", err);
+    if (!t->grads || !t->acts || !t->seq_buf || !t->tok_buf || !t->order || !t->mb_pairs || !t->step_sums) {
         rc = DPOC_ENOMEM;
         goto fail;
     }
@@ -113,15 +177,19 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_err *err) {
     if ((rc = dpoc_acts_alloc(&t->ref_acts, &t->ref.cfg, t->max_T, err))) goto fail;
     if ((rc = dpoc_grad_scratch_alloc(&t->scratch, &t->policy.cfg, t->max_T, err))) goto fail;
     if ((rc = init_optimizer(t, err))) goto fail;
+    if ((rc = dpoc_grad_sync_init(&t->sync, dist, t->grads, t->policy.numel,
+                                  (size_t)(cfg->bucket_size_mb * BYTES_PER_MB), err)))
+        goto fail;
 
     /* schedule as transformers computes it (drop_last false) */
-    t->steps_in_epoch = (t->data.n_pairs + bs - 1) / bs;
-    const size_t ga = cfg->gradient_accumulation_steps;
+    const size_t global_mb = bs * (size_t)world_of(t);
+    t->steps_in_epoch = (t->data.n_pairs + global_mb - 1) / global_mb;
     t->updates_per_epoch = t->steps_in_epoch / ga + (t->steps_in_epoch % ga > 0);
     if (t->updates_per_epoch < 1) t->updates_per_epoch = 1;
     t->total_steps = cfg->max_steps > 0 ? cfg->max_steps
                                         : (long)ceil(cfg->num_train_epochs * (double)t->updates_per_epoch);
     t->warmup_steps = dpoc_warmup_steps(cfg, t->total_steps);
+    if ((rc = dpoc_trainer_check_replicas(t, err))) goto fail;
     return 0;
 fail:
     dpoc_trainer_free(t);
@@ -135,11 +203,14 @@ void dpoc_trainer_free(dpoc_trainer *t) {
     free(t->acts);
     dpoc_acts_free(&t->ref_acts);
     dpoc_grad_scratch_free(&t->scratch);
+    dpoc_grad_sync_free(&t->sync);
     dpoc_adamw_free(&t->opt);
     free(t->grads);
     free(t->seq_buf);
     free(t->tok_buf);
     free(t->order);
+    free(t->mb_pairs);
+    free(t->step_sums);
     dpoc_dataset_free(&t->data);
     dpoc_model_free(&t->policy);
     dpoc_model_free(&t->ref);
@@ -147,10 +218,70 @@ void dpoc_trainer_free(dpoc_trainer *t) {
     memset(t, 0, sizeof *t);
 }
 
-int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, double grad_scale,
-                             dpoc_mb_metrics *mb, dpoc_err *err) {
+/* ---- replicas ---- */
+
+/* FNV-1a over the tensor's bytes: equal weights give equal checksums bit for bit. */
+static uint64_t tensor_checksum(const float *v, size_t n) {
+    const unsigned char *b = (const unsigned char *)v;
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < n * sizeof(float); i++) h = (h ^ b[i]) * 0x100000001b3ull;
+    return h;
+}
+
+int dpoc_trainer_check_replicas(dpoc_trainer *t, dpoc_err *err) {
+    if (world_of(t) == 1) return 0;
+    const size_t n = t->policy.n_tensors;
+    uint64_t *mn = dpoc_malloc(2 * n * sizeof *mn, "checksums", err);
+    if (!mn) return DPOC_ENOMEM;
+    uint64_t *mx = mn + n;
+    for (size_t i = 0; i < n; i++)
+        mn[i] = mx[i] = tensor_checksum(t->policy.params + t->policy.info[i].offset, t->policy.info[i].numel);
+    int rc = dpoc_dist_min_max_u64(t->dist, mn, mx, n, err);
+    for (size_t i = 0; !rc && i < n; i++)
+        if (mn[i] != mx[i])
+            rc = dpoc_errf(err, DPOC_EINTERNAL,
+                           "replica mismatch at step %ld: tensor '%s' differs between ranks (first of the tensors "
+                           "that differ)",
+                           t->global_step, t->policy.info[i].name);
+    free(mn);
+    return rc;
+}
+
+/* ---- one micro-batch ---- */
+
+typedef struct {
+    dpoc_trainer *t;
+    int rc;
+    dpoc_err *err;
+} sync_ctx;
+
+static void on_grads_ready(void *ctx, size_t ready_from) {
+    sync_ctx *c = ctx;
+    if (!c->rc) c->rc = dpoc_grad_sync_ready(&c->t->sync, ready_from, c->err);
+}
+
+void dpoc_mb_metrics_from_sums(const double *s, dpoc_mb_metrics *m) {
+    const double pairs = s[MB_PAIRS] > 0 ? s[MB_PAIRS] : 1.0;
+    m->loss = s[MB_RANKS] > 0 ? s[MB_LOSS] / s[MB_RANKS] : 0.0;
+    m->rewards_chosen = s[MB_REW_C] / pairs;
+    m->rewards_rejected = s[MB_REW_R] / pairs;
+    m->rewards_accuracies = s[MB_ACC] / pairs;
+    m->rewards_margins = s[MB_MARGIN] / pairs;
+    m->logps_chosen = s[MB_LOGP_C] / pairs;
+    m->logps_rejected = s[MB_LOGP_R] / pairs;
+    m->logits_chosen = s[MB_TOK_C] > 0 ? s[MB_LOGIT_C] / s[MB_TOK_C] : 0.0;
+    m->logits_rejected = s[MB_TOK_R] > 0 ? s[MB_LOGIT_R] / s[MB_TOK_R] : 0.0;
+    const double toks = s[MB_TOK_C] + s[MB_TOK_R];
+    m->entropy = toks > 0 ? s[MB_ENT] / toks : 0.0;
+    m->mean_token_accuracy = s[MB_TOK_C] > 0 ? s[MB_TOP1] / s[MB_TOK_C] : 0.0;
+    m->num_tokens = (size_t)s[MB_NUM_TOKENS];
+}
+
+int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, double grad_scale, double *sums,
+                             int sync_tail, dpoc_err *err) {
     const dpoc_config *cfg = &t->cfg;
-    if (B > cfg->per_device_train_batch_size) return dpoc_errf(err, DPOC_EINTERNAL, "micro-batch too large");
+    if (B == 0 || B > cfg->per_device_train_batch_size)
+        return dpoc_errf(err, DPOC_EINTERNAL, "micro-batch of %zu pairs", B);
     dpoc_seq *seq = dpoc_malloc(2 * B * sizeof *seq, "sequences", err);
     dpoc_loss_seq *ls = dpoc_malloc(2 * B * sizeof *ls, "loss inputs", err);
     float **dtok = dpoc_malloc(2 * B * sizeof *dtok, "loss gradients", err);
@@ -160,13 +291,14 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
         rc = DPOC_ENOMEM;
         goto out;
     }
-    memset(mb, 0, sizeof *mb);
+    memset(sums, 0, DPOC_MB_N * sizeof *sums);
     /* sequence s: chosen of pair s for s < B, rejected of pair s-B otherwise (TRL's order) */
     for (size_t s = 0; s < 2 * B; s++) {
         int32_t *ids = t->seq_buf + s * t->max_T;
         dpoc_dataset_collate(&t->data, pairs[s % B], s >= B, cfg->max_length, cfg->truncation_keep_end, ids, &seq[s]);
         dpoc_model_forward(&t->policy, &t->acts[s], ids, seq[s].T, seq[s].row0, seq[s].R);
-        mb->num_tokens += seq[s].T;
+        sums[MB_NUM_TOKENS] += (double)seq[s].T;
+        t->progress_time = now_s();
     }
     for (size_t s = 0; s < 2 * B; s++) {
         size_t partner = s < B ? s + B : s - B;
@@ -180,41 +312,45 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
         ls[s].ref_logp = dpoc_ld_logp(t->ref_acts.logp, seq[s].R, shared, &cfg->loss);
         dtok[s] = t->tok_buf + s * t->max_T;
     }
+    t->progress_time = now_s();
     dpoc_loss_out lo = {0, logps, logps + B};
     if ((rc = dpoc_loss_compute(&cfg->loss, B, ls, ls + B, grad_scale, dtok, dtok + B, &lo, err))) goto out;
-    for (size_t s = 0; s < 2 * B; s++)
-        dpoc_model_backward(&t->policy, t->grads, &t->acts[s], &t->scratch, t->seq_buf + s * t->max_T, dtok[s]);
+    sync_ctx sc = {t, 0, err};
+    const dpoc_backward_hook hook = {on_grads_ready, &sc};
+    for (size_t s = 0; s < 2 * B; s++) {
+        /* a gradient is final once the last sequence of the last micro-batch has passed its layer */
+        const int last = sync_tail && s == 2 * B - 1;
+        dpoc_model_backward(&t->policy, t->grads, &t->acts[s], &t->scratch, t->seq_buf + s * t->max_T, dtok[s],
+                            last ? &hook : NULL);
+        t->progress_time = now_s();
+    }
+    if ((rc = sc.rc)) goto out;
 
-    /* metrics, as TRL computes them for one micro-batch */
+    /* metric sums, as TRL computes them for one micro-batch */
     const double beta = cfg->loss.beta;
-    mb->loss = lo.loss;
-    double ent_sum = 0, logit_sum[2] = {0, 0}, top1 = 0;
-    size_t ent_n = 0, logit_n[2] = {0, 0};
+    sums[MB_LOSS] = lo.loss;
+    sums[MB_RANKS] = 1.0;
+    sums[MB_PAIRS] = (double)B;
     for (size_t i = 0; i < B; i++) {
         double rw_c = beta * (lo.chosen_logps[i] - ls[i].ref_logp);
         double rw_r = beta * (lo.rejected_logps[i] - ls[B + i].ref_logp);
-        mb->rewards_chosen += rw_c / (double)B;
-        mb->rewards_rejected += rw_r / (double)B;
-        mb->rewards_accuracies += (rw_c > rw_r) / (double)B;
-        mb->rewards_margins += (rw_c - rw_r) / (double)B;
-        mb->logps_chosen += lo.chosen_logps[i] / (double)B;
-        mb->logps_rejected += lo.rejected_logps[i] / (double)B;
+        sums[MB_REW_C] += rw_c;
+        sums[MB_REW_R] += rw_r;
+        sums[MB_ACC] += rw_c > rw_r;
+        sums[MB_MARGIN] += rw_c - rw_r;
+        sums[MB_LOGP_C] += lo.chosen_logps[i];
+        sums[MB_LOGP_R] += lo.rejected_logps[i];
     }
     for (size_t s = 0; s < 2 * B; s++) {
         const dpoc_acts *a = &t->acts[s];
-        const int side = s >= B;
+        const int rejected = s >= B;
         for (size_t r = 0; r < a->R; r++) {
-            ent_sum += a->entropy[r];
-            logit_sum[side] += a->mean_logit[r];
-            if (!side) top1 += a->is_top1[r];
+            sums[MB_ENT] += a->entropy[r];
+            sums[rejected ? MB_LOGIT_R : MB_LOGIT_C] += a->mean_logit[r];
+            if (!rejected) sums[MB_TOP1] += a->is_top1[r];
         }
-        ent_n += a->R;
-        logit_n[side] += a->R;
+        sums[rejected ? MB_TOK_R : MB_TOK_C] += (double)a->R;
     }
-    mb->entropy = ent_n ? ent_sum / (double)ent_n : 0.0;
-    mb->logits_chosen = logit_n[0] ? logit_sum[0] / (double)logit_n[0] : 0.0;
-    mb->logits_rejected = logit_n[1] ? logit_sum[1] / (double)logit_n[1] : 0.0;
-    mb->mean_token_accuracy = logit_n[0] ? top1 / (double)logit_n[0] : 0.0;
 out:
     free(seq);
     free(ls);
@@ -222,6 +358,8 @@ out:
     free(logps);
     return rc;
 }
+
+/* ---- logging ---- */
 
 static void window_add(dpoc_trainer *t, const dpoc_mb_metrics *mb) {
     const double v[DPOC_N_WINDOW_METRICS] = {
@@ -234,105 +372,189 @@ static void window_add(dpoc_trainer *t, const dpoc_mb_metrics *mb) {
     t->win_tokens += mb->num_tokens;
 }
 
+static double comm_time(const dpoc_trainer *t) { return t->dist ? t->dist->comm_time_s : 0.0; }
+
 static int log_window(dpoc_trainer *t, double grad_norm, double lr, double epoch, dpoc_err *err) {
     const double elapsed = now_s() - t->win_start_time;
+    const double comm = comm_time(t) - t->win_comm_time;
     const long steps = t->global_step - t->last_logged_step;
-    cJSON *o = cJSON_CreateObject();
-    if (!o) return dpoc_errf(err, DPOC_ENOMEM, "out of memory logging metrics");
-    cJSON_AddNumberToObject(o, "step", (double)t->global_step);
-    cJSON_AddNumberToObject(o, "loss", t->win_loss / (double)steps);
-    cJSON_AddNumberToObject(o, "grad_norm", grad_norm);
-    cJSON_AddNumberToObject(o, "learning_rate", lr);
-    for (size_t i = 0; i < DPOC_N_WINDOW_METRICS; i++)
-        cJSON_AddNumberToObject(o, WINDOW_NAMES[i],
-                                t->win_micro_batches ? t->win_metrics[i] / (double)t->win_micro_batches : 0.0);
-    cJSON_AddNumberToObject(o, "num_tokens", (double)t->total_tokens);
-    cJSON_AddNumberToObject(o, "epoch", epoch);
-    cJSON_AddNumberToObject(o, "tokens_per_second", elapsed > 0 ? (double)t->win_tokens / elapsed : 0.0);
-    cJSON_AddNumberToObject(o, "step_time_s", elapsed / (double)steps);
-    char *line = cJSON_PrintUnformatted(o);
+    const double mb = t->win_micro_batches ? (double)t->win_micro_batches : 1.0;
     int rc = 0;
-    if (!line) {
-        rc = dpoc_errf(err, DPOC_ENOMEM, "out of memory logging metrics");
-    } else {
-        if (t->metrics_file && (fprintf(t->metrics_file, "%s\n", line) < 0 || fflush(t->metrics_file) != 0))
-            rc = dpoc_errf(err, DPOC_EIO, "%s/metrics.jsonl: write failed: %s", t->cfg.output_dir, strerror(errno));
-        if (!t->quiet)
-            printf("step %ld/%ld  loss %.4f  rewards/margins %.4f  rewards/accuracies %.3f  grad_norm %.4f  lr %.3g  "
-                   "epoch %.2f  %.0f tok/s\n",
-                   t->global_step, t->total_steps, t->win_loss / (double)steps,
-                   t->win_micro_batches ? t->win_metrics[W_REW_MARGIN] / (double)t->win_micro_batches : 0.0,
-                   t->win_micro_batches ? t->win_metrics[W_REW_ACC] / (double)t->win_micro_batches : 0.0, grad_norm,
-                   lr, epoch, elapsed > 0 ? (double)t->win_tokens / elapsed : 0.0);
-        fflush(stdout);
+    if (dpoc_dist_is_root(t->dist)) {
+        cJSON *o = cJSON_CreateObject();
+        if (!o) return dpoc_errf(err, DPOC_ENOMEM, "out of memory logging metrics");
+        cJSON_AddNumberToObject(o, "step", (double)t->global_step);
+        cJSON_AddNumberToObject(o, "loss", t->win_loss / (double)steps);
+        cJSON_AddNumberToObject(o, "grad_norm", grad_norm);
+        cJSON_AddNumberToObject(o, "learning_rate", lr);
+        for (size_t i = 0; i < DPOC_N_WINDOW_METRICS; i++)
+            cJSON_AddNumberToObject(o, WINDOW_NAMES[i], t->win_metrics[i] / mb);
+        cJSON_AddNumberToObject(o, "num_tokens", (double)t->total_tokens);
+        cJSON_AddNumberToObject(o, "epoch", epoch);
+        cJSON_AddNumberToObject(o, "tokens_per_second", elapsed > 0 ? (double)t->win_tokens / elapsed : 0.0);
+        cJSON_AddNumberToObject(o, "step_time_s", elapsed / (double)steps);
+        cJSON_AddNumberToObject(o, "compute_time_s", (elapsed - comm) / (double)steps);
+        cJSON_AddNumberToObject(o, "comm_time_s", comm / (double)steps);
+        cJSON_AddNumberToObject(o, "world_size", (double)world_of(t));
+        char *line = cJSON_PrintUnformatted(o);
+        if (!line) {
+            rc = dpoc_errf(err, DPOC_ENOMEM, "out of memory logging metrics");
+        } else {
+            if (t->metrics_file && (fprintf(t->metrics_file, "%s\n", line) < 0 || fflush(t->metrics_file) != 0))
+                rc = dpoc_errf(err, DPOC_EIO, "%s/metrics.jsonl: write failed: %s", t->cfg.output_dir,
+                               strerror(errno));
+            if (!t->quiet)
+                printf("step %ld/%ld  loss %.4f  rewards/margins %.4f  rewards/accuracies %.3f  grad_norm %.4f  "
+                       "lr %.3g  epoch %.2f  %.0f tok/s  comm %.0f%%\n",
+                       t->global_step, t->total_steps, t->win_loss / (double)steps, t->win_metrics[W_REW_MARGIN] / mb,
+                       t->win_metrics[W_REW_ACC] / mb, grad_norm, lr, epoch,
+                       elapsed > 0 ? (double)t->win_tokens / elapsed : 0.0, elapsed > 0 ? 100.0 * comm / elapsed : 0.0);
+            fflush(stdout);
+        }
+        free(line);
+        cJSON_Delete(o);
     }
-    free(line);
-    cJSON_Delete(o);
     t->win_loss = 0;
     memset(t->win_metrics, 0, sizeof t->win_metrics);
     t->win_micro_batches = 0;
     t->win_tokens = 0;
     t->win_start_time = now_s();
+    t->win_comm_time = comm_time(t);
     t->last_logged_step = t->global_step;
     return rc;
 }
 
+/* ---- one optimizer step ---- */
+
 int dpoc_trainer_step(dpoc_trainer *t, dpoc_err *err) {
     const dpoc_config *cfg = &t->cfg;
     const size_t bs = cfg->per_device_train_batch_size, ga = cfg->gradient_accumulation_steps;
+    const size_t W = (size_t)world_of(t), r = (size_t)rank_of(t), N = t->data.n_pairs;
     const long epoch = t->global_step / (long)t->updates_per_epoch;
     const size_t update = (size_t)(t->global_step % (long)t->updates_per_epoch);
+    if (t->hooks.fail_rank == (int)r && t->hooks.fail_step == t->global_step + 1)
+        return dpoc_errf(err, DPOC_EINPUT, "test hook DPOC_TEST_FAIL_AT: failing at step %ld", t->global_step + 1);
+    if (t->hooks.hang_rank == (int)r && t->hooks.hang_step == t->global_step + 1)
+        for (;;) pause(); /* only the watchdog ends this */
     if (t->order_epoch != epoch) {
-        if (cfg->shuffle) dpoc_shuffle_order(t->order, t->data.n_pairs, cfg->seed, (uint64_t)epoch);
+        if (cfg->shuffle) dpoc_shuffle_order(t->order, N, cfg->seed, (uint64_t)epoch);
         else
-            for (size_t i = 0; i < t->data.n_pairs; i++) t->order[i] = i;
+            for (size_t i = 0; i < N; i++) t->order[i] = i;
         t->order_epoch = epoch;
     }
-    if (t->global_step == 0 || t->win_start_time == 0) t->win_start_time = now_s();
+    if (t->win_start_time == 0) {
+        t->win_start_time = now_s();
+        t->win_comm_time = comm_time(t);
+    }
+    t->progress_time = now_s();
     const size_t mb_first = update * ga;
     size_t mb_end = mb_first + ga;
     if (mb_end > t->steps_in_epoch) mb_end = t->steps_in_epoch;
     const size_t n_mb = mb_end - mb_first;
     memset(t->grads, 0, t->policy.numel * sizeof(float));
     for (size_t m = mb_first; m < mb_end; m++) {
-        size_t first = m * bs, B = bs;
-        if (first + B > t->data.n_pairs) B = t->data.n_pairs - first;
+        size_t B = 0;
+        for (size_t j = 0; j < bs; j++) {
+            size_t pos = (m * W + r) * bs + j;
+            if (pos >= N) {
+                if (W == 1) break; /* HF: the last micro-batch is smaller */
+                pos %= N;          /* accelerate even_batches: wrap to the start */
+            }
+            t->mb_pairs[B++] = t->order[pos];
+        }
+        DPOC_TRY(dpoc_trainer_micro_batch(t, t->mb_pairs, B, 1.0 / (double)n_mb,
+                                          t->step_sums + (m - mb_first) * DPOC_MB_N, m + 1 == mb_end, err));
+    }
+    DPOC_TRY(dpoc_grad_sync_finish(&t->sync, err));
+    DPOC_TRY(dpoc_dist_sum_doubles(t->dist, t->step_sums, n_mb * DPOC_MB_N, err));
+    for (size_t k = 0; k < n_mb; k++) {
         dpoc_mb_metrics mb;
-        DPOC_TRY(dpoc_trainer_micro_batch(t, t->order + first, B, 1.0 / (double)n_mb, &mb, err));
+        dpoc_mb_metrics_from_sums(t->step_sums + k * DPOC_MB_N, &mb);
         t->win_loss += mb.loss / (double)n_mb;
         window_add(t, &mb);
     }
     const double grad_norm = dpoc_grad_norm(t->grads, t->policy.numel);
     if (!isfinite(grad_norm))
         return dpoc_errf(err, DPOC_EINPUT, "step %ld: the gradient norm is not finite", t->global_step + 1);
+    t->last_grad_norm = grad_norm;
     dpoc_clip_grads(t->grads, t->policy.numel, grad_norm, cfg->max_grad_norm);
     const double lr = cfg->learning_rate * dpoc_lr_lambda(cfg, t->global_step, t->warmup_steps, t->total_steps);
     dpoc_adamw_step(&t->opt, t->policy.params, t->grads, lr);
     t->global_step++;
+    t->progress_time = now_s();
+    if (cfg->replica_check_steps && t->global_step % (long)cfg->replica_check_steps == 0)
+        DPOC_TRY(dpoc_trainer_check_replicas(t, err));
     const double epoch_f = (double)epoch + (double)mb_end / (double)t->steps_in_epoch;
     if ((t->global_step % (long)cfg->logging_steps) == 0 || (t->global_step == 1 && cfg->logging_first_step))
         DPOC_TRY(log_window(t, grad_norm, lr, epoch_f, err));
     return 0;
 }
 
-int dpoc_train(const dpoc_config *cfg, dpoc_err *err) {
-    dpoc_trainer t;
-    DPOC_TRY(dpoc_trainer_init(&t, cfg, err));
-    int rc = dpoc_mkdirs(cfg->output_dir, err);
-    char path[DPOC_PATH_MAX + 32];
-    if (!rc) {
-        snprintf(path, sizeof path, "%s/metrics.jsonl", cfg->output_dir);
-        t.metrics_file = fopen(path, "w");
-        if (!t.metrics_file) rc = dpoc_errf(err, DPOC_EIO, "%s: cannot create: %s", path, strerror(errno));
+/* ---- the run ---- */
+
+/* Ends the process when no step makes progress for collective_timeout_s: a rank
+ * stuck in a collective whose peer died must not hang the allocation. Only the
+ * main thread calls MPI (MPI_THREAD_FUNNELED); _exit makes mpirun end the job. */
+typedef struct {
+    dpoc_trainer *t;
+    volatile int stop;
+} watchdog_ctx;
+
+static void *watchdog_main(void *arg) {
+    watchdog_ctx *w = arg;
+    const useconds_t poll_us = 200000;
+    while (!w->stop) {
+        usleep(poll_us);
+        double idle = now_s() - w->t->progress_time;
+        if (w->t->progress_time > 0 && idle > w->t->cfg.collective_timeout_s) {
+            fprintf(stderr, "dpoc [rank %d]: no progress for %.0f s (collective_timeout_s); ending the job\n",
+                    rank_of(w->t), idle);
+            fflush(stderr);
+            _exit(DPOC_EIO);
+        }
     }
-    if (!rc) {
-        printf("dpoc: %zu pairs (%zu dropped: prompt >= max_length), %zu parameters, %ld steps (%zu per epoch), "
-               "warmup %ld\n",
-               t.data.n_pairs, t.data.n_dropped_prompt_too_long, t.policy.numel, t.total_steps, t.updates_per_epoch,
-               t.warmup_steps);
+    return NULL;
+}
+
+int dpoc_train(const dpoc_config *cfg, dpoc_dist *dist, dpoc_err *err) {
+    dpoc_trainer *t = dpoc_malloc(sizeof *t, "trainer", err);
+    if (!t) return DPOC_ENOMEM;
+    const double t_load = now_s();
+    int rc = dpoc_trainer_init(t, cfg, dist, err);
+    const double load_s = now_s() - t_load;
+    if (rc) {
+        free(t);
+        return rc;
+    }
+    const int root = dpoc_dist_is_root(dist);
+    if (root) rc = dpoc_mkdirs(cfg->output_dir, err);
+    char path[DPOC_PATH_MAX + 32];
+    if (!rc && root) {
+        snprintf(path, sizeof path, "%s/metrics.jsonl", cfg->output_dir);
+        t->metrics_file = fopen(path, "w");
+        if (!t->metrics_file) rc = dpoc_errf(err, DPOC_EIO, "%s: cannot create: %s", path, strerror(errno));
+    }
+    if (!rc && root) {
+        printf("dpoc: %zu pairs (%zu dropped: prompt >= max_length), %zu parameters, %d rank(s) x %d thread(s), "
+               "%ld steps (%zu per epoch), warmup %ld; models and data loaded in %.2f s (%s)\n",
+               t->data.n_pairs, t->data.n_dropped_prompt_too_long, t->policy.numel, dist ? dist->world : 1,
+               dist ? dist->threads : 1, t->total_steps, t->updates_per_epoch, t->warmup_steps, load_s,
+               cfg->model_loading_broadcast ? "rank 0 read, broadcast" : "each rank mapped the files");
         fflush(stdout);
     }
-    while (!rc && t.global_step < t.total_steps) rc = dpoc_trainer_step(&t, err);
-    dpoc_trainer_free(&t);
+    watchdog_ctx wd = {t, 0};
+    pthread_t wd_thread;
+    int wd_started = 0;
+    t->progress_time = now_s();
+    if (!rc) wd_started = pthread_create(&wd_thread, NULL, watchdog_main, &wd) == 0;
+    while (!rc && t->global_step < t->total_steps) rc = dpoc_trainer_step(t, err);
+    /* the trained policy as a Hugging Face directory, as TRL's save_model leaves it */
+    if (!rc && root) rc = dpoc_model_save(&t->policy, cfg->output_dir, cfg->model_name_or_path, err);
+    if (wd_started) {
+        wd.stop = 1;
+        pthread_join(wd_thread, NULL);
+    }
+    dpoc_trainer_free(t);
+    free(t);
     return rc;
 }

@@ -76,7 +76,7 @@ static void run_logps(const char *model) {
     base_config(&c, model);
     dpoc_err err;
     dpoc_trainer t;
-    if (dpoc_trainer_init(&t, &c, &err)) fail_msg("%s", err.msg);
+    if (dpoc_trainer_init(&t, &c, NULL, &err)) fail_msg("%s", err.msg);
     cJSON *j = batch_json(model);
     const char *sides[2] = {"chosen", "rejected"};
     for (int side = 0; side < 2; side++) {
@@ -197,10 +197,12 @@ static void run_case_metrics(const char *model) {
         case_config(&c, cJSON_GetObjectItem(cs, "config"));
         dpoc_err err;
         dpoc_trainer t;
-        if (dpoc_trainer_init(&t, &c, &err)) fail_msg("%s", err.msg);
+        if (dpoc_trainer_init(&t, &c, NULL, &err)) fail_msg("%s", err.msg);
         size_t pairs[BATCH] = {0, 1, 2, 3};
         dpoc_mb_metrics mb;
-        if (dpoc_trainer_micro_batch(&t, pairs, BATCH, 1.0, &mb, &err)) fail_msg("%s: %s", name, err.msg);
+        double sums[DPOC_MB_N];
+        if (dpoc_trainer_micro_batch(&t, pairs, BATCH, 1.0, sums, 0, &err)) fail_msg("%s: %s", name, err.msg);
+        dpoc_mb_metrics_from_sums(sums, &mb);
         assert_close(mb.loss, cJSON_GetObjectItem(cs, "loss")->valuedouble, TOL_LOSS, ATOL_TINY, "%s %s loss", model,
                      name);
         const cJSON *mj = cJSON_GetObjectItem(cs, "metrics");
@@ -241,11 +243,11 @@ static void run_grads(const char *model) {
     base_config(&c, model);
     dpoc_err err;
     dpoc_trainer t;
-    if (dpoc_trainer_init(&t, &c, &err)) fail_msg("%s", err.msg);
+    if (dpoc_trainer_init(&t, &c, NULL, &err)) fail_msg("%s", err.msg);
     size_t pairs[BATCH] = {0, 1, 2, 3};
-    dpoc_mb_metrics mb;
+    double sums[DPOC_MB_N];
     memset(t.grads, 0, t.policy.numel * sizeof(float));
-    if (dpoc_trainer_micro_batch(&t, pairs, BATCH, 1.0, &mb, &err)) fail_msg("%s", err.msg);
+    if (dpoc_trainer_micro_batch(&t, pairs, BATCH, 1.0, sums, 0, &err)) fail_msg("%s", err.msg);
     char rel[256], what[128];
     snprintf(rel, sizeof rel, "%s/expected/grads-sigmoid.safetensors", model);
     snprintf(what, sizeof what, "%s gradient", model);
@@ -260,10 +262,12 @@ static void run_ln2(const char *model) {
     c.ref_model_name_or_path[0] = '\0';
     dpoc_err err;
     dpoc_trainer t;
-    if (dpoc_trainer_init(&t, &c, &err)) fail_msg("%s", err.msg);
+    if (dpoc_trainer_init(&t, &c, NULL, &err)) fail_msg("%s", err.msg);
     size_t pairs[BATCH] = {0, 1, 2, 3};
     dpoc_mb_metrics mb;
-    if (dpoc_trainer_micro_batch(&t, pairs, BATCH, 1.0, &mb, &err)) fail_msg("%s", err.msg);
+    double sums[DPOC_MB_N];
+    if (dpoc_trainer_micro_batch(&t, pairs, BATCH, 1.0, sums, 0, &err)) fail_msg("%s", err.msg);
+    dpoc_mb_metrics_from_sums(sums, &mb);
     assert_close(mb.loss, log(2.0), 1e-7, 0, "%s loss with policy == reference", model);
     cJSON *j = batch_json(model);
     assert_close(cJSON_GetObjectItem(j, "policy_equals_ref_sigmoid_loss")->valuedouble, log(2.0), 1e-7, 0,
@@ -337,7 +341,7 @@ static void run_train3(const char *model) {
     snprintf(c.output_dir, sizeof c.output_dir, "%s", make_temp_dir());
     if (dpoc_config_finalize(&c, &err)) fail_msg("%s", err.msg);
     dpoc_trainer t;
-    if (dpoc_trainer_init(&t, &c, &err)) fail_msg("%s", err.msg);
+    if (dpoc_trainer_init(&t, &c, NULL, &err)) fail_msg("%s", err.msg);
     char buf[DPOC_PATH_MAX + 32];
     if (snprintf(buf, sizeof buf, "%s/metrics.jsonl", c.output_dir) >= (int)sizeof buf) fail_msg("path too long");
     t.metrics_file = fopen(buf, "w");
@@ -370,8 +374,11 @@ static void run_cli_train(const char *model) {
     snprintf(args, sizeof args, "train --config configs/%s.json --set output_dir=%s/out", model, dir);
     int rc = run_cli(args, log);
     if (rc != 0) {
+        static char shown[8192];
         char *text = read_text_file(log, NULL);
-        fail_msg("dpoc %s exited %d:\n%s", args, rc, text ? text : "");
+        snprintf(shown, sizeof shown, "%s", text ? text : "");
+        free(text); /* fail_msg does not return */
+        fail_msg("dpoc %s exited %d:\n%s", args, rc, shown);
     }
     snprintf(metrics, sizeof metrics, "%s/out/metrics.jsonl", dir);
     compare_log_history(model, metrics);
