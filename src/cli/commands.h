@@ -1,0 +1,9 @@
+/* Sub-commands of the dpoc CLI, one file each. argc/argv are the arguments after
+ * the sub-command's name; pargc/pargv are main's, for MPI_Init. Each returns
+ * the process exit code. */
+#ifndef DPOC_CLI_COMMANDS_H
+#define DPOC_CLI_COMMANDS_H
+
+int dpoc_cli_bench_comm(int argc, char **argv, int *pargc, char ***pargv);
+
+#endif
