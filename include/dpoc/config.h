@@ -46,6 +46,10 @@ typedef struct {
     unsigned long long seed;
     int shuffle; /* train_sampling_strategy: "random" (1) or "sequential" (0) */
 
+    /* checkpoints */
+    size_t save_steps;       /* checkpoint every N optimizer steps (0: only at the end / on a signal) */
+    size_t save_total_limit; /* keep at most N checkpoints (0: all) */
+
     /* data parallelism (MPI) */
     size_t replica_check_steps; /* compare replica checksums every N steps (0: only at start) */
     double bucket_size_mb;      /* gradient allreduce bucket size */

@@ -42,6 +42,17 @@ void dpoc_mb_metrics_from_sums(const double *sums, dpoc_mb_metrics *m);
 
 #define DPOC_N_WINDOW_METRICS 10
 
+/* One logged row: TRL's metric names (plus dpoc's timing ones) and values. */
+#define DPOC_MAX_LOG_FIELDS 32
+typedef struct {
+    size_t n;
+    const char *names[DPOC_MAX_LOG_FIELDS];
+    double values[DPOC_MAX_LOG_FIELDS];
+} dpoc_log_record;
+
+/* Receives each logged row on rank 0 (files, progress lines); a non-zero return stops training. */
+typedef int (*dpoc_log_fn)(void *ctx, const dpoc_log_record *rec, dpoc_err *err);
+
 /* Test-only fault injection, read from the environment at init:
  * DPOC_TEST_FAIL_AT="RANK:STEP" makes that rank fail at that optimizer step;
  * DPOC_TEST_PERTURB="RANK:TENSOR" perturbs a weight on that rank after loading;
@@ -89,9 +100,11 @@ typedef struct {
     double win_start_time;
     double win_comm_time;
     long last_logged_step;
-    FILE *metrics_file;
-    int quiet;
+    dpoc_log_fn on_log; /* NULL: nothing is logged */
+    void *on_log_ctx;
     dpoc_test_hooks hooks;
+    /* content fingerprints (FNV-1a 64) of what the run started from, kept in checkpoints */
+    uint64_t fp_policy, fp_ref, fp_data;
     volatile double progress_time; /* last sign of life, read by the watchdog */
 } dpoc_trainer;
 
@@ -109,10 +122,14 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
 /* One optimizer step (its micro-batches from the data order), logging as HF does. */
 int dpoc_trainer_step(dpoc_trainer *t, dpoc_err *err);
 
+/* FNV-1a 64 over bytes, continuing from h (start with DPOC_FNV_OFFSET). */
+#define DPOC_FNV_OFFSET 0xcbf29ce484222325ull
+uint64_t dpoc_fnv1a(uint64_t h, const void *data, size_t n);
+
 /* Checks that every rank holds the same weights; names the first tensor that differs. */
 int dpoc_trainer_check_replicas(dpoc_trainer *t, dpoc_err *err);
 
-/* The whole run: steps until total_steps; rank 0 writes output_dir/metrics.jsonl. */
-int dpoc_train(const dpoc_config *cfg, dpoc_dist *dist, dpoc_err *err);
+/* Wall-clock seconds (monotonic), as the trainer measures its steps. */
+double dpoc_now_s(void);
 
 #endif

@@ -8,7 +8,7 @@
 #include "dpoc/config.h"
 #include "dpoc/dist.h"
 #include "dpoc/err.h"
-#include "dpoc/trainer.h"
+#include "dpoc/run.h"
 
 static void usage(FILE *f) {
     fprintf(f,
@@ -16,6 +16,7 @@ static void usage(FILE *f) {
             "usage: dpoc <command> [options]\n\n"
             "commands:\n"
             "  train --config FILE.json [--set key=value ...]   train with DPO (see `dpoc train --help`)\n"
+            "  bench-comm [--max-bytes N] [--json]              time MPI_Allreduce, fit alpha-beta (see `dpoc bench-comm --help`)\n"
             "  --help                                           this text\n"
             "  --version                                        print the version\n",
             DPOC_VERSION);
@@ -23,10 +24,15 @@ static void usage(FILE *f) {
 
 static void train_usage(FILE *f) {
     fprintf(f,
-            "usage: dpoc train --config FILE.json [--set key=value ...]\n\n"
+            "usage: dpoc train --config FILE.json [--set key=value ...] [--resume auto|CHECKPOINT.h5]\n\n"
             "Trains the policy model with DPO on the pairs in train_file and writes\n"
             "output_dir/metrics.jsonl (one JSON object per logging step, TRL metric names).\n"
-            "--set overrides a config key; the value is JSON (numbers, true, [\"a\",\"b\"]) or a bare string.\n\n"
+            "--set overrides a config key; the value is JSON (numbers, true, [\"a\",\"b\"]) or a bare string.\n"
+            "--resume auto continues from the newest checkpoint in output_dir that verifies (none: start\n"
+            "afresh); --resume FILE from that checkpoint. SIGUSR1/SIGTERM/SIGINT write a checkpoint at the\n"
+            "next step boundary and exit with code 85 (checkpointed, not finished).\n"
+            "Writes output_dir/metrics.jsonl, metrics.h5, checkpoint-STEP.h5 (+ latest) and, at the end,\n"
+            "the trained policy as model.safetensors + config.json.\n\n"
             "train_file: pre-tokenized JSONL, one pair per line:\n"
             "  {\"prompt_input_ids\": [...], \"chosen_input_ids\": [...], \"rejected_input_ids\": [...]}\n\n");
     dpoc_config_print_help(f);
@@ -37,7 +43,7 @@ static int cmd_train(int argc, char **argv, int *pargc, char ***pargv) {
     dpoc_config_defaults(&cfg);
     dpoc_err err;
     dpoc_err_clear(&err);
-    const char *config_path = NULL;
+    const char *config_path = NULL, *resume = NULL;
     for (int i = 0; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             train_usage(stdout);
@@ -47,6 +53,7 @@ static int cmd_train(int argc, char **argv, int *pargc, char ***pargv) {
     /* the file first, then every --set in order */
     for (int i = 0; i < argc; i++) {
         if (!strcmp(argv[i], "--config") && i + 1 < argc) config_path = argv[++i];
+        else if (!strcmp(argv[i], "--resume") && i + 1 < argc) resume = argv[++i];
         else if (!strcmp(argv[i], "--set") && i + 1 < argc) i++;
         else {
             fprintf(stderr, "dpoc train: unexpected argument '%s' (see dpoc train --help)\n", argv[i]);
@@ -60,7 +67,7 @@ static int cmd_train(int argc, char **argv, int *pargc, char ***pargv) {
     int rc = dpoc_config_load_file(&cfg, config_path, &err);
     for (int i = 0; !rc && i < argc; i++)
         if (!strcmp(argv[i], "--set")) rc = dpoc_config_set(&cfg, argv[++i], &err);
-        else if (!strcmp(argv[i], "--config")) i++;
+        else if (!strcmp(argv[i], "--config") || !strcmp(argv[i], "--resume")) i++;
     if (!rc) rc = dpoc_config_finalize(&cfg, &err);
     if (rc) {
         /* every rank parses the same config: each reports and exits alike, no collective needed */
@@ -73,8 +80,8 @@ static int cmd_train(int argc, char **argv, int *pargc, char ***pargv) {
         fprintf(stderr, "dpoc train: error: %s\n", err.msg);
         return rc;
     }
-    rc = dpoc_train(&cfg, &dist, &err);
-    if (rc) {
+    rc = dpoc_run_train(&cfg, &dist, resume, &err);
+    if (rc && rc != DPOC_EXIT_CHECKPOINTED) {
         char msg[DPOC_ERR_MSG_MAX + 32];
         snprintf(msg, sizeof msg, "error: %s", err.msg);
         /* one rank's error ends every rank at once: the others may be waiting in a collective */

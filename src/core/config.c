@@ -262,6 +262,9 @@ static const key_def KEYS[] = {
     {"seed", K_LONG, OFF(seed), 0, 9e15, 0, 0, "random seed (data order)"},
     {"train_sampling_strategy", K_CUSTOM, 0, 0, 0, set_sampling, get_sampling,
      "random (shuffled every epoch) or sequential (file order)"},
+    {"save_steps", K_SIZE, OFF(save_steps), 0, 1e15, 0, 0,
+     "write output_dir/checkpoint-STEP.h5 every N steps (0: only at the end and on a signal)"},
+    {"save_total_limit", K_SIZE, OFF(save_total_limit), 0, 1e15, 0, 0, "keep at most N checkpoints (0: all)"},
     {"replica_check_steps", K_SIZE, OFF(replica_check_steps), 0, 1e15, 0, 0,
      "MPI: check that every rank holds the same weights every N steps (0: only at start)"},
     {"bucket_size_mb", K_DOUBLE, OFF(bucket_size_mb), 0.001, 4096, 0, 0, "MPI: gradient allreduce bucket size"},
@@ -311,6 +314,7 @@ void dpoc_config_defaults(dpoc_config *c) {
     c->seed = 42;
     c->shuffle = 1;
     c->replica_check_steps = 100;
+    c->save_steps = 500;
     c->bucket_size_mb = 25.0;
     c->collective_timeout_s = 1800.0;
 }

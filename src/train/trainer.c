@@ -20,15 +20,12 @@
  * as accelerate's even_batches does, so every rank always has a full batch. */
 #include "dpoc/trainer.h"
 
-#include <errno.h>
 #include <math.h>
-#include <pthread.h>
 #include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
-#include <cjson/cJSON.h>
 
 #include "core/fileutil.h"
 #include "core/rng.h"
@@ -43,7 +40,7 @@ static const char *const WINDOW_NAMES[DPOC_N_WINDOW_METRICS] = {
 };
 
 
-static double now_s(void) {
+double dpoc_now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
@@ -189,6 +186,10 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
     t->total_steps = cfg->max_steps > 0 ? cfg->max_steps
                                         : (long)ceil(cfg->num_train_epochs * (double)t->updates_per_epoch);
     t->warmup_steps = dpoc_warmup_steps(cfg, t->total_steps);
+    t->fp_policy = dpoc_fnv1a(DPOC_FNV_OFFSET, t->policy.params, t->policy.numel * sizeof(float));
+    t->fp_ref = dpoc_fnv1a(DPOC_FNV_OFFSET, t->ref.params, t->ref.numel * sizeof(float));
+    t->fp_data = dpoc_fnv1a(DPOC_FNV_OFFSET, t->data.tokens, t->data.n_tokens * sizeof(int32_t));
+    t->fp_data = dpoc_fnv1a(t->fp_data, t->data.pairs, t->data.n_pairs * sizeof(dpoc_pair));
     if ((rc = dpoc_trainer_check_replicas(t, err))) goto fail;
     return 0;
 fail:
@@ -214,19 +215,19 @@ void dpoc_trainer_free(dpoc_trainer *t) {
     dpoc_dataset_free(&t->data);
     dpoc_model_free(&t->policy);
     dpoc_model_free(&t->ref);
-    if (t->metrics_file) fclose(t->metrics_file);
     memset(t, 0, sizeof *t);
 }
 
 /* ---- replicas ---- */
 
-/* FNV-1a over the tensor's bytes: equal weights give equal checksums bit for bit. */
-static uint64_t tensor_checksum(const float *v, size_t n) {
-    const unsigned char *b = (const unsigned char *)v;
-    uint64_t h = 0xcbf29ce484222325ull;
-    for (size_t i = 0; i < n * sizeof(float); i++) h = (h ^ b[i]) * 0x100000001b3ull;
+uint64_t dpoc_fnv1a(uint64_t h, const void *data, size_t n) {
+    const unsigned char *b = data;
+    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 0x100000001b3ull;
     return h;
 }
+
+/* Equal weights give equal checksums bit for bit. */
+static uint64_t tensor_checksum(const float *v, size_t n) { return dpoc_fnv1a(DPOC_FNV_OFFSET, v, n * sizeof(float)); }
 
 int dpoc_trainer_check_replicas(dpoc_trainer *t, dpoc_err *err) {
     if (world_of(t) == 1) return 0;
@@ -298,7 +299,7 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
         dpoc_dataset_collate(&t->data, pairs[s % B], s >= B, cfg->max_length, cfg->truncation_keep_end, ids, &seq[s]);
         dpoc_model_forward(&t->policy, &t->acts[s], ids, seq[s].T, seq[s].row0, seq[s].R);
         sums[MB_NUM_TOKENS] += (double)seq[s].T;
-        t->progress_time = now_s();
+        t->progress_time = dpoc_now_s();
     }
     for (size_t s = 0; s < 2 * B; s++) {
         size_t partner = s < B ? s + B : s - B;
@@ -312,7 +313,7 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
         ls[s].ref_logp = dpoc_ld_logp(t->ref_acts.logp, seq[s].R, shared, &cfg->loss);
         dtok[s] = t->tok_buf + s * t->max_T;
     }
-    t->progress_time = now_s();
+    t->progress_time = dpoc_now_s();
     dpoc_loss_out lo = {0, logps, logps + B};
     if ((rc = dpoc_loss_compute(&cfg->loss, B, ls, ls + B, grad_scale, dtok, dtok + B, &lo, err))) goto out;
     sync_ctx sc = {t, 0, err};
@@ -322,7 +323,7 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
         const int last = sync_tail && s == 2 * B - 1;
         dpoc_model_backward(&t->policy, t->grads, &t->acts[s], &t->scratch, t->seq_buf + s * t->max_T, dtok[s],
                             last ? &hook : NULL);
-        t->progress_time = now_s();
+        t->progress_time = dpoc_now_s();
     }
     if ((rc = sc.rc)) goto out;
 
@@ -374,51 +375,40 @@ static void window_add(dpoc_trainer *t, const dpoc_mb_metrics *mb) {
 
 static double comm_time(const dpoc_trainer *t) { return t->dist ? t->dist->comm_time_s : 0.0; }
 
+static void rec_add(dpoc_log_record *r, const char *name, double v) {
+    if (r->n < DPOC_MAX_LOG_FIELDS) {
+        r->names[r->n] = name;
+        r->values[r->n++] = v;
+    }
+}
+
 static int log_window(dpoc_trainer *t, double grad_norm, double lr, double epoch, dpoc_err *err) {
-    const double elapsed = now_s() - t->win_start_time;
+    const double elapsed = dpoc_now_s() - t->win_start_time;
     const double comm = comm_time(t) - t->win_comm_time;
     const long steps = t->global_step - t->last_logged_step;
     const double mb = t->win_micro_batches ? (double)t->win_micro_batches : 1.0;
     int rc = 0;
-    if (dpoc_dist_is_root(t->dist)) {
-        cJSON *o = cJSON_CreateObject();
-        if (!o) return dpoc_errf(err, DPOC_ENOMEM, "out of memory logging metrics");
-        cJSON_AddNumberToObject(o, "step", (double)t->global_step);
-        cJSON_AddNumberToObject(o, "loss", t->win_loss / (double)steps);
-        cJSON_AddNumberToObject(o, "grad_norm", grad_norm);
-        cJSON_AddNumberToObject(o, "learning_rate", lr);
-        for (size_t i = 0; i < DPOC_N_WINDOW_METRICS; i++)
-            cJSON_AddNumberToObject(o, WINDOW_NAMES[i], t->win_metrics[i] / mb);
-        cJSON_AddNumberToObject(o, "num_tokens", (double)t->total_tokens);
-        cJSON_AddNumberToObject(o, "epoch", epoch);
-        cJSON_AddNumberToObject(o, "tokens_per_second", elapsed > 0 ? (double)t->win_tokens / elapsed : 0.0);
-        cJSON_AddNumberToObject(o, "step_time_s", elapsed / (double)steps);
-        cJSON_AddNumberToObject(o, "compute_time_s", (elapsed - comm) / (double)steps);
-        cJSON_AddNumberToObject(o, "comm_time_s", comm / (double)steps);
-        cJSON_AddNumberToObject(o, "world_size", (double)world_of(t));
-        char *line = cJSON_PrintUnformatted(o);
-        if (!line) {
-            rc = dpoc_errf(err, DPOC_ENOMEM, "out of memory logging metrics");
-        } else {
-            if (t->metrics_file && (fprintf(t->metrics_file, "%s\n", line) < 0 || fflush(t->metrics_file) != 0))
-                rc = dpoc_errf(err, DPOC_EIO, "%s/metrics.jsonl: write failed: %s", t->cfg.output_dir,
-                               strerror(errno));
-            if (!t->quiet)
-                printf("step %ld/%ld  loss %.4f  rewards/margins %.4f  rewards/accuracies %.3f  grad_norm %.4f  "
-                       "lr %.3g  epoch %.2f  %.0f tok/s  comm %.0f%%\n",
-                       t->global_step, t->total_steps, t->win_loss / (double)steps, t->win_metrics[W_REW_MARGIN] / mb,
-                       t->win_metrics[W_REW_ACC] / mb, grad_norm, lr, epoch,
-                       elapsed > 0 ? (double)t->win_tokens / elapsed : 0.0, elapsed > 0 ? 100.0 * comm / elapsed : 0.0);
-            fflush(stdout);
-        }
-        free(line);
-        cJSON_Delete(o);
+    if (dpoc_dist_is_root(t->dist) && t->on_log) {
+        dpoc_log_record r = {0};
+        rec_add(&r, "step", (double)t->global_step);
+        rec_add(&r, "loss", t->win_loss / (double)steps);
+        rec_add(&r, "grad_norm", grad_norm);
+        rec_add(&r, "learning_rate", lr);
+        for (size_t i = 0; i < DPOC_N_WINDOW_METRICS; i++) rec_add(&r, WINDOW_NAMES[i], t->win_metrics[i] / mb);
+        rec_add(&r, "num_tokens", (double)t->total_tokens);
+        rec_add(&r, "epoch", epoch);
+        rec_add(&r, "tokens_per_second", elapsed > 0 ? (double)t->win_tokens / elapsed : 0.0);
+        rec_add(&r, "step_time_s", elapsed / (double)steps);
+        rec_add(&r, "compute_time_s", (elapsed - comm) / (double)steps);
+        rec_add(&r, "comm_time_s", comm / (double)steps);
+        rec_add(&r, "world_size", (double)world_of(t));
+        rc = t->on_log(t->on_log_ctx, &r, err);
     }
     t->win_loss = 0;
     memset(t->win_metrics, 0, sizeof t->win_metrics);
     t->win_micro_batches = 0;
     t->win_tokens = 0;
-    t->win_start_time = now_s();
+    t->win_start_time = dpoc_now_s();
     t->win_comm_time = comm_time(t);
     t->last_logged_step = t->global_step;
     return rc;
@@ -443,10 +433,10 @@ int dpoc_trainer_step(dpoc_trainer *t, dpoc_err *err) {
         t->order_epoch = epoch;
     }
     if (t->win_start_time == 0) {
-        t->win_start_time = now_s();
+        t->win_start_time = dpoc_now_s();
         t->win_comm_time = comm_time(t);
     }
-    t->progress_time = now_s();
+    t->progress_time = dpoc_now_s();
     const size_t mb_first = update * ga;
     size_t mb_end = mb_first + ga;
     if (mb_end > t->steps_in_epoch) mb_end = t->steps_in_epoch;
@@ -481,80 +471,11 @@ int dpoc_trainer_step(dpoc_trainer *t, dpoc_err *err) {
     const double lr = cfg->learning_rate * dpoc_lr_lambda(cfg, t->global_step, t->warmup_steps, t->total_steps);
     dpoc_adamw_step(&t->opt, t->policy.params, t->grads, lr);
     t->global_step++;
-    t->progress_time = now_s();
+    t->progress_time = dpoc_now_s();
     if (cfg->replica_check_steps && t->global_step % (long)cfg->replica_check_steps == 0)
         DPOC_TRY(dpoc_trainer_check_replicas(t, err));
     const double epoch_f = (double)epoch + (double)mb_end / (double)t->steps_in_epoch;
     if ((t->global_step % (long)cfg->logging_steps) == 0 || (t->global_step == 1 && cfg->logging_first_step))
         DPOC_TRY(log_window(t, grad_norm, lr, epoch_f, err));
     return 0;
-}
-
-/* ---- the run ---- */
-
-/* Ends the process when no step makes progress for collective_timeout_s: a rank
- * stuck in a collective whose peer died must not hang the allocation. Only the
- * main thread calls MPI (MPI_THREAD_FUNNELED); _exit makes mpirun end the job. */
-typedef struct {
-    dpoc_trainer *t;
-    volatile int stop;
-} watchdog_ctx;
-
-static void *watchdog_main(void *arg) {
-    watchdog_ctx *w = arg;
-    const useconds_t poll_us = 200000;
-    while (!w->stop) {
-        usleep(poll_us);
-        double idle = now_s() - w->t->progress_time;
-        if (w->t->progress_time > 0 && idle > w->t->cfg.collective_timeout_s) {
-            fprintf(stderr, "dpoc [rank %d]: no progress for %.0f s (collective_timeout_s); ending the job\n",
-                    rank_of(w->t), idle);
-            fflush(stderr);
-            _exit(DPOC_EIO);
-        }
-    }
-    return NULL;
-}
-
-int dpoc_train(const dpoc_config *cfg, dpoc_dist *dist, dpoc_err *err) {
-    dpoc_trainer *t = dpoc_malloc(sizeof *t, "trainer", err);
-    if (!t) return DPOC_ENOMEM;
-    const double t_load = now_s();
-    int rc = dpoc_trainer_init(t, cfg, dist, err);
-    const double load_s = now_s() - t_load;
-    if (rc) {
-        free(t);
-        return rc;
-    }
-    const int root = dpoc_dist_is_root(dist);
-    if (root) rc = dpoc_mkdirs(cfg->output_dir, err);
-    char path[DPOC_PATH_MAX + 32];
-    if (!rc && root) {
-        snprintf(path, sizeof path, "%s/metrics.jsonl", cfg->output_dir);
-        t->metrics_file = fopen(path, "w");
-        if (!t->metrics_file) rc = dpoc_errf(err, DPOC_EIO, "%s: cannot create: %s", path, strerror(errno));
-    }
-    if (!rc && root) {
-        printf("dpoc: %zu pairs (%zu dropped: prompt >= max_length), %zu parameters, %d rank(s) x %d thread(s), "
-               "%ld steps (%zu per epoch), warmup %ld; models and data loaded in %.2f s (%s)\n",
-               t->data.n_pairs, t->data.n_dropped_prompt_too_long, t->policy.numel, dist ? dist->world : 1,
-               dist ? dist->threads : 1, t->total_steps, t->updates_per_epoch, t->warmup_steps, load_s,
-               cfg->model_loading_broadcast ? "rank 0 read, broadcast" : "each rank mapped the files");
-        fflush(stdout);
-    }
-    watchdog_ctx wd = {t, 0};
-    pthread_t wd_thread;
-    int wd_started = 0;
-    t->progress_time = now_s();
-    if (!rc) wd_started = pthread_create(&wd_thread, NULL, watchdog_main, &wd) == 0;
-    while (!rc && t->global_step < t->total_steps) rc = dpoc_trainer_step(t, err);
-    /* the trained policy as a Hugging Face directory, as TRL's save_model leaves it */
-    if (!rc && root) rc = dpoc_model_save(&t->policy, cfg->output_dir, cfg->model_name_or_path, err);
-    if (wd_started) {
-        wd.stop = 1;
-        pthread_join(wd_thread, NULL);
-    }
-    dpoc_trainer_free(t);
-    free(t);
-    return rc;
 }

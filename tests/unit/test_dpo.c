@@ -10,6 +10,7 @@
 
 #include "dpoc/config.h"
 #include "dpoc/loss.h"
+#include "dpoc/metrics.h"
 #include "dpoc/safetensors.h"
 #include "dpoc/trainer.h"
 #include "testutil.h"
@@ -344,13 +345,15 @@ static void run_train3(const char *model) {
     if (dpoc_trainer_init(&t, &c, NULL, &err)) fail_msg("%s", err.msg);
     char buf[DPOC_PATH_MAX + 32];
     if (snprintf(buf, sizeof buf, "%s/metrics.jsonl", c.output_dir) >= (int)sizeof buf) fail_msg("path too long");
-    t.metrics_file = fopen(buf, "w");
-    t.quiet = 1;
+    dpoc_metrics_writer mw;
+    if (dpoc_metrics_open(&mw, c.output_dir, "{}", -1, &err)) fail_msg("%s", err.msg);
+    mw.print = 0;
+    t.on_log = dpoc_metrics_write;
+    t.on_log_ctx = &mw;
     assert_int_equal(t.total_steps, 3);
     while (t.global_step < t.total_steps)
         if (dpoc_trainer_step(&t, &err)) fail_msg("%s", err.msg);
-    fclose(t.metrics_file);
-    t.metrics_file = NULL;
+    dpoc_metrics_close(&mw);
     char rel[256], what[128];
     snprintf(rel, sizeof rel, "%s/expected/weights-step3.safetensors", model);
     snprintf(what, sizeof what, "%s weights after 3 steps", model);

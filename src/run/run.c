@@ -1,0 +1,176 @@
+/* A training run: the trainer plus everything around it that a batch job needs
+ * (metrics files, checkpoints, resume, signals, a watchdog). */
+#include "dpoc/run.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <pthread.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "core/fileutil.h"
+#include "dpoc/checkpoint.h"
+#include "dpoc/metrics.h"
+#include "dpoc/trainer.h"
+
+/* The signal handler can only talk through process-wide state: a flag and the
+ * time it arrived. Nothing else is global. */
+static volatile sig_atomic_t g_stop_signal;
+static struct timespec g_signal_time;
+
+static void on_stop_signal(int sig) {
+    if (!g_stop_signal) clock_gettime(CLOCK_MONOTONIC, &g_signal_time); /* async-signal-safe */
+    g_stop_signal = sig;
+}
+
+static void install_handlers(struct sigaction *old) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    const int sigs[3] = {SIGUSR1, SIGTERM, SIGINT};
+    for (int i = 0; i < 3; i++) sigaction(sigs[i], &sa, &old[i]);
+}
+
+static void restore_handlers(const struct sigaction *old) {
+    const int sigs[3] = {SIGUSR1, SIGTERM, SIGINT};
+    for (int i = 0; i < 3; i++) sigaction(sigs[i], &old[i], NULL);
+}
+
+/* ---- watchdog ---- */
+
+/* Ends the process when no step makes progress for collective_timeout_s: a rank
+ * stuck in a collective whose peer died must not hang the allocation. Only the
+ * main thread calls MPI (MPI_THREAD_FUNNELED); _exit makes mpirun end the job. */
+typedef struct {
+    dpoc_trainer *t;
+    volatile int stop;
+} watchdog_ctx;
+
+static void *watchdog_main(void *arg) {
+    watchdog_ctx *w = arg;
+    const useconds_t poll_us = 200000;
+    while (!w->stop) {
+        usleep(poll_us);
+        double idle = dpoc_now_s() - w->t->progress_time;
+        if (w->t->progress_time > 0 && idle > w->t->cfg.collective_timeout_s) {
+            fprintf(stderr, "dpoc [rank %d]: no progress for %.0f s (collective_timeout_s); ending the job\n",
+                    w->t->dist ? w->t->dist->rank : 0, idle);
+            fflush(stderr);
+            _exit(DPOC_EIO);
+        }
+    }
+    return NULL;
+}
+
+/* Did any rank get a stop signal? Every rank must take the same decision. */
+static int agree_on_stop(dpoc_trainer *t, dpoc_err *err, int *stop) {
+    double v = g_stop_signal ? 1.0 : 0.0;
+    DPOC_TRY(dpoc_dist_sum_doubles(t->dist, &v, 1, err));
+    *stop = v > 0;
+    return 0;
+}
+
+static int checkpoint(dpoc_trainer *t, dpoc_err *err) {
+    int rc = 0;
+    if (dpoc_dist_is_root(t->dist)) {
+        char path[DPOC_PATH_MAX + 160];
+        double t0 = dpoc_now_s();
+        rc = dpoc_ckpt_save(t, t->cfg.save_total_limit, path, sizeof path, err);
+        if (!rc) printf("dpoc: checkpoint %s written in %.2f s\n", path, dpoc_now_s() - t0);
+        fflush(stdout);
+    }
+    /* the others wait, so that no rank exits before the checkpoint is durable */
+    double status = rc;
+    int rc2 = dpoc_dist_sum_doubles(t->dist, &status, 1, err);
+    if (!rc && status != 0) rc = dpoc_errf(err, DPOC_EIO, "rank 0 could not write the checkpoint");
+    return rc ? rc : rc2;
+}
+
+int dpoc_run_train(const dpoc_config *cfg, dpoc_dist *dist, const char *resume, dpoc_err *err) {
+    dpoc_trainer *t = dpoc_malloc(sizeof *t, "trainer", err);
+    if (!t) return DPOC_ENOMEM;
+    const double t_load = dpoc_now_s();
+    int rc = dpoc_trainer_init(t, cfg, dist, err);
+    const double load_s = dpoc_now_s() - t_load;
+    if (rc) {
+        free(t);
+        return rc;
+    }
+    const int root = dpoc_dist_is_root(dist);
+    char ckpt[DPOC_PATH_MAX + 300] = "";
+    /* every rank resolves and restores the same file (rank 0's choice is shared
+     * implicitly: they all see the same output_dir) */
+    if (resume) rc = dpoc_ckpt_resolve(cfg->output_dir, resume, ckpt, sizeof ckpt, err);
+    if (!rc && ckpt[0]) {
+        rc = dpoc_ckpt_restore(t, ckpt, err);
+        if (!rc && root) printf("dpoc: resumed from %s at step %ld\n", ckpt, t->global_step);
+    }
+    dpoc_metrics_writer mw;
+    memset(&mw, 0, sizeof mw);
+    mw.h5 = -1;
+    if (!rc && root) {
+        char *config_json = dpoc_config_to_json(cfg);
+        rc = dpoc_mkdirs(cfg->output_dir, err);
+        if (!rc) rc = dpoc_metrics_open(&mw, cfg->output_dir, config_json, ckpt[0] ? t->global_step : -1, err);
+        free(config_json);
+        mw.total_steps = t->total_steps;
+        t->on_log = dpoc_metrics_write;
+        t->on_log_ctx = &mw;
+    }
+    if (!rc && root) {
+        printf("dpoc: %zu pairs (%zu dropped: prompt >= max_length), %zu parameters, %d rank(s) x %d thread(s), "
+               "%ld steps (%zu per epoch), warmup %ld; models and data loaded in %.2f s (%s)\n",
+               t->data.n_pairs, t->data.n_dropped_prompt_too_long, t->policy.numel, dist ? dist->world : 1,
+               dist ? dist->threads : 1, t->total_steps, t->updates_per_epoch, t->warmup_steps, load_s,
+               cfg->model_loading_broadcast ? "rank 0 read, broadcast" : "each rank mapped the files");
+        fflush(stdout);
+    }
+    struct sigaction old[3];
+    install_handlers(old);
+    watchdog_ctx wd = {t, 0};
+    pthread_t wd_thread;
+    int wd_started = 0;
+    t->progress_time = dpoc_now_s();
+    if (!rc) wd_started = pthread_create(&wd_thread, NULL, watchdog_main, &wd) == 0;
+    int stopped = 0;
+    /* test-only: raise SIGUSR1 on this process after step N (DPOC_TEST_SIGNAL_AT_STEP=N) */
+    const char *sig_at = getenv("DPOC_TEST_SIGNAL_AT_STEP");
+    const long signal_at = sig_at ? atol(sig_at) : -1;
+    while (!rc && t->global_step < t->total_steps) {
+        if ((rc = agree_on_stop(t, err, &stopped)) || stopped) break;
+        if ((rc = dpoc_trainer_step(t, err))) break;
+        if (t->global_step == signal_at) raise(SIGUSR1);
+        if (cfg->save_steps && t->global_step % (long)cfg->save_steps == 0 && t->global_step < t->total_steps)
+            rc = checkpoint(t, err);
+    }
+    if (!rc && stopped) {
+        rc = checkpoint(t, err);
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        double dt = (double)(now.tv_sec - g_signal_time.tv_sec) + 1e-9 * (double)(now.tv_nsec - g_signal_time.tv_nsec);
+        if (root)
+            printf("dpoc: stopped by signal %d at step %ld; checkpointed %.2f s after the signal (exit %d: "
+                   "checkpointed, not finished)\n",
+                   (int)g_stop_signal, t->global_step, dt, DPOC_EXIT_CHECKPOINTED);
+        fflush(stdout);
+        if (!rc) rc = DPOC_EXIT_CHECKPOINTED;
+    } else if (!rc) {
+        /* the end of training: a final checkpoint (resume --auto then finds nothing left to do) and
+         * the trained policy as a Hugging Face directory, as TRL's save_model leaves it */
+        rc = checkpoint(t, err);
+        if (!rc && root) rc = dpoc_model_save(&t->policy, cfg->output_dir, cfg->model_name_or_path, err);
+    }
+    if (wd_started) {
+        wd.stop = 1;
+        pthread_join(wd_thread, NULL);
+    }
+    restore_handlers(old);
+    if (root) dpoc_metrics_close(&mw);
+    dpoc_trainer_free(t);
+    free(t);
+    return rc;
+}

@@ -1,0 +1,527 @@
+/* HDF5 checkpoints (see checkpoint.h). */
+#include "dpoc/checkpoint.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <hdf5.h>
+
+#include "core/fileutil.h"
+
+#ifndef DPOC_GIT_REVISION
+#define DPOC_GIT_REVISION "unknown"
+#endif
+
+/* Elements per HDF5 chunk of a tensor: Fletcher32 checks each chunk on read. */
+#define CKPT_CHUNK_ELEMS ((size_t)1 << 18)
+#define CKPT_PREFIX "checkpoint-"
+#define CKPT_SUFFIX ".h5"
+
+/* ---- small HDF5 helpers; each returns < 0 on failure ---- */
+
+static int attr_write(hid_t obj, const char *name, hid_t type, const void *v) {
+    hid_t sp = H5Screate(H5S_SCALAR);
+    hid_t a = H5Acreate2(obj, name, type, sp, H5P_DEFAULT, H5P_DEFAULT);
+    herr_t r = a >= 0 ? H5Awrite(a, type, v) : -1;
+    if (a >= 0) H5Aclose(a);
+    H5Sclose(sp);
+    return r < 0 ? -1 : 0;
+}
+static int attr_i64(hid_t o, const char *n, long long v) { return attr_write(o, n, H5T_NATIVE_LLONG, &v); }
+static int attr_u64(hid_t o, const char *n, uint64_t v) { return attr_write(o, n, H5T_NATIVE_UINT64, &v); }
+static int attr_f64(hid_t o, const char *n, double v) { return attr_write(o, n, H5T_NATIVE_DOUBLE, &v); }
+static int attr_str(hid_t o, const char *n, const char *v) {
+    hid_t t = H5Tcopy(H5T_C_S1);
+    H5Tset_size(t, H5T_VARIABLE);
+    H5Tset_cset(t, H5T_CSET_UTF8);
+    int r = attr_write(o, n, t, &v);
+    H5Tclose(t);
+    return r;
+}
+
+static int attr_read(hid_t obj, const char *name, hid_t type, void *v) {
+    if (H5Aexists(obj, name) <= 0) return -1;
+    hid_t a = H5Aopen(obj, name, H5P_DEFAULT);
+    if (a < 0) return -1;
+    herr_t r = H5Aread(a, type, v);
+    H5Aclose(a);
+    return r < 0 ? -1 : 0;
+}
+/* variable-length string attribute into buf */
+static int attr_read_str(hid_t obj, const char *name, char *buf, size_t n) {
+    hid_t t = H5Tcopy(H5T_C_S1);
+    H5Tset_size(t, H5T_VARIABLE);
+    H5Tset_cset(t, H5T_CSET_UTF8); /* HDF5 does not convert between ASCII and UTF-8 strings */
+    char *s = NULL;
+    int r = attr_read(obj, name, t, &s);
+    if (r == 0 && s) {
+        snprintf(buf, n, "%s", s);
+        H5free_memory(s);
+    }
+    H5Tclose(t);
+    return r;
+}
+
+static int write_tensor(hid_t g, const dpoc_param_info *p, const float *data) {
+    hsize_t dims[2] = {p->shape[0], p->shape[1]}, chunk[2] = {p->shape[0], p->shape[1]};
+    const int rank = (int)p->ndim;
+    size_t row = rank == 2 ? p->shape[1] : 1;
+    size_t rows_per_chunk = CKPT_CHUNK_ELEMS / (row ? row : 1);
+    if (rows_per_chunk == 0) rows_per_chunk = 1;
+    if (chunk[0] > rows_per_chunk) chunk[0] = rows_per_chunk;
+    if (chunk[0] == 0) chunk[0] = 1;
+    hid_t sp = H5Screate_simple(rank, dims, NULL);
+    hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
+    H5Pset_chunk(dcpl, rank, chunk);
+    H5Pset_fletcher32(dcpl);
+    hid_t d = H5Dcreate2(g, p->name, H5T_IEEE_F32LE, sp, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+    herr_t r = d >= 0 ? H5Dwrite(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) : -1;
+    if (d >= 0) H5Dclose(d);
+    H5Pclose(dcpl);
+    H5Sclose(sp);
+    return r < 0 ? -1 : 0;
+}
+
+/* Reads a tensor, checking its shape; Fletcher32 fails the read on corruption. */
+static int read_tensor(hid_t g, const dpoc_param_info *p, float *out, const char *path, const char *group,
+                       dpoc_err *err) {
+    if (H5Lexists(g, p->name, H5P_DEFAULT) <= 0)
+        return dpoc_errf(err, DPOC_EINPUT, "%s: checkpoint has no tensor %s/%s (another model?)", path, group, p->name);
+    hid_t d = H5Dopen2(g, p->name, H5P_DEFAULT);
+    if (d < 0) return dpoc_errf(err, DPOC_EINPUT, "%s: cannot open %s/%s", path, group, p->name);
+    hid_t sp = H5Dget_space(d);
+    hsize_t dims[2] = {0, 0};
+    int rank = H5Sget_simple_extent_dims(sp, dims, NULL);
+    H5Sclose(sp);
+    int rc = 0;
+    if (rank != (int)p->ndim || dims[0] != p->shape[0] || (rank == 2 && dims[1] != p->shape[1]))
+        rc = dpoc_errf(err, DPOC_EINPUT, "%s: %s/%s has another shape than the model's (another model?)", path, group,
+                       p->name);
+    else if (H5Dread(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0)
+        rc = dpoc_errf(err, DPOC_EINPUT, "%s: %s/%s cannot be read (checksum mismatch: the file is corrupted)", path,
+                       group, p->name);
+    H5Dclose(d);
+    return rc;
+}
+
+/* ---- durability ---- */
+
+static int fsync_path(const char *path, int directory, dpoc_err *err) {
+    int fd = open(path, directory ? O_RDONLY | O_DIRECTORY : O_RDONLY);
+    if (fd < 0) return dpoc_errf(err, DPOC_EIO, "%s: cannot open for fsync: %s", path, strerror(errno));
+    int r = fsync(fd);
+    int e = errno;
+    close(fd);
+    return r ? dpoc_errf(err, DPOC_EIO, "%s: fsync failed: %s", path, strerror(e)) : 0;
+}
+
+static int write_latest(const char *dir, const char *name, dpoc_err *err) {
+    char tmp[DPOC_PATH_MAX + 32], path[DPOC_PATH_MAX + 32];
+    snprintf(tmp, sizeof tmp, "%s/.latest.tmp", dir);
+    snprintf(path, sizeof path, "%s/latest", dir);
+    FILE *f = fopen(tmp, "w");
+    if (!f) return dpoc_errf(err, DPOC_EIO, "%s: cannot create: %s", tmp, strerror(errno));
+    int ok = fprintf(f, "%s\n", name) > 0;
+    ok = fflush(f) == 0 && ok;
+    ok = fsync(fileno(f)) == 0 && ok;
+    ok = fclose(f) == 0 && ok;
+    if (!ok || rename(tmp, path) != 0) {
+        remove(tmp);
+        return dpoc_errf(err, DPOC_EIO, "%s: write failed: %s", path, strerror(errno));
+    }
+    return fsync_path(dir, 1, err);
+}
+
+/* ---- listing ---- */
+
+typedef struct {
+    long step;
+    char name[256];
+} ckpt_entry;
+
+static int cmp_desc(const void *a, const void *b) {
+    long x = ((const ckpt_entry *)a)->step, y = ((const ckpt_entry *)b)->step;
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+/* checkpoint-STEP.h5 files in dir, newest first. *out malloc'ed. */
+static int list_ckpts(const char *dir, ckpt_entry **out, size_t *n, dpoc_err *err) {
+    *out = NULL;
+    *n = 0;
+    DIR *d = opendir(dir);
+    if (!d) return 0;
+    size_t cap = 0;
+    struct dirent *e;
+    int rc = 0;
+    while ((e = readdir(d))) {
+        long step;
+        char tail[8];
+        if (sscanf(e->d_name, CKPT_PREFIX "%ld%7s", &step, tail) != 2 || strcmp(tail, CKPT_SUFFIX) != 0) continue;
+        if (*n == cap) {
+            cap = cap ? 2 * cap : 16;
+            ckpt_entry *p = realloc(*out, cap * sizeof *p);
+            if (!p) {
+                rc = dpoc_errf(err, DPOC_ENOMEM, "out of memory listing checkpoints");
+                break;
+            }
+            *out = p;
+        }
+        (*out)[*n].step = step;
+        snprintf((*out)[*n].name, sizeof(*out)[*n].name, "%s", e->d_name);
+        (*n)++;
+    }
+    closedir(d);
+    if (*n) qsort(*out, *n, sizeof **out, cmp_desc);
+    return rc;
+}
+
+/* ---- content hash ---- */
+
+/* FNV-1a 64 over every tensor of model, exp_avg and exp_avg_sq, each group in
+ * name order (the order HDF5's name index iterates, so verification needs no
+ * model), then the two step counters. */
+typedef struct {
+    const char *name;
+    size_t index;
+} named_index;
+static int cmp_names(const void *a, const void *b) {
+    return strcmp(((const named_index *)a)->name, ((const named_index *)b)->name);
+}
+
+static int content_hash(const dpoc_model *m, const float *exp_avg, const float *exp_avg_sq, long long step,
+                        long long opt_step, uint64_t *out, dpoc_err *err) {
+    named_index *idx = dpoc_malloc(m->n_tensors * sizeof *idx, "tensor order", err);
+    if (!idx) return DPOC_ENOMEM;
+    for (size_t i = 0; i < m->n_tensors; i++) idx[i] = (named_index){m->info[i].name, i};
+    qsort(idx, m->n_tensors, sizeof *idx, cmp_names);
+    const float *blocks[3] = {m->params, exp_avg, exp_avg_sq};
+    uint64_t h = DPOC_FNV_OFFSET;
+    for (int b = 0; b < 3; b++)
+        for (size_t k = 0; k < m->n_tensors; k++) {
+            const dpoc_param_info *p = &m->info[idx[k].index];
+            h = dpoc_fnv1a(h, blocks[b] + p->offset, p->numel * sizeof(float));
+        }
+    h = dpoc_fnv1a(h, &step, sizeof step);
+    *out = dpoc_fnv1a(h, &opt_step, sizeof opt_step);
+    free(idx);
+    return 0;
+}
+
+/* ---- save ---- */
+
+static int write_group(hid_t f, const char *name, const dpoc_model *m, const float *block) {
+    hid_t lcpl = H5Pcreate(H5P_LINK_CREATE);
+    H5Pset_create_intermediate_group(lcpl, 1);
+    hid_t g = H5Gcreate2(f, name, lcpl, H5P_DEFAULT, H5P_DEFAULT);
+    H5Pclose(lcpl);
+    if (g < 0) return -1;
+    int r = 0;
+    for (size_t i = 0; i < m->n_tensors && !r; i++) r = write_tensor(g, &m->info[i], block + m->info[i].offset);
+    H5Gclose(g);
+    return r;
+}
+
+static size_t global_batch(const dpoc_trainer *t) {
+    return t->cfg.per_device_train_batch_size * t->cfg.gradient_accumulation_steps *
+           (size_t)(t->dist ? t->dist->world : 1);
+}
+
+int dpoc_ckpt_save(const dpoc_trainer *t, size_t save_total_limit, char *path_out, size_t path_n, dpoc_err *err) {
+    const dpoc_config *cfg = &t->cfg;
+    char name[128], path[DPOC_PATH_MAX + 160], tmp[DPOC_PATH_MAX + 160];
+    snprintf(name, sizeof name, CKPT_PREFIX "%ld" CKPT_SUFFIX, t->global_step);
+    snprintf(path, sizeof path, "%s/%s", cfg->output_dir, name);
+    snprintf(tmp, sizeof tmp, "%s/.%s.tmp", cfg->output_dir, name);
+    DPOC_TRY(dpoc_mkdirs(cfg->output_dir, err));
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    hid_t f = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    if (f < 0) return dpoc_errf(err, DPOC_EIO, "%s: cannot create", tmp);
+    char *config_json = dpoc_config_to_json(cfg);
+    const long long step = t->global_step, opt_step = t->opt.step;
+    int bad = !config_json;
+    bad |= attr_i64(f, "format_version", DPOC_CKPT_FORMAT_VERSION);
+    bad |= attr_str(f, "dpoc_version", DPOC_VERSION);
+    bad |= attr_str(f, "git_revision", DPOC_GIT_REVISION);
+    bad |= attr_str(f, "config", config_json ? config_json : "{}");
+    bad |= attr_i64(f, "world_size", t->dist ? t->dist->world : 1);
+    bad |= attr_i64(f, "global_batch_size", (long long)global_batch(t));
+    bad |= attr_i64(f, "global_step", step);
+    bad |= attr_f64(f, "epoch", (double)step / (double)t->updates_per_epoch);
+    bad |= attr_i64(f, "samples_seen", step * (long long)global_batch(t));
+    bad |= attr_u64(f, "seed", cfg->seed);
+    bad |= attr_i64(f, "optimizer_step", opt_step);
+    bad |= attr_i64(f, "scheduler_total_steps", t->total_steps);
+    bad |= attr_i64(f, "scheduler_warmup_steps", t->warmup_steps);
+    bad |= attr_f64(f, "window_loss", t->win_loss);
+    bad |= attr_i64(f, "window_micro_batches", (long long)t->win_micro_batches);
+    bad |= attr_i64(f, "window_tokens", (long long)t->win_tokens);
+    bad |= attr_i64(f, "total_tokens", (long long)t->total_tokens);
+    bad |= attr_i64(f, "last_logged_step", t->last_logged_step);
+    char key[64];
+    for (size_t i = 0; i < DPOC_N_WINDOW_METRICS; i++) {
+        snprintf(key, sizeof key, "window_metric_%zu", i);
+        bad |= attr_f64(f, key, t->win_metrics[i]);
+    }
+    bad |= attr_str(f, "model_name_or_path", cfg->model_name_or_path);
+    bad |= attr_str(f, "ref_model_name_or_path", cfg->ref_model_name_or_path);
+    bad |= attr_str(f, "train_file", cfg->train_file);
+    bad |= attr_u64(f, "model_fingerprint", t->fp_policy);
+    bad |= attr_u64(f, "ref_model_fingerprint", t->fp_ref);
+    bad |= attr_u64(f, "data_fingerprint", t->fp_data);
+    uint64_t hash = 0;
+    if (content_hash(&t->policy, t->opt.m, t->opt.v, step, opt_step, &hash, err)) bad = 1;
+    bad |= attr_u64(f, "content_hash", hash);
+    free(config_json);
+    bad |= write_group(f, "model", &t->policy, t->policy.params);
+    /* test-only: pause half-way through the file so a test can kill the writer here */
+    const char *pause_s = getenv("DPOC_TEST_PAUSE_IN_CHECKPOINT");
+    if (pause_s) {
+        fprintf(stderr, "dpoc: test hook: pausing inside the checkpoint write\n");
+        fflush(stderr);
+        sleep((unsigned)atoi(pause_s));
+    }
+    bad |= write_group(f, "optimizer/exp_avg", &t->policy, t->opt.m);
+    bad |= write_group(f, "optimizer/exp_avg_sq", &t->policy, t->opt.v);
+    bad |= H5Fclose(f) < 0;
+    if (bad) {
+        remove(tmp);
+        return dpoc_errf(err, DPOC_EIO, "%s: writing the checkpoint failed (disk full?); the previous checkpoints are "
+                         "intact", path);
+    }
+    int rc = fsync_path(tmp, 0, err);
+    if (!rc && rename(tmp, path) != 0) rc = dpoc_errf(err, DPOC_EIO, "%s: rename failed: %s", path, strerror(errno));
+    if (rc) {
+        remove(tmp);
+        return rc;
+    }
+    DPOC_TRY(fsync_path(cfg->output_dir, 1, err));
+    DPOC_TRY(write_latest(cfg->output_dir, name, err));
+    if (path_out) snprintf(path_out, path_n, "%s", path);
+    /* only now that the new checkpoint is durable may old ones go */
+    if (save_total_limit > 0) {
+        ckpt_entry *list;
+        size_t n;
+        DPOC_TRY(list_ckpts(cfg->output_dir, &list, &n, err));
+        for (size_t i = save_total_limit; i < n; i++) {
+            if (list[i].step == t->global_step) continue;
+            char old[DPOC_PATH_MAX + 300];
+            snprintf(old, sizeof old, "%s/%s", cfg->output_dir, list[i].name);
+            remove(old);
+        }
+        free(list);
+    }
+    return 0;
+}
+
+/* ---- verify / load ---- */
+
+typedef struct {
+    hid_t f;
+    long long format, step, opt_step, world, gbs;
+    uint64_t hash, seed, fp_model, fp_ref, fp_data;
+} ckpt_header;
+
+static int open_header(const char *path, ckpt_header *h, dpoc_err *err) {
+    memset(h, 0, sizeof *h);
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    h->f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (h->f < 0) return dpoc_errf(err, DPOC_EINPUT, "%s: not a readable HDF5 file (truncated or corrupted?)", path);
+    if (attr_read(h->f, "format_version", H5T_NATIVE_LLONG, &h->format) < 0 ||
+        attr_read(h->f, "global_step", H5T_NATIVE_LLONG, &h->step) < 0 ||
+        attr_read(h->f, "optimizer_step", H5T_NATIVE_LLONG, &h->opt_step) < 0 ||
+        attr_read(h->f, "world_size", H5T_NATIVE_LLONG, &h->world) < 0 ||
+        attr_read(h->f, "global_batch_size", H5T_NATIVE_LLONG, &h->gbs) < 0 ||
+        attr_read(h->f, "content_hash", H5T_NATIVE_UINT64, &h->hash) < 0 ||
+        attr_read(h->f, "seed", H5T_NATIVE_UINT64, &h->seed) < 0 ||
+        attr_read(h->f, "model_fingerprint", H5T_NATIVE_UINT64, &h->fp_model) < 0 ||
+        attr_read(h->f, "ref_model_fingerprint", H5T_NATIVE_UINT64, &h->fp_ref) < 0 ||
+        attr_read(h->f, "data_fingerprint", H5T_NATIVE_UINT64, &h->fp_data) < 0) {
+        H5Fclose(h->f);
+        return dpoc_errf(err, DPOC_EINPUT, "%s: not a dpoc checkpoint (attributes missing)", path);
+    }
+    if (h->format != DPOC_CKPT_FORMAT_VERSION) {
+        H5Fclose(h->f);
+        return dpoc_errf(err, DPOC_EINPUT, "%s: checkpoint format %lld, this dpoc reads format %d", path, h->format,
+                         DPOC_CKPT_FORMAT_VERSION);
+    }
+    return 0;
+}
+
+int dpoc_ckpt_step(const char *path, long *step, dpoc_err *err) {
+    ckpt_header h;
+    DPOC_TRY(open_header(path, &h, err));
+    *step = (long)h.step;
+    H5Fclose(h.f);
+    return 0;
+}
+
+/* Hashes every dataset of a group in name order of the model's tensors, whose
+ * names and shapes are read from the file itself (verification needs no model). */
+typedef struct {
+    uint64_t h;
+    int bad;
+    float *buf;
+    size_t cap;
+} hash_walk;
+
+static herr_t hash_visit(hid_t g, const char *name, const H5L_info_t *info, void *op) {
+    (void)info;
+    hash_walk *w = op;
+    hid_t d = H5Dopen2(g, name, H5P_DEFAULT);
+    if (d < 0) return w->bad = 1, -1;
+    hid_t sp = H5Dget_space(d);
+    hssize_t n = H5Sget_simple_extent_npoints(sp);
+    H5Sclose(sp);
+    if (n < 0) return H5Dclose(d), w->bad = 1, -1;
+    if ((size_t)n > w->cap) {
+        float *p = realloc(w->buf, (size_t)n * sizeof(float));
+        if (!p) return H5Dclose(d), w->bad = 1, -1;
+        w->buf = p;
+        w->cap = (size_t)n;
+    }
+    herr_t r = H5Dread(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, w->buf);
+    H5Dclose(d);
+    if (r < 0) return w->bad = 1, -1;
+    w->h = dpoc_fnv1a(w->h, w->buf, (size_t)n * sizeof(float));
+    return 0;
+}
+
+static int hash_group(hid_t f, const char *name, hash_walk *w) {
+    hid_t g = H5Gopen2(f, name, H5P_DEFAULT);
+    if (g < 0) return -1;
+    herr_t r = H5Literate(g, H5_INDEX_NAME, H5_ITER_INC, NULL, hash_visit, w);
+    H5Gclose(g);
+    return r < 0 || w->bad ? -1 : 0;
+}
+
+int dpoc_ckpt_verify(const char *path, dpoc_err *err) {
+    ckpt_header h;
+    DPOC_TRY(open_header(path, &h, err));
+    hash_walk w = {DPOC_FNV_OFFSET, 0, NULL, 0};
+    const char *groups[3] = {"model", "optimizer/exp_avg", "optimizer/exp_avg_sq"};
+    int rc = 0;
+    for (int i = 0; i < 3 && !rc; i++)
+        if (hash_group(h.f, groups[i], &w) < 0)
+            rc = dpoc_errf(err, DPOC_EINPUT, "%s: group '%s' cannot be read (checksum mismatch or truncation)", path,
+                           groups[i]);
+    free(w.buf);
+    if (!rc) {
+        uint64_t x = dpoc_fnv1a(w.h, &h.step, sizeof h.step);
+        x = dpoc_fnv1a(x, &h.opt_step, sizeof h.opt_step);
+        if (x != h.hash) rc = dpoc_errf(err, DPOC_EINPUT, "%s: content hash mismatch (the file is corrupted)", path);
+    }
+    H5Fclose(h.f);
+    return rc;
+}
+
+int dpoc_ckpt_resolve(const char *output_dir, const char *resume, char *path, size_t n, dpoc_err *err) {
+    path[0] = '\0';
+    if (strcmp(resume, "auto") != 0) {
+        DPOC_TRY(dpoc_ckpt_verify(resume, err));
+        snprintf(path, n, "%s", resume);
+        return 0;
+    }
+    char latest[DPOC_PATH_MAX + 32], name[256] = "";
+    snprintf(latest, sizeof latest, "%s/latest", output_dir);
+    FILE *f = fopen(latest, "r");
+    if (f) {
+        if (!fgets(name, sizeof name, f)) name[0] = '\0';
+        fclose(f);
+        name[strcspn(name, "\n")] = '\0';
+    }
+    ckpt_entry *list;
+    size_t count;
+    DPOC_TRY(list_ckpts(output_dir, &list, &count, err));
+    int rc = 0, found = 0;
+    /* the one `latest` names first, then every checkpoint newest first */
+    for (size_t i = 0; i <= count && !found; i++) {
+        const char *cand = i == 0 ? name : list[i - 1].name;
+        if (!cand[0] || (i > 0 && !strcmp(cand, name))) continue;
+        char p[DPOC_PATH_MAX + 300];
+        snprintf(p, sizeof p, "%s/%s", output_dir, cand);
+        dpoc_err e;
+        if (dpoc_ckpt_verify(p, &e) == 0) {
+            snprintf(path, n, "%s", p);
+            found = 1;
+        } else {
+            fprintf(stderr, "dpoc: warning: skipping checkpoint %s: %s\n", p, e.msg);
+        }
+    }
+    if (!found && count > 0)
+        rc = dpoc_errf(err, DPOC_EINPUT, "%s: none of the %zu checkpoints verifies; move them away to start afresh",
+                       output_dir, count);
+    free(list);
+    return rc;
+}
+
+int dpoc_ckpt_restore(dpoc_trainer *t, const char *path, dpoc_err *err) {
+    ckpt_header h;
+    DPOC_TRY(open_header(path, &h, err));
+    int rc = 0;
+    const dpoc_config *cfg = &t->cfg;
+    char saved[512] = "";
+    if (h.fp_model != t->fp_policy) {
+        attr_read_str(h.f, "model_name_or_path", saved, sizeof saved);
+        rc = dpoc_errf(err, DPOC_EINPUT, "%s: checkpoint of another starting model ('%s'; this run starts from '%s')",
+                       path, saved, cfg->model_name_or_path);
+    } else if (h.fp_ref != t->fp_ref) {
+        rc = dpoc_errf(err, DPOC_EINPUT, "%s: checkpoint made with another reference model", path);
+    } else if (h.fp_data != t->fp_data) {
+        attr_read_str(h.f, "train_file", saved, sizeof saved);
+        rc = dpoc_errf(err, DPOC_EINPUT, "%s: checkpoint made on other training data ('%s', after tokenization and "
+                       "max_length filtering)", path, saved);
+    } else if ((size_t)h.gbs != global_batch(t)) {
+        rc = dpoc_errf(err, DPOC_EINPUT,
+                       "%s: global batch size %lld in the checkpoint, %zu now (per_device_train_batch_size x "
+                       "gradient_accumulation_steps x ranks must stay the same to continue the data order)",
+                       path, h.gbs, global_batch(t));
+    } else if (h.seed != cfg->seed) {
+        rc = dpoc_errf(err, DPOC_EINPUT, "%s: seed %llu in the checkpoint, %llu now", path,
+                       (unsigned long long)h.seed, cfg->seed);
+    }
+    const char *groups[3] = {"model", "optimizer/exp_avg", "optimizer/exp_avg_sq"};
+    float *blocks[3] = {t->policy.params, t->opt.m, t->opt.v};
+    for (int g = 0; g < 3 && !rc; g++) {
+        hid_t grp = H5Gopen2(h.f, groups[g], H5P_DEFAULT);
+        if (grp < 0) {
+            rc = dpoc_errf(err, DPOC_EINPUT, "%s: group '%s' is missing", path, groups[g]);
+            break;
+        }
+        for (size_t i = 0; i < t->policy.n_tensors && !rc; i++)
+            rc = read_tensor(grp, &t->policy.info[i], blocks[g] + t->policy.info[i].offset, path, groups[g], err);
+        H5Gclose(grp);
+    }
+    long long v = 0;
+    double d = 0;
+    char key[64];
+    if (!rc) {
+        t->global_step = (long)h.step;
+        t->opt.step = (long)h.opt_step;
+        int bad = attr_read(h.f, "window_loss", H5T_NATIVE_DOUBLE, &t->win_loss) < 0;
+        bad |= attr_read(h.f, "window_micro_batches", H5T_NATIVE_LLONG, &v) < 0;
+        t->win_micro_batches = (size_t)v;
+        bad |= attr_read(h.f, "window_tokens", H5T_NATIVE_LLONG, &v) < 0;
+        t->win_tokens = (size_t)v;
+        bad |= attr_read(h.f, "total_tokens", H5T_NATIVE_LLONG, &v) < 0;
+        t->total_tokens = (size_t)v;
+        bad |= attr_read(h.f, "last_logged_step", H5T_NATIVE_LLONG, &v) < 0;
+        t->last_logged_step = (long)v;
+        for (size_t i = 0; i < DPOC_N_WINDOW_METRICS; i++) {
+            snprintf(key, sizeof key, "window_metric_%zu", i);
+            bad |= attr_read(h.f, key, H5T_NATIVE_DOUBLE, &d) < 0;
+            t->win_metrics[i] = d;
+        }
+        if (bad) rc = dpoc_errf(err, DPOC_EINPUT, "%s: training-state attributes are missing", path);
+    }
+    uint64_t hash = 0;
+    if (!rc && !(rc = content_hash(&t->policy, t->opt.m, t->opt.v, h.step, h.opt_step, &hash, err)) && hash != h.hash)
+        rc = dpoc_errf(err, DPOC_EINPUT, "%s: content hash mismatch (the file is corrupted)", path);
+    H5Fclose(h.f);
+    return rc;
+}
