@@ -279,12 +279,16 @@ int dpoc_ckpt_save(const dpoc_trainer *t, size_t save_total_limit, char *path_ou
     bad |= attr_u64(f, "content_hash", hash);
     free(config_json);
     bad |= write_group(f, "model", &t->policy, t->policy.params);
-    /* test-only: pause half-way through the file so a test can kill the writer here */
+    /* test-only: DPOC_TEST_PAUSE_IN_CHECKPOINT="STEP:SECONDS" pauses half-way through
+     * that step's file so a test can kill the writer there */
     const char *pause_s = getenv("DPOC_TEST_PAUSE_IN_CHECKPOINT");
-    if (pause_s) {
+    long pause_step = -1;
+    unsigned pause_secs = 0;
+    if (pause_s && sscanf(pause_s, "%ld:%u", &pause_step, &pause_secs) == 2 && pause_step == t->global_step) {
+        H5Fflush(f, H5F_SCOPE_GLOBAL);
         fprintf(stderr, "dpoc: test hook: pausing inside the checkpoint write\n");
         fflush(stderr);
-        sleep((unsigned)atoi(pause_s));
+        sleep(pause_secs);
     }
     bad |= write_group(f, "optimizer/exp_avg", &t->policy, t->opt.m);
     bad |= write_group(f, "optimizer/exp_avg_sq", &t->policy, t->opt.v);
