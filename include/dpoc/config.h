@@ -20,6 +20,9 @@ typedef struct {
     char ref_model_name_or_path[DPOC_PATH_MAX]; /* empty: frozen copy of the starting policy */
     char train_file[DPOC_PATH_MAX];
     char output_dir[DPOC_PATH_MAX];
+    char tokenizer_name_or_path[DPOC_PATH_MAX]; /* empty: the model directory */
+    char chat_template[32];                     /* "auto" or chatml, qwen2.5, smollm2, llama3 */
+    int skip_bad_records;
 
     dpoc_loss_cfg loss;
     long loss_weights_given; /* how many loss_weights the user gave; -1: none (all 1.0) */

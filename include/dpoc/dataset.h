@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "dpoc/err.h"
+#include "dpoc/prefs.h"
 
 typedef struct {
     size_t prompt_off, prompt_len;
@@ -22,7 +23,22 @@ typedef struct {
     dpoc_pair *pairs;
     size_t n_pairs, cap_pairs;
     size_t n_dropped_prompt_too_long; /* rows whose prompt alone reaches max_length (TRL drops them) */
+    size_t n_skipped_bad;             /* bad records skipped (skip_bad_records) */
+    size_t n_rows;                    /* rows read */
 } dpoc_dataset;
+
+typedef struct {
+    long max_length;      /* <= 0: none */
+    int keep_end;         /* truncation_mode keep_end */
+    int skip_bad_records; /* skip (and count) bad records instead of stopping */
+} dpoc_dataset_opts;
+
+/* Reads a preference data set: JSONL (one row per line) or a JSON array of rows, in
+ * any of the formats of prefs.h. A bad record stops with file:line (JSONL) or
+ * file:row N (array) and the reason, or is skipped and counted with skip_bad_records;
+ * the first few skipped records are reported on stderr. */
+int dpoc_dataset_load(dpoc_dataset *d, const char *path, const dpoc_prefs_ctx *ctx, const dpoc_dataset_opts *o,
+                      dpoc_err *err);
 
 /* Pre-tokenized JSONL, one pair per line:
  *   {"prompt_input_ids": [...], "chosen_input_ids": [...], "rejected_input_ids": [...]}

@@ -15,6 +15,7 @@
 #include "dpoc/err.h"
 #include "dpoc/model.h"
 #include "dpoc/optim.h"
+#include "dpoc/tokenizer.h"
 
 /* Per-micro-batch sums from which TRL's metrics follow; summed across ranks
  * (TRL gathers every rank's values before averaging). */
@@ -70,6 +71,7 @@ typedef struct {
     dpoc_config cfg;
     dpoc_dist *dist; /* NULL: one process, no MPI */
     dpoc_model policy, ref;
+    dpoc_tokenizer *tok; /* NULL when the model has no tokenizer.json (pre-tokenized data only) */
     dpoc_dataset data;
     float *grads;
     dpoc_grad_sync sync;

@@ -5,5 +5,8 @@
 #define DPOC_CLI_COMMANDS_H
 
 int dpoc_cli_bench_comm(int argc, char **argv, int *pargc, char ***pargv);
+int dpoc_cli_tokenize(int argc, char **argv);
+int dpoc_cli_data_check(int argc, char **argv);
+int dpoc_cli_export(int argc, char **argv);
 
 #endif

@@ -16,7 +16,10 @@ static void usage(FILE *f) {
             "usage: dpoc <command> [options]\n\n"
             "commands:\n"
             "  train --config FILE.json [--set key=value ...]   train with DPO (see `dpoc train --help`)\n"
+            "  tokenize --tokenizer PATH (--text S | --jsonl F | --decode IDS | --messages F)  tokenizer and chat\n"
+            "  data-check --config FILE.json                     tokenize the training set and report on it\n"
             "  bench-comm [--max-bytes N] [--json]              time MPI_Allreduce, fit alpha-beta (see `dpoc bench-comm --help`)\n"
+            "  export --checkpoint FILE.h5 --out DIR            write a checkpoint as a Hugging Face model (see `dpoc export --help`)\n"
             "  --help                                           this text\n"
             "  --version                                        print the version\n",
             DPOC_VERSION);
@@ -33,8 +36,11 @@ static void train_usage(FILE *f) {
             "next step boundary and exit with code 85 (checkpointed, not finished).\n"
             "Writes output_dir/metrics.jsonl, metrics.h5, checkpoint-STEP.h5 (+ latest) and, at the end,\n"
             "the trained policy as model.safetensors + config.json.\n\n"
-            "train_file: pre-tokenized JSONL, one pair per line:\n"
-            "  {\"prompt_input_ids\": [...], \"chosen_input_ids\": [...], \"rejected_input_ids\": [...]}\n\n");
+            "train_file: JSONL (or a JSON array) of pairs in one of TRL's formats:\n"
+            "  {\"prompt\": \"...\", \"chosen\": \"...\", \"rejected\": \"...\"}        standard (prompt optional)\n"
+            "  {\"prompt\": [messages], \"chosen\": [messages], \"rejected\": [...]}  conversational (prompt optional)\n"
+            "  {\"prompt_input_ids\": [...], \"chosen_input_ids\": [...], \"rejected_input_ids\": [...]}\n"
+            "messages are {\"role\": ..., \"content\": ...}; text rows use the model's tokenizer.json.\n\n");
     dpoc_config_print_help(f);
 }
 
@@ -102,7 +108,10 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(argv[1], "train")) return cmd_train(argc - 2, argv + 2, &argc, &argv);
+    if (!strcmp(argv[1], "tokenize")) return dpoc_cli_tokenize(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "data-check")) return dpoc_cli_data_check(argc - 2, argv + 2);
     if (!strcmp(argv[1], "bench-comm")) return dpoc_cli_bench_comm(argc - 2, argv + 2, &argc, &argv);
+    if (!strcmp(argv[1], "export")) return dpoc_cli_export(argc - 2, argv + 2);
     fprintf(stderr, "dpoc: unknown command '%s' (see dpoc --help)\n", argv[1]);
     return DPOC_EINPUT;
 }

@@ -10,6 +10,7 @@
 #include <cjson/cJSON.h>
 
 #include "core/fileutil.h"
+#include "dpoc/chat.h"
 
 typedef enum { K_PATH, K_DOUBLE, K_SIZE, K_LONG, K_BOOL, K_CUSTOM } key_kind;
 
@@ -196,6 +197,15 @@ static cJSON *get_sched_kwargs(const dpoc_config *c) {
     return o;
 }
 
+static int set_chat_template(dpoc_config *c, const key_def *k, const cJSON *v, const char *where, dpoc_err *err) {
+    if (!cJSON_IsString(v) || (strcmp(v->valuestring, "auto") != 0 && dpoc_chat_kind_from_name(v->valuestring) < 0))
+        return dpoc_errf(err, DPOC_EINPUT, "%s: config key '%s' must be auto, chatml, qwen2.5, smollm2 or llama3", where,
+                         k->name);
+    snprintf(c->chat_template, sizeof c->chat_template, "%s", v->valuestring);
+    return 0;
+}
+static cJSON *get_chat_template(const dpoc_config *c) { return cJSON_CreateString(c->chat_template); }
+
 static const char *const LOADING[] = {"each_rank", "broadcast"};
 static int set_loading(dpoc_config *c, const key_def *k, const cJSON *v, const char *where, dpoc_err *err) {
     return set_enum(k, v, where, LOADING, 2, &c->model_loading_broadcast, err);
@@ -225,8 +235,15 @@ static const key_def KEYS[] = {
     {"model_name_or_path", K_PATH, OFF(model_name_or_path), 0, 0, 0, 0, "policy model: a Hugging Face model directory"},
     {"ref_model_name_or_path", K_PATH, OFF(ref_model_name_or_path), 0, 0, 0, 0,
      "reference model directory (default: a frozen copy of the starting policy)"},
-    {"train_file", K_PATH, OFF(train_file), 0, 0, 0, 0, "training pairs (pre-tokenized JSONL)"},
+    {"train_file", K_PATH, OFF(train_file), 0, 0, 0, 0,
+     "training pairs: JSONL or a JSON array in a TRL preference format, or pre-tokenized"},
     {"output_dir", K_PATH, OFF(output_dir), 0, 0, 0, 0, "where metrics.jsonl and checkpoints go"},
+    {"tokenizer_name_or_path", K_PATH, OFF(tokenizer_name_or_path), 0, 0, 0, 0,
+     "directory with tokenizer.json (default: the model directory; needed for text data sets)"},
+    {"chat_template", K_CUSTOM, 0, 0, 0, set_chat_template, get_chat_template,
+     "auto (recognise the tokenizer's template) or chatml, qwen2.5, smollm2, llama3"},
+    {"skip_bad_records", K_BOOL, OFF(skip_bad_records), 0, 0, 0, 0,
+     "skip and count bad data set records instead of stopping"},
     {"beta", K_DOUBLE, OFF(loss.beta), 0, BIG, 0, 0, "DPO beta (IPO: tau)"},
     {"loss_type", K_CUSTOM, 0, 0, 0, set_loss_type, get_loss_type, "loss name or list of names"},
     {"loss_weights", K_CUSTOM, 0, 0, 0, set_loss_weights, get_loss_weights, "weights of the loss types (default 1 each)"},
@@ -288,6 +305,7 @@ static const key_def KEYS[] = {
 void dpoc_config_defaults(dpoc_config *c) {
     memset(c, 0, sizeof *c);
     strcpy(c->output_dir, "dpoc-output");
+    strcpy(c->chat_template, "auto");
     c->loss.n_types = 1;
     c->loss.types[0] = DPOC_LOSS_SIGMOID;
     c->loss_weights_given = -1;

@@ -9,6 +9,8 @@
 
 #include <cjson/cJSON.h>
 
+#include "core/fileutil.h"
+
 static int reserve(void **p, size_t *cap, size_t need, size_t elem, dpoc_err *err) {
     if (need <= *cap) return 0;
     size_t n = *cap ? *cap : 64;
@@ -20,99 +22,126 @@ static int reserve(void **p, size_t *cap, size_t need, size_t elem, dpoc_err *er
     return 0;
 }
 
-static const char *const KEY_NAMES[3][2] = {
-    {"prompt_input_ids", "prompt_ids"},
-    {"chosen_input_ids", "chosen_ids"},
-    {"rejected_input_ids", "rejected_ids"},
-};
+/* Appends one tokenized row; rows whose prompt alone fills max_length are dropped
+ * and counted (TRL drops them under keep_start). */
+static int add_pair(dpoc_dataset *d, const dpoc_ids *p, const dpoc_ids *c, const dpoc_ids *r, size_t line,
+                    const dpoc_dataset_opts *o, dpoc_err *err) {
+    if (o->max_length > 0 && !o->keep_end && p->n >= (size_t)o->max_length) {
+        d->n_dropped_prompt_too_long++;
+        return 0;
+    }
+    DPOC_TRY(reserve((void **)&d->tokens, &d->cap_tokens, d->n_tokens + p->n + c->n + r->n, sizeof(int32_t), err));
+    DPOC_TRY(reserve((void **)&d->pairs, &d->cap_pairs, d->n_pairs + 1, sizeof(dpoc_pair), err));
+    dpoc_pair *q = &d->pairs[d->n_pairs++];
+    const dpoc_ids *parts[3] = {p, c, r};
+    size_t *offs[3] = {&q->prompt_off, &q->chosen_off, &q->rejected_off};
+    size_t *lens[3] = {&q->prompt_len, &q->chosen_len, &q->rejected_len};
+    for (int k = 0; k < 3; k++) {
+        *offs[k] = d->n_tokens;
+        *lens[k] = parts[k]->n;
+        memcpy(d->tokens + d->n_tokens, parts[k]->ids, parts[k]->n * sizeof(int32_t));
+        d->n_tokens += parts[k]->n;
+    }
+    q->line = line;
+    return 0;
+}
+
+/* Skipped records are reported, but only this many of them in detail. */
+#define REPORTED_BAD_RECORDS 5
+
+typedef struct {
+    dpoc_dataset *d;
+    const dpoc_prefs_ctx *ctx;
+    const dpoc_dataset_opts *o;
+    const char *path;
+    dpoc_ids ids[3];
+} loader;
+
+static int take_row(loader *L, const cJSON *row, size_t where, int is_array, dpoc_err *err) {
+    L->d->n_rows++;
+    int rc = row ? dpoc_prefs_tokenize_row(L->ctx, row, &L->ids[0], &L->ids[1], &L->ids[2], err)
+                 : dpoc_errf(err, DPOC_EINPUT, "malformed JSON");
+    if (rc == DPOC_EINPUT) {
+        dpoc_err_prefix(err, "%s:%s%zu", L->path, is_array ? "row " : "", where);
+        if (!L->o->skip_bad_records) return rc;
+        if (L->d->n_skipped_bad++ < REPORTED_BAD_RECORDS) fprintf(stderr, "dpoc: skipping bad record: %s\n", err->msg);
+        return 0;
+    }
+    if (rc) return rc;
+    return add_pair(L->d, &L->ids[0], &L->ids[1], &L->ids[2], where, L->o, err);
+}
 
 int dpoc_dataset_parse_line(dpoc_dataset *d, const char *line, size_t len, size_t lineno, const char *where,
                             size_t vocab_size, dpoc_err *err) {
-    cJSON *root = cJSON_ParseWithLength(line, len);
-    if (!root) return dpoc_errf(err, DPOC_EINPUT, "%s:%zu: malformed JSON", where, lineno);
+    dpoc_prefs_ctx ctx = {NULL, -1, vocab_size};
+    dpoc_dataset_opts o = {0, 0, 0};
+    loader L = {d, &ctx, &o, where, {{0}}};
+    cJSON *row = cJSON_ParseWithLength(line, len);
+    int rc = take_row(&L, row, lineno, 0, err);
+    cJSON_Delete(row);
+    for (int k = 0; k < 3; k++) dpoc_ids_free(&L.ids[k]);
+    return rc;
+}
+
+int dpoc_dataset_load(dpoc_dataset *d, const char *path, const dpoc_prefs_ctx *ctx, const dpoc_dataset_opts *o,
+                      dpoc_err *err) {
+    memset(d, 0, sizeof *d);
+    FILE *f = fopen(path, "rb");
+    if (!f) return dpoc_errf(err, DPOC_EINPUT, "%s: cannot open: %s", path, strerror(errno));
+    loader L = {d, ctx, o, path, {{0}}};
     int rc = 0;
-    if (!cJSON_IsObject(root)) {
-        rc = dpoc_errf(err, DPOC_EINPUT, "%s:%zu: expected a JSON object", where, lineno);
-        goto out;
-    }
-    size_t offs[3], lens[3];
-    for (int f = 0; f < 3; f++) {
-        const char *used = KEY_NAMES[f][0];
-        const cJSON *arr = cJSON_GetObjectItemCaseSensitive(root, used);
-        if (!arr) arr = cJSON_GetObjectItemCaseSensitive(root, used = KEY_NAMES[f][1]);
-        if (!arr) {
-            rc = dpoc_errf(err, DPOC_EINPUT, "%s:%zu: missing key '%s'", where, lineno, KEY_NAMES[f][0]);
-            goto out;
+    /* a JSON array when the first non-blank byte is '[', else JSONL */
+    int c;
+    while ((c = fgetc(f)) == ' ' || c == '\n' || c == '\r' || c == '\t') {}
+    if (c == '[') {
+        fclose(f);
+        char *text = NULL;
+        size_t len = 0;
+        if ((rc = dpoc_read_file(path, &text, &len, err))) return rc;
+        cJSON *arr = cJSON_ParseWithLength(text, len);
+        free(text);
+        if (!arr || !cJSON_IsArray(arr)) {
+            cJSON_Delete(arr);
+            return dpoc_errf(err, DPOC_EINPUT, "%s: starts with '[' but is not a valid JSON array", path);
         }
-        if (!cJSON_IsArray(arr)) {
-            rc = dpoc_errf(err, DPOC_EINPUT, "%s:%zu: key '%s' must be a list of token ids", where, lineno, used);
-            goto out;
-        }
-        size_t n = (size_t)cJSON_GetArraySize(arr);
-        if (n == 0 && f > 0) {
-            rc = dpoc_errf(err, DPOC_EINPUT, "%s:%zu: key '%s' is empty (a completion needs at least one token)",
-                           where, lineno, used);
-            goto out;
-        }
-        if ((rc = reserve((void **)&d->tokens, &d->cap_tokens, d->n_tokens + n, sizeof(int32_t), err))) goto out;
-        offs[f] = d->n_tokens;
-        lens[f] = n;
-        const cJSON *it;
         size_t i = 0;
-        cJSON_ArrayForEach(it, arr) {
-            double v = cJSON_IsNumber(it) ? it->valuedouble : -1.0;
-            if (!cJSON_IsNumber(it) || v != floor(v) || v < 0 || v >= (double)vocab_size) {
-                rc = dpoc_errf(err, DPOC_EINPUT, "%s:%zu: key '%s' item %zu is not a token id in [0, %zu)", where,
-                               lineno, used, i, vocab_size);
-                goto out;
-            }
-            d->tokens[d->n_tokens + i] = (int32_t)v;
-            i++;
+        const cJSON *row;
+        cJSON_ArrayForEach(row, arr) {
+            if ((rc = take_row(&L, row, i++, 1, err))) break;
         }
-        d->n_tokens += n;
+        cJSON_Delete(arr);
+    } else {
+        if (c != EOF) ungetc(c, f);
+        char *line = NULL;
+        size_t cap = 0, lineno = 0;
+        ssize_t n;
+        while ((n = getline(&line, &cap, f)) >= 0) {
+            lineno++;
+            size_t len = (size_t)n;
+            while (len && (line[len - 1] == '\n' || line[len - 1] == '\r' || line[len - 1] == ' ')) len--;
+            if (len == 0) continue; /* blank lines are allowed in JSONL */
+            cJSON *row = memchr(line, '\0', len) ? NULL : cJSON_ParseWithLength(line, len);
+            rc = take_row(&L, row, lineno, 0, err);
+            cJSON_Delete(row);
+            if (rc) break;
+        }
+        if (!rc && ferror(f)) rc = dpoc_errf(err, DPOC_EIO, "%s: read error", path);
+        free(line);
+        fclose(f);
     }
-    if (lens[1] == lens[2] && memcmp(d->tokens + offs[1], d->tokens + offs[2], lens[1] * sizeof(int32_t)) == 0) {
-        rc = dpoc_errf(err, DPOC_EINPUT, "%s:%zu: chosen and rejected are identical", where, lineno);
-        goto out;
-    }
-    if ((rc = reserve((void **)&d->pairs, &d->cap_pairs, d->n_pairs + 1, sizeof(dpoc_pair), err))) goto out;
-    d->pairs[d->n_pairs++] = (dpoc_pair){offs[0], lens[0], offs[1], lens[1], offs[2], lens[2], lineno};
-out:
-    cJSON_Delete(root);
+    for (int k = 0; k < 3; k++) dpoc_ids_free(&L.ids[k]);
+    if (!rc && d->n_skipped_bad > REPORTED_BAD_RECORDS)
+        fprintf(stderr, "dpoc: ... %zu bad records skipped in all\n", d->n_skipped_bad);
+    if (!rc && d->n_pairs == 0) rc = dpoc_errf(err, DPOC_EINPUT, "%s: no usable pairs", path);
+    if (rc) dpoc_dataset_free(d);
     return rc;
 }
 
 int dpoc_dataset_load_pretokenized(dpoc_dataset *d, const char *path, size_t vocab_size, long max_length,
                                    int keep_end, dpoc_err *err) {
-    memset(d, 0, sizeof *d);
-    FILE *f = fopen(path, "rb");
-    if (!f) return dpoc_errf(err, DPOC_EINPUT, "%s: cannot open: %s", path, strerror(errno));
-    char *line = NULL;
-    size_t cap = 0, lineno = 0;
-    ssize_t n;
-    int rc = 0;
-    while ((n = getline(&line, &cap, f)) >= 0) {
-        lineno++;
-        size_t len = (size_t)n;
-        while (len && (line[len - 1] == '\n' || line[len - 1] == '\r' || line[len - 1] == ' ')) len--;
-        if (len == 0) continue; /* blank lines are allowed in JSONL */
-        if (memchr(line, '\0', len)) {
-            rc = dpoc_errf(err, DPOC_EINPUT, "%s:%zu: NUL byte in line", path, lineno);
-            break;
-        }
-        if ((rc = dpoc_dataset_parse_line(d, line, len, lineno, path, vocab_size, err))) break;
-        dpoc_pair *p = &d->pairs[d->n_pairs - 1];
-        if (max_length > 0 && !keep_end && p->prompt_len >= (size_t)max_length) {
-            d->n_pairs--; /* TRL drops rows whose prompt alone fills max_length */
-            d->n_dropped_prompt_too_long++;
-        }
-    }
-    if (!rc && ferror(f)) rc = dpoc_errf(err, DPOC_EIO, "%s: read error", path);
-    free(line);
-    fclose(f);
-    if (!rc && d->n_pairs == 0) rc = dpoc_errf(err, DPOC_EINPUT, "%s: no usable pairs", path);
-    if (rc) dpoc_dataset_free(d);
-    return rc;
+    dpoc_prefs_ctx ctx = {NULL, -1, vocab_size};
+    dpoc_dataset_opts o = {max_length, keep_end, 0};
+    return dpoc_dataset_load(d, path, &ctx, &o, err);
 }
 
 void dpoc_dataset_free(dpoc_dataset *d) {

@@ -29,6 +29,7 @@
 
 #include "core/fileutil.h"
 #include "core/rng.h"
+#include "dpoc/chat.h"
 #include "dpoc/loss.h"
 
 enum { W_REW_C, W_REW_R, W_REW_ACC, W_REW_MARGIN, W_LOGP_C, W_LOGP_R, W_LOGIT_C, W_LOGIT_R, W_ENTROPY, W_TOK_ACC };
@@ -124,6 +125,29 @@ static void read_test_hooks(dpoc_test_hooks *h) {
     if (p && sscanf(p, "%d:%95s", &h->perturb_rank, h->perturb_tensor) != 2) h->perturb_rank = -1;
 }
 
+/* The tokenizer of tokenizer_name_or_path (default: the model directory) when it
+ * has a tokenizer.json; text data sets need it, pre-tokenized ones do not. */
+static int load_data(dpoc_trainer *t, dpoc_err *err) {
+    const dpoc_config *cfg = &t->cfg;
+    const char *tdir = cfg->tokenizer_name_or_path[0] ? cfg->tokenizer_name_or_path : cfg->model_name_or_path;
+    char path[DPOC_PATH_MAX + 32];
+    DPOC_TRY(dpoc_path_join(path, sizeof path, tdir, "tokenizer.json", err));
+    FILE *probe = fopen(path, "rb");
+    if (probe) fclose(probe);
+    if (probe || cfg->tokenizer_name_or_path[0]) DPOC_TRY(dpoc_tokenizer_load(&t->tok, tdir, err));
+    int chat_kind = -1;
+    if (strcmp(cfg->chat_template, "auto") != 0) {
+        chat_kind = dpoc_chat_kind_from_name(cfg->chat_template);
+    } else if (t->tok && dpoc_tokenizer_chat_template(t->tok)) {
+        dpoc_chat_kind k;
+        dpoc_err ignored; /* an unrecognised template matters only if a conversational row comes */
+        if (dpoc_chat_detect(dpoc_tokenizer_chat_template(t->tok), &k, &ignored) == 0) chat_kind = (int)k;
+    }
+    const dpoc_prefs_ctx ctx = {t->tok, chat_kind, t->policy.cfg.vocab_size};
+    const dpoc_dataset_opts o = {cfg->max_length, cfg->truncation_keep_end, cfg->skip_bad_records};
+    return dpoc_dataset_load(&t->data, cfg->train_file, &ctx, &o, err);
+}
+
 int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, dpoc_err *err) {
     memset(t, 0, sizeof *t);
     t->cfg = *cfg;
@@ -146,9 +170,7 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
         size_t i = dpoc_model_find(&t->policy, t->hooks.perturb_tensor);
         if (i != DPOC_NO_PARAM) t->policy.params[t->policy.info[i].offset] += 1e-3f;
     }
-    rc = dpoc_dataset_load_pretokenized(&t->data, cfg->train_file, t->policy.cfg.vocab_size, cfg->max_length,
-                                        cfg->truncation_keep_end, err);
-    if (rc) goto fail;
+    if ((rc = load_data(t, err))) goto fail;
     const size_t bs = cfg->per_device_train_batch_size, n_seq = 2 * bs, ga = cfg->gradient_accumulation_steps;
     t->max_T = dpoc_dataset_max_seq_len(&t->data, cfg->max_length);
     if (t->max_T > t->policy.cfg.max_position_embeddings) {
@@ -213,6 +235,7 @@ void dpoc_trainer_free(dpoc_trainer *t) {
     free(t->mb_pairs);
     free(t->step_sums);
     dpoc_dataset_free(&t->data);
+    dpoc_tokenizer_free(t->tok);
     dpoc_model_free(&t->policy);
     dpoc_model_free(&t->ref);
     memset(t, 0, sizeof *t);
