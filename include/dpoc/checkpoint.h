@@ -44,4 +44,12 @@ int dpoc_ckpt_restore(dpoc_trainer *t, const char *path, dpoc_err *err);
 /* The step a checkpoint was taken at (read from its attributes). */
 int dpoc_ckpt_step(const char *path, long *step, dpoc_err *err);
 
+/* Reads the policy's weights (/model/<name>) into m->params; m is built with
+ * dpoc_model_init from the config.json of the model the run started from. Checks
+ * the format version, that /model holds exactly the model's tensors with the
+ * model's shapes (an error names the tensor: another model?) and, through
+ * Fletcher32, every chunk it reads. The content hash is not checked here: call
+ * dpoc_ckpt_verify first. */
+int dpoc_ckpt_read_weights(const char *path, dpoc_model *m, dpoc_err *err);
+
 #endif

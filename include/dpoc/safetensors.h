@@ -79,6 +79,12 @@ void st_close(st_model *m);
 int st_write_f32(const char *path, size_t n, const char *const *names, const float *const *data,
                  const size_t *ndims, const size_t (*shapes)[ST_MAX_DIMS], dpoc_err *err);
 
+/* As st_write_f32, but every tensor is stored as BF16, each float rounded to the
+ * nearest bfloat16 with ties to even, as torch's Tensor.to(torch.bfloat16) does
+ * (overflow rounds to infinity; NaN becomes the quiet NaN 0x7FC0). */
+int st_write_bf16(const char *path, size_t n, const char *const *names, const float *const *data,
+                  const size_t *ndims, const size_t (*shapes)[ST_MAX_DIMS], dpoc_err *err);
+
 /* fp16 / bf16 to fp32 conversion (exact). */
 float st_f16_to_f32(uint16_t h);
 float st_bf16_to_f32(uint16_t b);

@@ -91,13 +91,20 @@ static int checkpoint(dpoc_trainer *t, dpoc_err *err) {
 }
 
 int dpoc_run_train(const dpoc_config *cfg, dpoc_dist *dist, const char *resume, dpoc_err *err) {
+    /* handlers first: a signal while loading must still end in a checkpoint-or-nothing stop */
+    struct sigaction old[3];
+    install_handlers(old);
     dpoc_trainer *t = dpoc_malloc(sizeof *t, "trainer", err);
-    if (!t) return DPOC_ENOMEM;
+    if (!t) {
+        restore_handlers(old);
+        return DPOC_ENOMEM;
+    }
     const double t_load = dpoc_now_s();
     int rc = dpoc_trainer_init(t, cfg, dist, err);
     const double load_s = dpoc_now_s() - t_load;
     if (rc) {
         free(t);
+        restore_handlers(old);
         return rc;
     }
     const int root = dpoc_dist_is_root(dist);
@@ -129,8 +136,6 @@ int dpoc_run_train(const dpoc_config *cfg, dpoc_dist *dist, const char *resume, 
                cfg->model_loading_broadcast ? "rank 0 read, broadcast" : "each rank mapped the files");
         fflush(stdout);
     }
-    struct sigaction old[3];
-    install_handlers(old);
     watchdog_ctx wd = {t, 0};
     pthread_t wd_thread;
     int wd_started = 0;

@@ -88,6 +88,35 @@ static int write_tensor(hid_t g, const dpoc_param_info *p, const float *data) {
     return r < 0 ? -1 : 0;
 }
 
+/* 1 when a dataset is stored as dpoc writes it: IEEE float32 LE, chunked with whole rows
+ * no larger than the extent, Fletcher32 as the only filter, every element stored.
+ * Checked before H5Dread: HDF5 1.10 reads past its buffers (or dereferences NULL)
+ * when these fields of the metadata are corrupted. */
+static int stored_as_written(hid_t d) {
+    hid_t ty = H5Dget_type(d);
+    int ok = ty >= 0 && H5Tequal(ty, H5T_IEEE_F32LE) > 0;
+    if (ty >= 0) H5Tclose(ty);
+    hid_t dcpl = ok ? H5Dget_create_plist(d) : -1;
+    if (dcpl < 0) return 0;
+    unsigned flags = 0, cd[4];
+    size_t ncd = 4;
+    char fname[32];
+    ok = H5Pget_layout(dcpl) == H5D_CHUNKED && H5Pget_nfilters(dcpl) == 1 &&
+         H5Pget_filter2(dcpl, 0, &flags, &ncd, cd, sizeof fname, fname, NULL) == H5Z_FILTER_FLETCHER32;
+    /* chunks as written: rank of the dataspace, whole rows, at most the extent */
+    hsize_t cdims[2] = {0, 0}, dims[2] = {0, 0};
+    hid_t sp = ok ? H5Dget_space(d) : -1;
+    int rank = sp >= 0 ? H5Sget_simple_extent_ndims(sp) : -1;
+    ok = ok && rank >= 1 && rank <= 2 && H5Sget_simple_extent_dims(sp, dims, NULL) == rank &&
+         H5Pget_chunk(dcpl, 2, cdims) == rank && cdims[0] >= 1 && cdims[0] <= dims[0] &&
+         (rank == 1 || cdims[1] == dims[1]);
+    /* every element stored (no chunk left to the fill value): bounds the read by the file */
+    ok = ok && H5Dget_storage_size(d) >= (hsize_t)dims[0] * (rank == 2 ? dims[1] : 1) * sizeof(float);
+    if (sp >= 0) H5Sclose(sp);
+    H5Pclose(dcpl);
+    return ok;
+}
+
 /* Reads a tensor, checking its shape; Fletcher32 fails the read on corruption. */
 static int read_tensor(hid_t g, const dpoc_param_info *p, float *out, const char *path, const char *group,
                        dpoc_err *err) {
@@ -103,6 +132,8 @@ static int read_tensor(hid_t g, const dpoc_param_info *p, float *out, const char
     if (rank != (int)p->ndim || dims[0] != p->shape[0] || (rank == 2 && dims[1] != p->shape[1]))
         rc = dpoc_errf(err, DPOC_EINPUT, "%s: %s/%s has another shape than the model's (another model?)", path, group,
                        p->name);
+    else if (!stored_as_written(d))
+        rc = dpoc_errf(err, DPOC_EINPUT, "%s: %s/%s is not stored as dpoc writes it (corrupted metadata)", path, group, p->name);
     else if (H5Dread(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0)
         rc = dpoc_errf(err, DPOC_EINPUT, "%s: %s/%s cannot be read (checksum mismatch: the file is corrupted)", path,
                        group, p->name);
@@ -379,6 +410,7 @@ static herr_t hash_visit(hid_t g, const char *name, const H5L_info_t *info, void
     hash_walk *w = op;
     hid_t d = H5Dopen2(g, name, H5P_DEFAULT);
     if (d < 0) return w->bad = 1, -1;
+    if (!stored_as_written(d)) return H5Dclose(d), w->bad = 1, -1;
     hid_t sp = H5Dget_space(d);
     hssize_t n = H5Sget_simple_extent_npoints(sp);
     H5Sclose(sp);
@@ -526,6 +558,26 @@ int dpoc_ckpt_restore(dpoc_trainer *t, const char *path, dpoc_err *err) {
     uint64_t hash = 0;
     if (!rc && !(rc = content_hash(&t->policy, t->opt.m, t->opt.v, h.step, h.opt_step, &hash, err)) && hash != h.hash)
         rc = dpoc_errf(err, DPOC_EINPUT, "%s: content hash mismatch (the file is corrupted)", path);
+    H5Fclose(h.f);
+    return rc;
+}
+
+int dpoc_ckpt_read_weights(const char *path, dpoc_model *m, dpoc_err *err) {
+    ckpt_header h;
+    DPOC_TRY(open_header(path, &h, err));
+    int rc = 0;
+    H5G_info_t info;
+    hid_t g = H5Lexists(h.f, "model", H5P_DEFAULT) > 0 ? H5Gopen2(h.f, "model", H5P_DEFAULT) : -1;
+    if (g < 0)
+        rc = dpoc_errf(err, DPOC_EINPUT, "%s: group 'model' is missing", path);
+    else if (H5Gget_info(g, &info) < 0)
+        rc = dpoc_errf(err, DPOC_EINPUT, "%s: group 'model' cannot be read (corrupted?)", path);
+    else if (info.nlinks != (hsize_t)m->n_tensors)
+        rc = dpoc_errf(err, DPOC_EINPUT, "%s: checkpoint has %llu model tensors, the model %zu (another model?)", path,
+                       (unsigned long long)info.nlinks, m->n_tensors);
+    for (size_t i = 0; i < m->n_tensors && !rc; i++)
+        rc = read_tensor(g, &m->info[i], m->params + m->info[i].offset, path, "model", err);
+    if (g >= 0) H5Gclose(g);
     H5Fclose(h.f);
     return rc;
 }
