@@ -64,12 +64,24 @@ static void log_contains(const char *log, const char *needle) {
     free(text);
 }
 
-/* dir/name in a fresh heap string (tests are short-lived processes; freed at exit) */
+/* dir/name in a fresh heap string, kept until the group's teardown frees them all */
+#define MAX_PATHS 1024
+static char *g_paths[MAX_PATHS];
+static size_t g_n_paths;
+
 static char *path_in(const char *dir, const char *name) {
     size_t n = strlen(dir) + strlen(name) + 2;
+    if (g_n_paths == MAX_PATHS) fail_msg("too many paths");
     char *b = malloc(n);
     snprintf(b, n, "%s/%s", dir, name);
-    return b;
+    return g_paths[g_n_paths++] = b;
+}
+
+static int teardown(void **state) {
+    (void)state;
+    for (size_t i = 0; i < g_n_paths; i++) free(g_paths[i]);
+    g_n_paths = 0;
+    return 0;
 }
 
 static int files_equal(const char *a, const char *b) {
@@ -265,6 +277,43 @@ static void test_kill_during_write(void **state) {
         fail_msg("weights after kill -9 and resume differ from the uninterrupted run");
 }
 
+/* signals arriving while a checkpoint is being written only set the flag: the
+ * write completes, the run stops at the boundary with 85 and a valid checkpoint */
+static void test_signals_during_write(void **state) {
+    (void)state;
+    const char *base = make_temp_dir();
+    char *out = path_in(base, "out"), *log = path_in(base, "log");
+    pid_t pid = fork();
+    if (pid == 0) {
+        char cmd[2048];
+        snprintf(cmd, sizeof cmd,
+                 "cd '%s' && DPOC_TEST_PAUSE_IN_CHECKPOINT=2:2 exec '%s' train --config configs/tiny-qwen2.json "
+                 "--set output_dir=%s --set max_steps=6 --set save_steps=2 > '%s' 2>&1",
+                 DPOC_SOURCE_DIR, DPOC_BIN, out, log);
+        execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
+        _exit(127);
+    }
+    int paused = 0;
+    for (int i = 0; i < 600 && !paused; i++) {
+        usleep(50000);
+        char *text = read_text_file(log, NULL);
+        paused = text && strstr(text, "pausing inside the checkpoint write");
+        free(text);
+    }
+    kill(pid, SIGUSR1);
+    usleep(100000);
+    kill(pid, SIGTERM);
+    int st = 0;
+    waitpid(pid, &st, 0);
+    if (!paused) fail_msg("the writer never reached the pause");
+    expect_rc(WIFEXITED(st) ? WEXITSTATUS(st) : -1, EXIT_CHECKPOINTED, "run signalled twice during a write", log);
+    dpoc_err err;
+    assert_int_equal(dpoc_ckpt_verify(path_in(out, "checkpoint-2.h5"), &err), 0);
+    long step = 0;
+    assert_int_equal(dpoc_ckpt_step(path_in(out, "checkpoint-2.h5"), &step, &err), 0);
+    assert_int_equal(step, 2);
+}
+
 /* a file-size limit makes the step-4 checkpoint fail: clear error, checkpoint-2 intact */
 static void test_disk_full(void **state) {
     (void)state;
@@ -320,8 +369,9 @@ int main(void) {
         cmocka_unit_test(test_resume_bit_exact_1_rank), cmocka_unit_test(test_resume_bit_exact_2_ranks),
         cmocka_unit_test(test_resume_other_world_size), cmocka_unit_test(test_incompatible_refused),
         cmocka_unit_test(test_truncated_checkpoint_skipped), cmocka_unit_test(test_flipped_bytes_detected),
-        cmocka_unit_test(test_kill_during_write), cmocka_unit_test(test_disk_full),
+        cmocka_unit_test(test_kill_during_write), cmocka_unit_test(test_signals_during_write),
+        cmocka_unit_test(test_disk_full),
         cmocka_unit_test(test_h5py_reads_files),
     };
-    return cmocka_run_group_tests(tests, setup, NULL);
+    return cmocka_run_group_tests(tests, setup, teardown);
 }

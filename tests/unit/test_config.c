@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "dpoc/config.h"
+#include "dpoc/model.h"
 #include "testutil.h"
 
 static void expect_error(const char *json, const char *needle) {
@@ -113,11 +114,55 @@ static void test_missing_file_names_path(void **state) {
     assert_non_null(strstr(err.msg, "/nonexistent/x.json"));
 }
 
+/* config.json fields the model does not implement are refused by name */
+static void test_hf_config_refusals(void **state) {
+    (void)state;
+    const char *base = "\"vocab_size\": 32, \"hidden_size\": 8, \"intermediate_size\": 16, \"num_hidden_layers\": 1, "
+                       "\"num_attention_heads\": 2";
+    struct {
+        const char *extra, *needle;
+    } cases[] = {
+        {"\"architectures\": [\"MistralForCausalLM\"]", "'architectures'"},
+        {"\"architectures\": [\"LlamaForCausalLM\"], \"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0}",
+         "'rope_scaling'"},
+        {"\"architectures\": [\"LlamaForCausalLM\"], \"rope_parameters\": {\"rope_type\": \"yarn\"}", "'rope_parameters'"},
+        {"\"architectures\": [\"Qwen2ForCausalLM\"], \"use_sliding_window\": true, \"sliding_window\": 4, "
+         "\"max_position_embeddings\": 64",
+         "'use_sliding_window'"},
+        {"\"architectures\": [\"LlamaForCausalLM\"], \"hidden_act\": \"gelu\"", "'hidden_act'"},
+        {"\"architectures\": [\"LlamaForCausalLM\"], \"attention_bias\": true", "'attention_bias'"},
+    };
+    const char *dir = make_temp_dir();
+    char path[256], text[1024];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        snprintf(text, sizeof text, "{%s, %s}", base, cases[i].extra);
+        FILE *f = fopen(path, "w");
+        fputs(text, f);
+        fclose(f);
+        dpoc_model_config mc;
+        dpoc_err err;
+        assert_int_equal(dpoc_hf_config_read(&mc, path, &err), DPOC_EINPUT);
+        if (!strstr(err.msg, cases[i].needle) || !strstr(err.msg, path))
+            fail_msg("case %zu: '%s' does not name %s and the file", i, err.msg, cases[i].needle);
+    }
+    /* transformers 5 spelling: rope_parameters with the default type is accepted */
+    snprintf(text, sizeof text, "{%s, \"architectures\": [\"LlamaForCausalLM\"], \"rope_parameters\": "
+             "{\"rope_type\": \"default\", \"rope_theta\": 500.0}}", base);
+    FILE *f = fopen(path, "w");
+    fputs(text, f);
+    fclose(f);
+    dpoc_model_config mc;
+    dpoc_err err;
+    assert_int_equal(dpoc_hf_config_read(&mc, path, &err), 0);
+    assert_true(mc.rope_theta == 500.0f && mc.head_dim == 4 && mc.n_kv_heads == 2);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_defaults_match_trl),  cmocka_unit_test(test_parse_and_set),
         cmocka_unit_test(test_errors_name_the_key), cmocka_unit_test(test_set_errors),
-        cmocka_unit_test(test_missing_file_names_path),
+        cmocka_unit_test(test_missing_file_names_path), cmocka_unit_test(test_hf_config_refusals),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -219,6 +219,42 @@ static void test_cli_messages(void **state) {
     cJSON_Delete(exp);
 }
 
+static void make_bpe_model(const char *dir, size_t vocab);
+
+/* data-check reports what TRL keeps: rows read, kept, dropped at max_length */
+static void test_data_check(void **state) {
+    (void)state;
+    const char *dir = make_temp_dir();
+    char model[512], cmd[4096], out[600];
+    snprintf(model, sizeof model, "%s/model", dir);
+    mkdir(model, 0777);
+    make_bpe_model(model, 49152);
+    /* the SmolLM2 tokenizer, as in the fixture */
+    snprintf(cmd, sizeof cmd, "cp '%s/tokenizer.json' '%s/tokenizer_config.json' '%s/'", fixture_path("tokenizer/smollm2"),
+             fixture_path("tokenizer/smollm2"), model);
+    assert_int_equal(sh(cmd), 0);
+    cJSON *exp = load_json_fixture("datasets/standard_explicit.expected.json");
+    const int rows = cJSON_GetArraySize(cJSON_GetObjectItem(exp, "rows"));
+    const int kept = cJSON_GetArraySize(cJSON_GetObjectItem(exp, "kept_at_max_length"));
+    const int max_length = (int)cJSON_GetObjectItem(exp, "max_length")->valuedouble;
+    cJSON_Delete(exp);
+    char train[600];
+    snprintf(train, sizeof train, "%s", fixture_path("datasets/standard_explicit.jsonl"));
+    snprintf(out, sizeof out, "%s/report.txt", dir);
+    snprintf(cmd, sizeof cmd,
+             "cd '%s' && '%s' data-check --config configs/tiny-llama.json --set model_name_or_path=%s "
+             "--set train_file=%s --set max_length=%d > '%s' 2>&1",
+             DPOC_SOURCE_DIR, DPOC_BIN, model, train, max_length, out);
+    assert_int_equal(sh(cmd), 0);
+    char *text = read_text_file(out, NULL), want[256];
+    snprintf(want, sizeof want, "%d rows read, %d pairs kept", rows, kept);
+    if (!strstr(text, want)) fail_msg("report lacks '%s':\n%s", want, text);
+    snprintf(want, sizeof want, "dropped (prompt >= max_length %d): %d", max_length, rows - kept);
+    if (!strstr(text, want)) fail_msg("report lacks '%s':\n%s", want, text);
+    if (!strstr(text, "p50")) fail_msg("report lacks percentiles:\n%s", text);
+    free(text);
+}
+
 /* Writes a random Llama with the small GPT-2-style tokenizer's vocabulary, so text
  * data sets can be trained end to end (behaviour, not numbers: those are checked
  * against TRL on the fixtures above and in test_dpo). */
@@ -309,6 +345,7 @@ int main(void) {
         cmocka_unit_test(test_conversational_explicit), cmocka_unit_test(test_conversational_implicit),
         cmocka_unit_test(test_json_array),              cmocka_unit_test(test_bad_records),
         cmocka_unit_test(test_cli_messages),            cmocka_unit_test(test_train_each_format),
+        cmocka_unit_test(test_data_check),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
