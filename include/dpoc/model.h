@@ -76,6 +76,8 @@ void dpoc_model_free(dpoc_model *m);
  * src_dir, so dir loads as a Hugging Face model directory. Each file is written
  * to a temporary name and renamed into place. */
 int dpoc_model_save(const dpoc_model *m, const char *dir, const char *src_dir, dpoc_err *err);
+/* Writes the parameters to one safetensors file at path (F32, or BF16 rounded to nearest even). */
+int dpoc_model_write_safetensors(const dpoc_model *m, const char *path, int bf16, dpoc_err *err);
 /* Index of a tensor by HF name, or DPOC_NO_PARAM. */
 size_t dpoc_model_find(const dpoc_model *m, const char *name);
 

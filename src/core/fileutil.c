@@ -4,7 +4,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 int dpoc_read_file(const char *path, char **out, size_t *len, dpoc_err *err) {
     *out = NULL;
@@ -54,4 +56,40 @@ int dpoc_mkdirs(const char *path, dpoc_err *err) {
         }
     }
     return 0;
+}
+
+int dpoc_fsync_path(const char *path, int directory, dpoc_err *err) {
+    int fd = open(path, directory ? O_RDONLY | O_DIRECTORY : O_RDONLY);
+    if (fd < 0) return dpoc_errf(err, DPOC_EIO, "%s: cannot open for fsync: %s", path, strerror(errno));
+    int r = fsync(fd);
+    int e = errno;
+    close(fd);
+    return r ? dpoc_errf(err, DPOC_EIO, "%s: fsync failed: %s", path, strerror(e)) : 0;
+}
+
+int dpoc_commit_file(const char *tmp, const char *path, dpoc_err *err) {
+    int rc = dpoc_fsync_path(tmp, 0, err);
+    if (!rc && rename(tmp, path) != 0) rc = dpoc_errf(err, DPOC_EIO, "%s: rename failed: %s", path, strerror(errno));
+    if (rc) remove(tmp);
+    return rc;
+}
+
+int dpoc_write_file_atomic(const char *dir, const char *name, const void *data, size_t len, dpoc_err *err) {
+    char tmp[4200], path[4200];
+    if (snprintf(path, sizeof path, "%s/%s", dir, name) >= (int)sizeof path ||
+        snprintf(tmp, sizeof tmp, "%s/.%s.tmp", dir, name) >= (int)sizeof tmp)
+        return dpoc_errf(err, DPOC_EINPUT, "path too long: %s/%s", dir, name);
+    FILE *f = fopen(tmp, "wb");
+    if (!f) return dpoc_errf(err, DPOC_EIO, "%s: cannot create: %s", tmp, strerror(errno));
+    int ok = len == 0 || fwrite(data, 1, len, f) == len;
+    int e = ok ? 0 : errno;
+    if (fclose(f) != 0 && ok) {
+        ok = 0;
+        e = errno;
+    }
+    if (!ok) {
+        remove(tmp);
+        return dpoc_errf(err, DPOC_EIO, "%s: write failed: %s", path, e ? strerror(e) : "short write");
+    }
+    return dpoc_commit_file(tmp, path, err);
 }

@@ -12,6 +12,16 @@ int dpoc_read_file(const char *path, char **out, size_t *len, dpoc_err *err);
 /* path_join(a, b) into buf (size n); error if it does not fit. */
 int dpoc_path_join(char *buf, size_t n, const char *a, const char *b, dpoc_err *err);
 
+/* fsync a file (directory = 0) or a directory (1); errors name the path. */
+int dpoc_fsync_path(const char *path, int directory, dpoc_err *err);
+
+/* fsyncs the finished temporary file tmp and renames it to path; removes tmp on failure. */
+int dpoc_commit_file(const char *tmp, const char *path, dpoc_err *err);
+
+/* Writes dir/name through dir/.name.tmp, fsync and rename (the caller fsyncs dir
+ * once it has written everything). */
+int dpoc_write_file_atomic(const char *dir, const char *name, const void *data, size_t len, dpoc_err *err);
+
 /* mkdir -p */
 int dpoc_mkdirs(const char *path, dpoc_err *err);
 

@@ -690,133 +690,7 @@ static bool add_int_array(cJSON *obj, const char *key, const size_t *v, size_t n
     return true;
 }
 
-int st_write_f32(const char *path, size_t n, const char *const *names, const float *const *data,
-                 const size_t *ndims, const size_t (*shapes)[ST_MAX_DIMS], dpoc_err *err) {
-    DPOC_CHECK(path && (n == 0 || (names && data && ndims && shapes)), err);
-    int rc = 0;
-    cJSON *root = NULL;
-    char *json = NULL;
-    const char **sorted = NULL;
-    size_t *nbytes = NULL;
-    FILE *f = NULL;
-
-    nbytes = dpoc_calloc(n, sizeof *nbytes, "safetensors writer", err);
-    sorted = dpoc_calloc(n, sizeof *sorted, "safetensors writer", err);
-    if (!nbytes || !sorted) {
-        rc = DPOC_ENOMEM;
-        goto out;
-    }
-    /* Validate everything before the file is created. */
-    size_t offset = 0;
-    for (size_t i = 0; i < n; i++) {
-        const char *name = names[i];
-        if (!name || strcmp(name, "__metadata__") == 0) {
-            rc = dpoc_errf(err, DPOC_EINPUT, "%s: tensor %zu: invalid name '%s'", path, i,
-                           name ? name : "(null)");
-            goto out;
-        }
-        if (ndims[i] > ST_MAX_DIMS) {
-            rc = dpoc_errf(err, DPOC_EINPUT, "%s: tensor '%s': %zu dimensions (at most %d)", path, name,
-                           ndims[i], ST_MAX_DIMS);
-            goto out;
-        }
-        size_t numel = 1;
-        bool overflow = false;
-        for (size_t d = 0; d < ndims[i]; d++) {
-            if (__builtin_mul_overflow(numel, shapes[i][d], &numel)) overflow = true;
-            if (shapes[i][d] > ST_MAX_JSON_UINT) overflow = true;
-        }
-        if (overflow || __builtin_mul_overflow(numel, sizeof(float), &nbytes[i]) ||
-            __builtin_add_overflow(offset, nbytes[i], &offset) || offset > ST_MAX_JSON_UINT) {
-            rc = dpoc_errf(err, DPOC_EINPUT, "%s: tensor '%s' is too large", path, name);
-            goto out;
-        }
-        if (numel && !data[i]) {
-            rc = dpoc_errf(err, DPOC_EINTERNAL, "%s: tensor '%s' has no data", path, name);
-            goto out;
-        }
-        sorted[i] = name;
-    }
-    if (n > 1) qsort(sorted, n, sizeof *sorted, name_ptr_cmp);
-    for (size_t i = 1; i < n; i++) {
-        if (strcmp(sorted[i - 1], sorted[i]) == 0) {
-            rc = dpoc_errf(err, DPOC_EINPUT, "%s: duplicate tensor name '%s'", path, sorted[i]);
-            goto out;
-        }
-    }
-
-    root = cJSON_CreateObject();
-    if (!root) goto nomem;
-    offset = 0;
-    for (size_t i = 0; i < n; i++) {
-        cJSON *e = cJSON_CreateObject();
-        if (!e || !cJSON_AddItemToObject(root, names[i], e)) {
-            cJSON_Delete(e);
-            goto nomem;
-        }
-        size_t off[2] = {offset, offset + nbytes[i]};
-        offset += nbytes[i];
-        if (!cJSON_AddStringToObject(e, "dtype", "F32") || !add_int_array(e, "shape", shapes[i], ndims[i]) ||
-            !add_int_array(e, "data_offsets", off, 2))
-            goto nomem;
-    }
-    json = cJSON_PrintUnformatted(root);
-    if (!json) goto nomem;
-    size_t json_len = strlen(json);
-    size_t pad = (8 - json_len % 8) % 8; /* as the reference writer: spaces up to a multiple of 8 */
-    uint64_t hdr_len = (uint64_t)json_len + pad;
-    uint8_t len_bytes[8];
-    for (int i = 0; i < 8; i++) len_bytes[i] = (uint8_t)(hdr_len >> (8 * i));
-
-    f = fopen(path, "wb");
-    if (!f) {
-        rc = dpoc_errf(err, DPOC_EIO, "%s: cannot create: %s", path, strerror(errno));
-        goto out;
-    }
-    static const char spaces[8] = "        ";
-    bool ok = fwrite(len_bytes, 1, 8, f) == 8 && fwrite(json, 1, json_len, f) == json_len &&
-              (pad == 0 || fwrite(spaces, 1, pad, f) == pad);
-    for (size_t i = 0; ok && i < n; i++) {
-        if (nbytes[i] == 0) continue;
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-        ok = fwrite(data[i], 1, nbytes[i], f) == nbytes[i];
-#else
-        for (size_t k = 0; ok && k < nbytes[i] / 4; k++) {
-            uint32_t u;
-            memcpy(&u, &data[i][k], 4);
-            uint8_t b[4] = {(uint8_t)u, (uint8_t)(u >> 8), (uint8_t)(u >> 16), (uint8_t)(u >> 24)};
-            ok = fwrite(b, 1, 4, f) == 4;
-        }
-#endif
-    }
-    int e = ok ? 0 : errno;
-    if (ok && fflush(f) != 0) {
-        ok = false;
-        e = errno;
-    }
-    if (fclose(f) != 0 && ok) {
-        ok = false;
-        e = errno;
-    }
-    f = NULL;
-    if (!ok) {
-        struct stat st; /* remove the partial file, never a device such as /dev/full */
-        if (lstat(path, &st) == 0 && S_ISREG(st.st_mode)) remove(path);
-        rc = dpoc_errf(err, DPOC_EIO, "%s: write failed: %s", path, e ? strerror(e) : "short write");
-    }
-    goto out;
-
-nomem:
-    rc = dpoc_errf(err, DPOC_ENOMEM, "%s: out of memory building the safetensors header", path);
-out:
-    free(json);
-    cJSON_Delete(root);
-    free(sorted);
-    free(nbytes);
-    return rc;
-}
-
-/* ---- BF16 writer ---- */
+/* ---- writer (F32 or BF16) ---- */
 
 /* fp32 to bfloat16, round to nearest even (torch's c10::round_to_nearest_even). */
 static uint16_t f32_to_bf16_rne(float x) {
@@ -827,8 +701,11 @@ static uint16_t f32_to_bf16_rne(float x) {
     return (uint16_t)(u >> 16);
 }
 
-int st_write_bf16(const char *path, size_t n, const char *const *names, const float *const *data,
-                  const size_t *ndims, const size_t (*shapes)[ST_MAX_DIMS], dpoc_err *err) {
+/* Writes fp32 tensors as F32 or (bf16) BF16, little-endian, one tensor at a time
+ * converted into a buffer. Everything is validated before the file is created. */
+static int st_write(const char *path, size_t n, const char *const *names, const float *const *data,
+                    const size_t *ndims, const size_t (*shapes)[ST_MAX_DIMS], int bf16, dpoc_err *err) {
+    const size_t elem = bf16 ? sizeof(uint16_t) : sizeof(float);
     DPOC_CHECK(path && (n == 0 || (names && data && ndims && shapes)), err);
     int rc = 0;
     cJSON *root = NULL;
@@ -864,7 +741,7 @@ int st_write_bf16(const char *path, size_t n, const char *const *names, const fl
             if (__builtin_mul_overflow(numel, shapes[i][d], &numel)) overflow = true;
             if (shapes[i][d] > ST_MAX_JSON_UINT) overflow = true;
         }
-        if (overflow || __builtin_mul_overflow(numel, sizeof(uint16_t), &nbytes[i]) ||
+        if (overflow || __builtin_mul_overflow(numel, elem, &nbytes[i]) ||
             __builtin_add_overflow(offset, nbytes[i], &offset) || offset > ST_MAX_JSON_UINT) {
             rc = dpoc_errf(err, DPOC_EINPUT, "%s: tensor '%s' is too large", path, name);
             goto out;
@@ -884,7 +761,7 @@ int st_write_bf16(const char *path, size_t n, const char *const *names, const fl
         }
     }
     /* one tensor at a time is converted into buf */
-    buf = dpoc_malloc(max_bytes ? max_bytes : 1, "bf16 conversion buffer", err);
+    buf = dpoc_malloc(max_bytes ? max_bytes : 1, "safetensors conversion buffer", err);
     if (!buf) {
         rc = DPOC_ENOMEM;
         goto out;
@@ -901,7 +778,7 @@ int st_write_bf16(const char *path, size_t n, const char *const *names, const fl
         }
         size_t off[2] = {offset, offset + nbytes[i]};
         offset += nbytes[i];
-        if (!cJSON_AddStringToObject(e, "dtype", "BF16") || !add_int_array(e, "shape", shapes[i], ndims[i]) ||
+        if (!cJSON_AddStringToObject(e, "dtype", bf16 ? "BF16" : "F32") || !add_int_array(e, "shape", shapes[i], ndims[i]) ||
             !add_int_array(e, "data_offsets", off, 2))
             goto nomem;
     }
@@ -923,11 +800,12 @@ int st_write_bf16(const char *path, size_t n, const char *const *names, const fl
               (pad == 0 || fwrite(spaces, 1, pad, f) == pad);
     for (size_t i = 0; ok && i < n; i++) {
         if (nbytes[i] == 0) continue;
-        const size_t numel = nbytes[i] / 2;
+        const size_t numel = nbytes[i] / elem;
         for (size_t k = 0; k < numel; k++) {
-            uint16_t b = f32_to_bf16_rne(data[i][k]);
-            buf[2 * k] = (uint8_t)b; /* little-endian */
-            buf[2 * k + 1] = (uint8_t)(b >> 8);
+            uint32_t u;
+            memcpy(&u, &data[i][k], sizeof u);
+            if (bf16) u = f32_to_bf16_rne(data[i][k]);
+            for (size_t byte = 0; byte < elem; byte++) buf[elem * k + byte] = (uint8_t)(u >> (8 * byte)); /* LE */
         }
         ok = fwrite(buf, 1, nbytes[i], f) == nbytes[i];
     }
@@ -957,4 +835,14 @@ out:
     free(nbytes);
     free(buf);
     return rc;
+}
+
+int st_write_f32(const char *path, size_t n, const char *const *names, const float *const *data,
+                 const size_t *ndims, const size_t (*shapes)[ST_MAX_DIMS], dpoc_err *err) {
+    return st_write(path, n, names, data, ndims, shapes, 0, err);
+}
+
+int st_write_bf16(const char *path, size_t n, const char *const *names, const float *const *data,
+                  const size_t *ndims, const size_t (*shapes)[ST_MAX_DIMS], dpoc_err *err) {
+    return st_write(path, n, names, data, ndims, shapes, 1, err);
 }

@@ -143,30 +143,11 @@ static int read_tensor(hid_t g, const dpoc_param_info *p, float *out, const char
 
 /* ---- durability ---- */
 
-static int fsync_path(const char *path, int directory, dpoc_err *err) {
-    int fd = open(path, directory ? O_RDONLY | O_DIRECTORY : O_RDONLY);
-    if (fd < 0) return dpoc_errf(err, DPOC_EIO, "%s: cannot open for fsync: %s", path, strerror(errno));
-    int r = fsync(fd);
-    int e = errno;
-    close(fd);
-    return r ? dpoc_errf(err, DPOC_EIO, "%s: fsync failed: %s", path, strerror(e)) : 0;
-}
-
 static int write_latest(const char *dir, const char *name, dpoc_err *err) {
-    char tmp[DPOC_PATH_MAX + 32], path[DPOC_PATH_MAX + 32];
-    snprintf(tmp, sizeof tmp, "%s/.latest.tmp", dir);
-    snprintf(path, sizeof path, "%s/latest", dir);
-    FILE *f = fopen(tmp, "w");
-    if (!f) return dpoc_errf(err, DPOC_EIO, "%s: cannot create: %s", tmp, strerror(errno));
-    int ok = fprintf(f, "%s\n", name) > 0;
-    ok = fflush(f) == 0 && ok;
-    ok = fsync(fileno(f)) == 0 && ok;
-    ok = fclose(f) == 0 && ok;
-    if (!ok || rename(tmp, path) != 0) {
-        remove(tmp);
-        return dpoc_errf(err, DPOC_EIO, "%s: write failed: %s", path, strerror(errno));
-    }
-    return fsync_path(dir, 1, err);
+    char line[300];
+    int n = snprintf(line, sizeof line, "%s\n", name);
+    DPOC_TRY(dpoc_write_file_atomic(dir, "latest", line, (size_t)n, err));
+    return dpoc_fsync_path(dir, 1, err);
 }
 
 /* ---- listing ---- */
@@ -329,13 +310,8 @@ int dpoc_ckpt_save(const dpoc_trainer *t, size_t save_total_limit, char *path_ou
         return dpoc_errf(err, DPOC_EIO, "%s: writing the checkpoint failed (disk full?); the previous checkpoints are "
                          "intact", path);
     }
-    int rc = fsync_path(tmp, 0, err);
-    if (!rc && rename(tmp, path) != 0) rc = dpoc_errf(err, DPOC_EIO, "%s: rename failed: %s", path, strerror(errno));
-    if (rc) {
-        remove(tmp);
-        return rc;
-    }
-    DPOC_TRY(fsync_path(cfg->output_dir, 1, err));
+    DPOC_TRY(dpoc_commit_file(tmp, path, err));
+    DPOC_TRY(dpoc_fsync_path(cfg->output_dir, 1, err));
     DPOC_TRY(write_latest(cfg->output_dir, name, err));
     if (path_out) snprintf(path_out, path_n, "%s", path);
     /* only now that the new checkpoint is durable may old ones go */

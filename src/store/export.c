@@ -30,47 +30,12 @@ static const char *const MODEL_FILES[] = {"generation_config.json"};
 
 /* ---- files ---- */
 
-static int fsync_path(const char *path, int directory, dpoc_err *err) {
-    int fd = open(path, directory ? O_RDONLY | O_DIRECTORY : O_RDONLY);
-    if (fd < 0) return dpoc_errf(err, DPOC_EIO, "%s: cannot open for fsync: %s", path, strerror(errno));
-    int r = fsync(fd);
-    int e = errno;
-    close(fd);
-    return r ? dpoc_errf(err, DPOC_EIO, "%s: fsync failed: %s", path, strerror(e)) : 0;
-}
-
 /* dir/.name.tmp and dir/name */
 static int tmp_and_final(char *tmp, char *path, const char *dir, const char *name, dpoc_err *err) {
     DPOC_TRY(dpoc_path_join(path, EXPORT_PATH_MAX, dir, name, err));
     if (snprintf(tmp, EXPORT_PATH_MAX, "%s/.%s.tmp", dir, name) >= EXPORT_PATH_MAX)
         return dpoc_errf(err, DPOC_EINPUT, "path too long: %s/.%s.tmp", dir, name);
     return 0;
-}
-
-/* fsyncs the finished temporary file and renames it into place; removes it on failure */
-static int commit(const char *tmp, const char *path, dpoc_err *err) {
-    int rc = fsync_path(tmp, 0, err);
-    if (!rc && rename(tmp, path) != 0) rc = dpoc_errf(err, DPOC_EIO, "%s: rename failed: %s", path, strerror(errno));
-    if (rc) remove(tmp);
-    return rc;
-}
-
-static int write_atomic(const char *dir, const char *name, const char *data, size_t len, dpoc_err *err) {
-    char tmp[EXPORT_PATH_MAX], path[EXPORT_PATH_MAX];
-    DPOC_TRY(tmp_and_final(tmp, path, dir, name, err));
-    FILE *f = fopen(tmp, "wb");
-    if (!f) return dpoc_errf(err, DPOC_EIO, "%s: cannot create: %s", tmp, strerror(errno));
-    int ok = len == 0 || fwrite(data, 1, len, f) == len;
-    int e = ok ? 0 : errno;
-    if (fclose(f) != 0 && ok) {
-        ok = 0;
-        e = errno;
-    }
-    if (!ok) {
-        remove(tmp);
-        return dpoc_errf(err, DPOC_EIO, "%s: write failed: %s", path, e ? strerror(e) : "short write");
-    }
-    return commit(tmp, path, err);
 }
 
 /* 1 when path is a regular file, 0 when it does not exist; an error otherwise */
@@ -96,7 +61,7 @@ static int copy_if_present(const char *src_dir, const char *out_dir, const char 
     char *text = NULL;
     size_t len = 0;
     DPOC_TRY(dpoc_read_file(src, &text, &len, err));
-    int rc = write_atomic(out_dir, name, text, len, err);
+    int rc = dpoc_write_file_atomic(out_dir, name, text, len, err);
     free(text);
     if (!rc) (*copied)++;
     return rc;
@@ -276,7 +241,7 @@ static int write_config(const char *src_dir, const char *out_dir, int bf16, dpoc
         memcpy(outbuf + o, text + brace + 1, len - brace - 1);
         o += len - brace - 1;
     }
-    rc = write_atomic(out_dir, "config.json", outbuf, o, err);
+    rc = dpoc_write_file_atomic(out_dir, "config.json", outbuf, o, err);
 out:
     free(outbuf);
     free(text);
@@ -289,29 +254,8 @@ out:
 static int write_weights(const dpoc_model *m, const char *out_dir, int bf16, dpoc_err *err) {
     char tmp[EXPORT_PATH_MAX], path[EXPORT_PATH_MAX];
     DPOC_TRY(tmp_and_final(tmp, path, out_dir, "model.safetensors", err));
-    const char **names = dpoc_malloc(m->n_tensors * sizeof *names, "tensor names", err);
-    const float **data = dpoc_malloc(m->n_tensors * sizeof *data, "tensor table", err);
-    size_t *ndims = dpoc_malloc(m->n_tensors * sizeof *ndims, "tensor table", err);
-    size_t(*shapes)[ST_MAX_DIMS] = dpoc_calloc(m->n_tensors, sizeof *shapes, "tensor table", err);
-    int rc = DPOC_ENOMEM;
-    if (names && data && ndims && shapes) {
-        for (size_t i = 0; i < m->n_tensors; i++) {
-            names[i] = m->info[i].name;
-            data[i] = m->params + m->info[i].offset;
-            ndims[i] = m->info[i].ndim;
-            shapes[i][0] = m->info[i].shape[0];
-            shapes[i][1] = m->info[i].shape[1];
-        }
-        const size_t(*cshapes)[ST_MAX_DIMS] = (const size_t(*)[ST_MAX_DIMS])shapes;
-        rc = bf16 ? st_write_bf16(tmp, m->n_tensors, names, data, ndims, cshapes, err)
-                  : st_write_f32(tmp, m->n_tensors, names, data, ndims, cshapes, err);
-        if (!rc) rc = commit(tmp, path, err);
-    }
-    free(names);
-    free(data);
-    free(ndims);
-    free(shapes);
-    return rc;
+    DPOC_TRY(dpoc_model_write_safetensors(m, tmp, bf16, err));
+    return dpoc_commit_file(tmp, path, err);
 }
 
 /* ---- export ---- */
@@ -367,7 +311,7 @@ int dpoc_export_checkpoint_ex(const char *ckpt, const char *model_dir, const cha
         rc = copy_if_present(mdir, out_dir, MODEL_FILES[i], &copied, err);
     for (size_t i = 0; !rc && i < sizeof TOKENIZER_FILES / sizeof TOKENIZER_FILES[0]; i++)
         rc = copy_if_present(tdir, out_dir, TOKENIZER_FILES[i], &copied, err);
-    if (!rc) rc = fsync_path(out_dir, 1, err);
+    if (!rc) rc = dpoc_fsync_path(out_dir, 1, err);
     if (!rc && info) {
         info->step = step;
         info->n_tensors = m.n_tensors;
