@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <fcntl.h>
+#include <stdint.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -92,4 +94,31 @@ int dpoc_write_file_atomic(const char *dir, const char *name, const void *data, 
         return dpoc_errf(err, DPOC_EIO, "%s: write failed: %s", path, e ? strerror(e) : "short write");
     }
     return dpoc_commit_file(tmp, path, err);
+}
+
+int dpoc_map_file(const char *path, size_t min_size, const char *what, void **map, size_t *len, dpoc_err *err) {
+    *map = NULL;
+    *len = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return dpoc_errf(err, DPOC_EINPUT, "%s: cannot open: %s", path, strerror(errno));
+    struct stat st;
+    int rc = 0;
+    if (fstat(fd, &st) != 0) rc = dpoc_errf(err, DPOC_EIO, "%s: cannot stat: %s", path, strerror(errno));
+    else if (!S_ISREG(st.st_mode)) rc = dpoc_errf(err, DPOC_EINPUT, "%s: not a regular file", path);
+    else if ((uintmax_t)st.st_size < min_size)
+        rc = dpoc_errf(err, DPOC_EINPUT, "%s: file is %lld bytes, too short for %s (at least %zu)", path,
+                       (long long)st.st_size, what, min_size);
+    else if ((uintmax_t)st.st_size > SIZE_MAX) rc = dpoc_errf(err, DPOC_EINPUT, "%s: file too large to map", path);
+    if (rc) {
+        close(fd);
+        return rc;
+    }
+    size_t size = (size_t)st.st_size;
+    void *m = size ? mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0) : NULL;
+    int e = errno;
+    close(fd);
+    if (m == MAP_FAILED) return dpoc_errf(err, DPOC_EIO, "%s: cannot map: %s", path, strerror(e));
+    *map = m;
+    *len = size;
+    return 0;
 }

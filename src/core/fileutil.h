@@ -22,6 +22,10 @@ int dpoc_commit_file(const char *tmp, const char *path, dpoc_err *err);
  * once it has written everything). */
 int dpoc_write_file_atomic(const char *dir, const char *name, const void *data, size_t len, dpoc_err *err);
 
+/* Maps a regular file read-only (MAP_PRIVATE). Files shorter than min_size are
+ * refused with a message saying they are too short for `what`. */
+int dpoc_map_file(const char *path, size_t min_size, const char *what, void **map, size_t *len, dpoc_err *err);
+
 /* mkdir -p */
 int dpoc_mkdirs(const char *path, dpoc_err *err);
 

@@ -356,33 +356,9 @@ static int open_one(st_model *m, const char *path, dpoc_err *err) {
     f->path = strdup(path);
     if (!f->path) return dpoc_errf(err, DPOC_ENOMEM, "%s: out of memory", path);
 
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return dpoc_errf(err, DPOC_EINPUT, "%s: cannot open: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0) {
-        int e = errno;
-        close(fd);
-        return dpoc_errf(err, DPOC_EIO, "%s: cannot stat: %s", path, strerror(e));
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return dpoc_errf(err, DPOC_EINPUT, "%s: not a regular file", path);
-    }
-    if (st.st_size < 8) {
-        close(fd);
-        return dpoc_errf(err, DPOC_EINPUT,
-                         "%s: file is %lld bytes, too short for a safetensors file (at least 8)", path,
-                         (long long)st.st_size);
-    }
-    if ((uintmax_t)st.st_size > SIZE_MAX) {
-        close(fd);
-        return dpoc_errf(err, DPOC_EINPUT, "%s: file too large to map", path);
-    }
-    size_t size = (size_t)st.st_size;
-    void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
-    int e = errno;
-    close(fd);
-    if (map == MAP_FAILED) return dpoc_errf(err, DPOC_EIO, "%s: cannot map: %s", path, strerror(e));
+    void *map;
+    size_t size;
+    DPOC_TRY(dpoc_map_file(path, 8, "a safetensors file", &map, &size, err));
     f->map = map;
     f->map_len = size;
 
