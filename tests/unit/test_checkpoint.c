@@ -23,10 +23,7 @@
 
 static int setup(void **state) {
     (void)state;
-    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
-    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
-    setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 1);
-    setenv("OPENBLAS_NUM_THREADS", "1", 1);
+    set_mpi_test_env();
     return 0;
 }
 
@@ -43,26 +40,7 @@ static int run(int np, const char *out, const char *extra, const char *env, cons
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
-static void expect_rc(int rc, int want, const char *what, const char *log) {
-    if (rc == want) return;
-    static char shown[16384];
-    char *text = read_text_file(log, NULL);
-    snprintf(shown, sizeof shown, "%s", text ? text : "(no log)");
-    free(text);
-    fail_msg("%s exited %d (expected %d):\n%s", what, rc, want, shown);
-}
 
-static void log_contains(const char *log, const char *needle) {
-    char *text = read_text_file(log, NULL);
-    int ok = text && strstr(text, needle);
-    if (!ok) {
-        static char shown[16384];
-        snprintf(shown, sizeof shown, "%s", text ? text : "");
-        free(text);
-        fail_msg("log does not mention '%s':\n%s", needle, shown);
-    }
-    free(text);
-}
 
 /* dir/name in a fresh heap string, kept until the group's teardown frees them all */
 #define MAX_PATHS 1024
@@ -123,13 +101,13 @@ static unsigned long long content_hash_of(const char *path) {
 static void check_bit_exact(int np, const char *extra) {
     const char *base = make_temp_dir();
     char *straight = path_in(base, "straight"), *split = path_in(base, "split"), *log = path_in(base, "log");
-    expect_rc(run(np, straight, extra, NULL, log), 0, "uninterrupted run", log);
-    expect_rc(run(np, split, extra, "DPOC_TEST_SIGNAL_AT_STEP=3", log), EXIT_CHECKPOINTED, "signalled run", log);
-    log_contains(log, "exit 85: checkpointed, not finished");
+    expect_exit(run(np, straight, extra, NULL, log), 0, "uninterrupted run", log);
+    expect_exit(run(np, split, extra, "DPOC_TEST_SIGNAL_AT_STEP=3", log), EXIT_CHECKPOINTED, "signalled run", log);
+    expect_log_has(log, "exit 85: checkpointed, not finished");
     char args[512];
     snprintf(args, sizeof args, "%s --resume auto", extra);
-    expect_rc(run(np, split, args, NULL, log), 0, "resumed run", log);
-    log_contains(log, "resumed from");
+    expect_exit(run(np, split, args, NULL, log), 0, "resumed run", log);
+    expect_log_has(log, "resumed from");
     if (!files_equal(path_in(straight, "model.safetensors"), path_in(split, "model.safetensors")))
         fail_msg("%d rank(s): weights after 3 + resume + 3 steps differ from 6 steps", np);
     if (content_hash_of(path_in(straight, "checkpoint-6.h5")) != content_hash_of(path_in(split, "checkpoint-6.h5")))
@@ -172,9 +150,9 @@ static void test_resume_other_world_size(void **state) {
     (void)state;
     const char *base = make_temp_dir();
     char *straight = path_in(base, "straight"), *split = path_in(base, "split"), *log = path_in(base, "log");
-    expect_rc(run(1, straight, "", NULL, log), 0, "uninterrupted run", log);
-    expect_rc(run(1, split, "", "DPOC_TEST_SIGNAL_AT_STEP=3", log), EXIT_CHECKPOINTED, "signalled run", log);
-    expect_rc(run(2, split, "--set per_device_train_batch_size=1 --resume auto", NULL, log), 0, "resume on 2 ranks",
+    expect_exit(run(1, straight, "", NULL, log), 0, "uninterrupted run", log);
+    expect_exit(run(1, split, "", "DPOC_TEST_SIGNAL_AT_STEP=3", log), EXIT_CHECKPOINTED, "signalled run", log);
+    expect_exit(run(2, split, "--set per_device_train_batch_size=1 --resume auto", NULL, log), 0, "resume on 2 ranks",
               log);
     compare_weights(straight, split, TOL_WEIGHTS_REL);
 }
@@ -183,16 +161,16 @@ static void test_incompatible_refused(void **state) {
     (void)state;
     const char *base = make_temp_dir();
     char *out = path_in(base, "out"), *log = path_in(base, "log");
-    expect_rc(run(1, out, "", "DPOC_TEST_SIGNAL_AT_STEP=2", log), EXIT_CHECKPOINTED, "signalled run", log);
-    expect_rc(run(1, out, "--set per_device_train_batch_size=1 --resume auto", NULL, log), 2, "other batch", log);
-    log_contains(log, "global batch size 4 in the checkpoint, 2 now");
+    expect_exit(run(1, out, "", "DPOC_TEST_SIGNAL_AT_STEP=2", log), EXIT_CHECKPOINTED, "signalled run", log);
+    expect_exit(run(1, out, "--set per_device_train_batch_size=1 --resume auto", NULL, log), 2, "other batch", log);
+    expect_log_has(log, "global batch size 4 in the checkpoint, 2 now");
     char args[1024];
     snprintf(args, sizeof args,
              "--set model_name_or_path=tests/fixtures/tiny-qwen2-ref --set ref_model_name_or_path=tests/fixtures/"
              "tiny-qwen2-ref --resume %s/checkpoint-2.h5",
              out);
-    expect_rc(run(1, out, args, NULL, log), 2, "other model", log);
-    log_contains(log, "checkpoint of another starting model");
+    expect_exit(run(1, out, args, NULL, log), 2, "other model", log);
+    expect_log_has(log, "checkpoint of another starting model");
 }
 
 static void corrupt(const char *path, long offset_from_end, int truncate_to_half) {
@@ -214,17 +192,17 @@ static void corrupt(const char *path, long offset_from_end, int truncate_to_half
 static void check_fallback(int truncate_it) {
     const char *base = make_temp_dir();
     char *out = path_in(base, "out"), *log = path_in(base, "log");
-    expect_rc(run(1, out, "--set save_steps=2", "DPOC_TEST_SIGNAL_AT_STEP=4", log), EXIT_CHECKPOINTED, "first run",
+    expect_exit(run(1, out, "--set save_steps=2", "DPOC_TEST_SIGNAL_AT_STEP=4", log), EXIT_CHECKPOINTED, "first run",
               log);
     /* flip a byte inside the last tensor data (the optimizer's moments are written last) */
     corrupt(path_in(out, "checkpoint-4.h5"), 2000, truncate_it);
     dpoc_err err;
     assert_int_equal(dpoc_ckpt_verify(path_in(out, "checkpoint-4.h5"), &err), DPOC_EINPUT);
     assert_int_equal(dpoc_ckpt_verify(path_in(out, "checkpoint-2.h5"), &err), 0);
-    expect_rc(run(1, out, "--resume auto", NULL, log), 0, "resume after damage", log);
-    log_contains(log, "skipping checkpoint");
-    log_contains(log, "resumed from");
-    log_contains(log, "checkpoint-2.h5 at step 2");
+    expect_exit(run(1, out, "--resume auto", NULL, log), 0, "resume after damage", log);
+    expect_log_has(log, "skipping checkpoint");
+    expect_log_has(log, "resumed from");
+    expect_log_has(log, "checkpoint-2.h5 at step 2");
 }
 
 static void test_truncated_checkpoint_skipped(void **state) {
@@ -242,7 +220,7 @@ static void test_kill_during_write(void **state) {
     (void)state;
     const char *base = make_temp_dir();
     char *straight = path_in(base, "straight"), *out = path_in(base, "out"), *log = path_in(base, "log");
-    expect_rc(run(1, straight, "", NULL, log), 0, "uninterrupted run", log);
+    expect_exit(run(1, straight, "", NULL, log), 0, "uninterrupted run", log);
     pid_t pid = fork();
     if (pid == 0) {
         char cmd[2048];
@@ -271,8 +249,8 @@ static void test_kill_during_write(void **state) {
     assert_string_equal(latest, "checkpoint-2.h5\n");
     struct stat st;
     assert_int_not_equal(stat(path_in(out, "checkpoint-4.h5"), &st), 0); /* never renamed into place */
-    expect_rc(run(1, out, "--resume auto", NULL, log), 0, "resume after kill -9", log);
-    log_contains(log, "checkpoint-2.h5 at step 2");
+    expect_exit(run(1, out, "--resume auto", NULL, log), 0, "resume after kill -9", log);
+    expect_log_has(log, "checkpoint-2.h5 at step 2");
     if (!files_equal(path_in(straight, "model.safetensors"), path_in(out, "model.safetensors")))
         fail_msg("weights after kill -9 and resume differ from the uninterrupted run");
 }
@@ -306,7 +284,7 @@ static void test_signals_during_write(void **state) {
     int st = 0;
     waitpid(pid, &st, 0);
     if (!paused) fail_msg("the writer never reached the pause");
-    expect_rc(WIFEXITED(st) ? WEXITSTATUS(st) : -1, EXIT_CHECKPOINTED, "run signalled twice during a write", log);
+    expect_exit(WIFEXITED(st) ? WEXITSTATUS(st) : -1, EXIT_CHECKPOINTED, "run signalled twice during a write", log);
     dpoc_err err;
     assert_int_equal(dpoc_ckpt_verify(path_in(out, "checkpoint-2.h5"), &err), 0);
     long step = 0;
@@ -319,7 +297,7 @@ static void test_disk_full(void **state) {
     (void)state;
     const char *base = make_temp_dir();
     char *out = path_in(base, "out"), *log = path_in(base, "log");
-    expect_rc(run(1, out, "--set save_steps=2", "DPOC_TEST_SIGNAL_AT_STEP=2", log), EXIT_CHECKPOINTED, "first run",
+    expect_exit(run(1, out, "--set save_steps=2", "DPOC_TEST_SIGNAL_AT_STEP=2", log), EXIT_CHECKPOINTED, "first run",
               log);
     struct stat st;
     if (stat(path_in(out, "checkpoint-2.h5"), &st) != 0) fail_msg("no checkpoint-2.h5");
@@ -329,7 +307,7 @@ static void test_disk_full(void **state) {
     snprintf(limit_env, sizeof limit_env, "trap '' XFSZ; ulimit -f %ld; PMIX_MCA_gds=hash", (long)(st.st_size / 2048));
     int rc = run(1, out, "--set save_steps=2 --resume auto", limit_env, log);
     if (rc == 0) fail_msg("the run succeeded although no checkpoint fits");
-    log_contains(log, "writing the checkpoint failed");
+    expect_log_has(log, "writing the checkpoint failed");
     dpoc_err err;
     assert_int_equal(dpoc_ckpt_verify(path_in(out, "checkpoint-2.h5"), &err), 0);
     FILE *f = fopen(path_in(out, "latest"), "r");
@@ -344,7 +322,7 @@ static void test_h5py_reads_files(void **state) {
     (void)state;
     const char *base = make_temp_dir();
     char *out = path_in(base, "out"), *log = path_in(base, "log");
-    expect_rc(run(1, out, "", NULL, log), 0, "run", log);
+    expect_exit(run(1, out, "", NULL, log), 0, "run", log);
     char cmd[2048];
     snprintf(cmd, sizeof cmd,
              "/usr/bin/python3 -c \"import h5py, json, numpy as np\n"

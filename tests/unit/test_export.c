@@ -31,10 +31,7 @@
 
 static int setup(void **state) {
     (void)state;
-    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
-    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
-    setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 1);
-    setenv("OPENBLAS_NUM_THREADS", "1", 1);
+    set_mpi_test_env();
     /* relative model paths in the configs are taken from the source tree, as the CLI runs are */
     if (chdir(DPOC_SOURCE_DIR) != 0) return -1;
     return 0;
@@ -75,25 +72,7 @@ static int sh(const char *fmt, ...) {
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
-static void expect_rc(int rc, int want, const char *what, const char *log) {
-    if (rc == want) return;
-    static char shown[16384];
-    char *text = read_text_file(log, NULL);
-    snprintf(shown, sizeof shown, "%s", text ? text : "(no log)");
-    free(text);
-    fail_msg("%s exited %d (expected %d):\n%s", what, rc, want, shown);
-}
 
-static void log_contains(const char *log, const char *needle) {
-    char *text = read_text_file(log, NULL);
-    if (!text || !strstr(text, needle)) {
-        static char shown[16384];
-        snprintf(shown, sizeof shown, "%s", text ? text : "");
-        free(text);
-        fail_msg("log does not mention '%s':\n%s", needle, shown);
-    }
-    free(text);
-}
 
 static int files_equal(const char *a, const char *b) {
     size_t na, nb;
@@ -113,7 +92,7 @@ static int run_export(const char *cwd, const char *args, const char *log) {
 static void train3(const char *model, const char *out, const char *log) {
     int rc = sh("cd '%s' && '%s' train --config configs/%s.json --set output_dir=%s --set max_steps=3 >> '%s' 2>&1",
                 DPOC_SOURCE_DIR, DPOC_BIN, model, out, log);
-    expect_rc(rc, 0, "training", log);
+    expect_exit(rc, 0, "training", log);
 }
 
 /* ---- the checkpoint, read with the HDF5 C API ---- */
@@ -358,7 +337,7 @@ static void compare_with_transformers(const char *dir, const char *work) {
                 "print(json.dumps(lp[:-1].gather(-1, ids[0, 1:, None])[:, 0].tolist()))\n"
                 "\" '%s' > '%s' 2> '%s'",
                 py, ids, dir, out, log);
-    expect_rc(rc, 0, "transformers on the export", log);
+    expect_exit(rc, 0, "transformers on the export", log);
     char *text = read_text_file(out, NULL);
     cJSON *j = text ? cJSON_Parse(text) : NULL;
     free(text);
@@ -388,10 +367,10 @@ static void export_model(const char *model) {
     train3(model, run, log);
 
     snprintf(args, sizeof args, "--checkpoint '%s' --out '%s'", ckpt, fp32);
-    expect_rc(run_export(NULL, args, log), 0, "export fp32", log);
-    log_contains(log, "model.safetensors");
+    expect_exit(run_export(NULL, args, log), 0, "export fp32", log);
+    expect_log_has(log, "model.safetensors");
     snprintf(args, sizeof args, "--checkpoint '%s' --out '%s' --dtype bf16", ckpt, bf16);
-    expect_rc(run_export(NULL, args, log), 0, "export bf16", log);
+    expect_exit(run_export(NULL, args, log), 0, "export bf16", log);
 
     ckpt_tensors c;
     ckpt_load(ckpt, &c);
@@ -458,11 +437,11 @@ static void test_model_dir_and_tokenizer_files(void **state) {
         fail_msg("cannot prepare %s", moved);
     /* run from another directory: the relative model_name_or_path is not found, and the message says so */
     snprintf(args, sizeof args, "--checkpoint '%s' --out '%s'", ckpt, out);
-    expect_rc(run_export(base, args, log), 2, "export from another directory", log);
-    log_contains(log, "model_name_or_path 'tests/fixtures/tiny-llama'");
-    log_contains(log, "--model-dir");
+    expect_exit(run_export(base, args, log), 2, "export from another directory", log);
+    expect_log_has(log, "model_name_or_path 'tests/fixtures/tiny-llama'");
+    expect_log_has(log, "--model-dir");
     snprintf(args, sizeof args, "--checkpoint '%s' --out '%s' --model-dir '%s'", ckpt, out, moved);
-    expect_rc(run_export(base, args, log), 0, "export with --model-dir", log);
+    expect_exit(run_export(base, args, log), 0, "export with --model-dir", log);
     check_config(moved, out, "float32", "dtype"); /* transformers_version 5.23.0: "dtype" */
     const char *copied[3] = {"tokenizer.json", "chat_template.jinja", "merges.txt"};
     for (int i = 0; i < 3; i++)
@@ -477,8 +456,8 @@ static void test_model_dir_and_tokenizer_files(void **state) {
     ckpt_free(&c);
     /* exporting into the source directory itself is refused */
     snprintf(args, sizeof args, "--checkpoint '%s' --out '%s' --model-dir '%s'", ckpt, moved, moved);
-    expect_rc(run_export(NULL, args, log), 2, "export over the source", log);
-    log_contains(log, "is the source model directory");
+    expect_exit(run_export(NULL, args, log), 2, "export over the source", log);
+    expect_log_has(log, "is the source model directory");
 }
 
 static void test_bad_input(void **state) {
@@ -489,8 +468,8 @@ static void test_bad_input(void **state) {
     train3("tiny-qwen2", run, log);
 
     snprintf(args, sizeof args, "--checkpoint '%s/none.h5' --out '%s'", base, out);
-    expect_rc(run_export(NULL, args, log), 2, "missing checkpoint", log);
-    log_contains(log, "none.h5");
+    expect_exit(run_export(NULL, args, log), 2, "missing checkpoint", log);
+    expect_log_has(log, "none.h5");
 
     /* a byte flipped in the last tensor data (the optimizer's moments are written last) */
     if (sh("cp '%s' '%s'", ckpt, bad) != 0) fail_msg("cp failed");
@@ -503,25 +482,25 @@ static void test_bad_input(void **state) {
     fputc(ch ^ 0x5a, f);
     fclose(f);
     snprintf(args, sizeof args, "--checkpoint '%s' --out '%s'", bad, out);
-    expect_rc(run_export(NULL, args, log), 2, "corrupted checkpoint", log);
-    log_contains(log, "bad.h5");
-    log_contains(log, "corrupted");
+    expect_exit(run_export(NULL, args, log), 2, "corrupted checkpoint", log);
+    expect_log_has(log, "bad.h5");
+    expect_log_has(log, "corrupted");
     assert_int_not_equal(stat(out, &st), 0); /* nothing written */
 
     /* a checkpoint of another model than the directory given */
     snprintf(args, sizeof args, "--checkpoint '%s' --out '%s' --model-dir tests/fixtures/tiny-llama", ckpt, out);
-    expect_rc(run_export(NULL, args, log), 2, "other model", log);
-    log_contains(log, "tests/fixtures/tiny-llama/config.json");
-    log_contains(log, "another model");
+    expect_exit(run_export(NULL, args, log), 2, "other model", log);
+    expect_log_has(log, "tests/fixtures/tiny-llama/config.json");
+    expect_log_has(log, "another model");
 
     snprintf(args, sizeof args, "--checkpoint '%s' --out '%s' --dtype fp16", ckpt, out);
-    expect_rc(run_export(NULL, args, log), 2, "--dtype fp16", log);
-    log_contains(log, "--dtype 'fp16'");
+    expect_exit(run_export(NULL, args, log), 2, "--dtype fp16", log);
+    expect_log_has(log, "--dtype 'fp16'");
     snprintf(args, sizeof args, "--checkpoint '%s'", ckpt);
-    expect_rc(run_export(NULL, args, log), 2, "no --out", log);
-    expect_rc(run_export(NULL, "--checkpoint", log), 2, "no value", log);
-    expect_rc(run_export(NULL, "--help", log), 0, "--help", log);
-    log_contains(log, "usage: dpoc export");
+    expect_exit(run_export(NULL, args, log), 2, "no --out", log);
+    expect_exit(run_export(NULL, "--checkpoint", log), 2, "no value", log);
+    expect_exit(run_export(NULL, "--help", log), 0, "--help", log);
+    expect_log_has(log, "usage: dpoc export");
 
     /* the library reports the same without a CLI */
     dpoc_err err;

@@ -26,11 +26,7 @@ static const char *const MODELS[] = {"tiny-llama", "tiny-qwen2"};
 
 static int setup(void **state) {
     (void)state;
-    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
-    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
-    /* containers often forbid the ptrace-based single-copy path */
-    setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 1);
-    setenv("OPENBLAS_NUM_THREADS", "1", 1);
+    set_mpi_test_env();
     return 0;
 }
 
@@ -144,11 +140,6 @@ static void test_invariance(void **state) {
     }
 }
 
-static void expect_log_contains(const char *log, const char *needle) {
-    char *text = read_text_file(log, NULL);
-    if (!text || !strstr(text, needle)) fail_msg("log does not mention '%s':\n%s", needle, text ? text : "");
-    free(text);
-}
 
 static void test_replica_mismatch(void **state) {
     (void)state;
@@ -160,8 +151,8 @@ static void test_replica_mismatch(void **state) {
     int rc = run_mpi(2, "tiny-llama", out, "--set per_device_train_batch_size=2", log);
     unsetenv("DPOC_TEST_PERTURB");
     assert_int_not_equal(rc, 0);
-    expect_log_contains(log, "replica mismatch");
-    expect_log_contains(log, "'model.layers.1.mlp.up_proj.weight'");
+    expect_log_has(log, "replica mismatch");
+    expect_log_has(log, "'model.layers.1.mlp.up_proj.weight'");
 }
 
 static void test_fail_fast(void **state) {
@@ -176,8 +167,8 @@ static void test_fail_fast(void **state) {
     double dt = now_s() - t0;
     unsetenv("DPOC_TEST_FAIL_AT");
     assert_int_not_equal(rc, 0);
-    expect_log_contains(log, "rank 1 of 2");
-    expect_log_contains(log, "failing at step 3");
+    expect_log_has(log, "rank 1 of 2");
+    expect_log_has(log, "failing at step 3");
     if (dt > FAIL_FAST_LIMIT_S) fail_msg("the job took %.1f s to end after a rank failed", dt);
 }
 
@@ -193,7 +184,7 @@ static void test_hang_watchdog(void **state) {
     double dt = now_s() - t0;
     unsetenv("DPOC_TEST_HANG_AT");
     assert_int_not_equal(rc, 0);
-    expect_log_contains(log, "no progress for");
+    expect_log_has(log, "no progress for");
     if (dt > FAIL_FAST_LIMIT_S) fail_msg("the job took %.1f s to end after a rank hung", dt);
 }
 

@@ -76,3 +76,30 @@ const char *make_temp_dir(void) {
     if (!mkdtemp(buf)) fail_msg("mkdtemp failed");
     return buf;
 }
+
+void set_mpi_test_env(void) {
+    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
+    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
+    setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 1);
+    setenv("OPENBLAS_NUM_THREADS", "1", 1);
+}
+
+/* the log's text in a static buffer, since fail_msg does not return */
+static const char *shown_log(const char *log) {
+    static char shown[16384];
+    char *text = read_text_file(log, NULL);
+    snprintf(shown, sizeof shown, "%s", text ? text : "(no log)");
+    free(text);
+    return shown;
+}
+
+void expect_exit(int rc, int want, const char *what, const char *log) {
+    if (rc != want) fail_msg("%s exited %d (expected %d):\n%s", what, rc, want, shown_log(log));
+}
+
+void expect_log_has(const char *log, const char *needle) {
+    char *text = read_text_file(log, NULL);
+    int ok = text && strstr(text, needle);
+    free(text);
+    if (!ok) fail_msg("log does not mention '%s':\n%s", needle, shown_log(log));
+}

@@ -30,6 +30,16 @@ double rel_maxabs_err(const float *a, const float *b, size_t n, double floor);
 void assert_close(double a, double b, double rtol, double atol, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
 
+/* Environment for running dpoc through mpirun in tests: as root Open MPI needs
+ * its two opt-in variables, containers want no ptrace single-copy, one BLAS thread. */
+void set_mpi_test_env(void);
+
+/* Fails (with the log shown) unless rc == want. */
+void expect_exit(int rc, int want, const char *what, const char *log);
+
+/* Fails (with the log shown) unless the log file contains needle. */
+void expect_log_has(const char *log, const char *needle);
+
 /* A fresh temporary directory (mkdtemp under /tmp); returns a static copy. */
 const char *make_temp_dir(void);
 
