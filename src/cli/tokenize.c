@@ -10,6 +10,7 @@
 #include "commands.h"
 #include "dpoc/err.h"
 #include "dpoc/chat.h"
+#include "dpoc/gguf.h"
 #include "dpoc/tokenizer.h"
 #include "core/fileutil.h"
 
@@ -194,14 +195,19 @@ int dpoc_cli_tokenize(int argc, char **argv) {
                         "are required (see dpoc tokenize --help)\n");
         return DPOC_EINPUT;
     }
-    if (ends_with(tok_path, ".gguf")) {
-        fprintf(stderr, "dpoc tokenize: GGUF tokenizers need the GGUF reader (not yet available)\n");
-        return DPOC_EINPUT;
-    }
     dpoc_err err;
     dpoc_err_clear(&err);
     dpoc_tokenizer *tok = NULL;
-    int rc = dpoc_tokenizer_load(&tok, tok_path, &err);
+    dpoc_gguf *gguf = NULL; /* kept open while the tokenizer built from its metadata is used */
+    int rc;
+    if (ends_with(tok_path, ".gguf")) {
+        dpoc_tokenizer_spec spec;
+        rc = dpoc_gguf_open(&gguf, tok_path, &err);
+        if (!rc) rc = dpoc_gguf_tokenizer_spec(gguf, &spec, &err);
+        if (!rc) rc = dpoc_tokenizer_from_spec(&tok, &spec, &err);
+    } else {
+        rc = dpoc_tokenizer_load(&tok, tok_path, &err);
+    }
     if (!rc) {
         if (text) {
             dpoc_ids ids = {0};
@@ -217,6 +223,7 @@ int dpoc_cli_tokenize(int argc, char **argv) {
         }
     }
     dpoc_tokenizer_free(tok);
+    dpoc_gguf_close(gguf);
     if (!rc && fflush(stdout) != 0) rc = dpoc_errf(&err, DPOC_EIO, "writing to stdout failed");
     if (rc) fprintf(stderr, "dpoc tokenize: error: %s\n", err.msg);
     return rc;

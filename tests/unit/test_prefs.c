@@ -192,8 +192,7 @@ static int sh(const char *cmd) {
 }
 
 /* `dpoc tokenize --messages` prints the rendered chat and the ids TRL's prompt has */
-static void test_cli_messages(void **state) {
-    (void)state;
+static void check_cli_messages(const char *tokenizer) {
     const char *dir = make_temp_dir();
     char cmd[2048], path[512];
     snprintf(path, sizeof path, "%s/m.json", dir);
@@ -201,7 +200,7 @@ static void test_cli_messages(void **state) {
     fputs("[{\"role\": \"user\", \"content\": \"What color is the sky?\"}]", f);
     fclose(f);
     snprintf(cmd, sizeof cmd, "'%s' tokenize --tokenizer '%s' --messages '%s' --add-generation-prompt | tail -n 1 > '%s/ids'",
-             DPOC_BIN, fixture_path("tokenizer/smollm2"), path, dir);
+             DPOC_BIN, tokenizer, path, dir);
     assert_int_equal(sh(cmd), 0);
     snprintf(path, sizeof path, "%s/ids", dir);
     char *text = read_text_file(path, NULL);
@@ -217,6 +216,29 @@ static void test_cli_messages(void **state) {
     same_ids(got, n, want, "tokenize --messages");
     free(text);
     cJSON_Delete(exp);
+}
+
+static void test_cli_messages(void **state) {
+    (void)state;
+    char tok[1024];
+    snprintf(tok, sizeof tok, "%s", fixture_path("tokenizer/smollm2"));
+    check_cli_messages(tok);
+}
+
+/* the same from the SmolLM2 GGUF's own metadata (tokenizer and chat template), when fetched */
+static void test_cli_messages_gguf(void **state) {
+    (void)state;
+    char path[1024];
+    const char *env = getenv("DPOC_MODEL_GGUF"), *home = getenv("HOME");
+    if (env) snprintf(path, sizeof path, "%s", env);
+    else snprintf(path, sizeof path, "%s/.cache/dpoc/models/SmolLM2-135M-Instruct.Q4_1.gguf", home ? home : "");
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        printf("SKIPPED test_cli_messages_gguf: %s absent (tools/fetch-model)\n", path);
+        skip();
+    }
+    fclose(f);
+    check_cli_messages(path);
 }
 
 static void make_bpe_model(const char *dir, size_t vocab);
@@ -345,7 +367,7 @@ int main(void) {
         cmocka_unit_test(test_conversational_explicit), cmocka_unit_test(test_conversational_implicit),
         cmocka_unit_test(test_json_array),              cmocka_unit_test(test_bad_records),
         cmocka_unit_test(test_cli_messages),            cmocka_unit_test(test_train_each_format),
-        cmocka_unit_test(test_data_check),
+        cmocka_unit_test(test_data_check),              cmocka_unit_test(test_cli_messages_gguf),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
