@@ -215,30 +215,38 @@ static void test_flipped_bytes_detected(void **state) {
     check_fallback(0);
 }
 
+/* Starts `dpoc train` (save_steps 2, max_steps 6) in a child that pauses inside the
+ * checkpoint write of pause_step for pause_s seconds; returns once it announced the
+ * pause (*paused = 0 if it never did). */
+static pid_t spawn_paused_writer(const char *out, const char *log, int pause_step, int pause_s, int *paused) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        char cmd[2048];
+        snprintf(cmd, sizeof cmd,
+                 "cd '%s' && DPOC_TEST_PAUSE_IN_CHECKPOINT=%d:%d exec '%s' train --config configs/tiny-qwen2.json "
+                 "--set output_dir=%s --set max_steps=6 --set save_steps=2 > '%s' 2>&1",
+                 DPOC_SOURCE_DIR, pause_step, pause_s, DPOC_BIN, out, log);
+        execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
+        _exit(127);
+    }
+    *paused = 0;
+    for (int i = 0; i < 1200 && !*paused; i++) {
+        usleep(50000);
+        char *text = read_text_file(log, NULL);
+        *paused = text && strstr(text, "pausing inside the checkpoint write");
+        free(text);
+    }
+    return pid;
+}
+
 /* kill -9 while checkpoint-4 is half written: checkpoint-2 stays the latest and resume works */
 static void test_kill_during_write(void **state) {
     (void)state;
     const char *base = make_temp_dir();
     char *straight = path_in(base, "straight"), *out = path_in(base, "out"), *log = path_in(base, "log");
     expect_exit(run(1, straight, "", NULL, log), 0, "uninterrupted run", log);
-    pid_t pid = fork();
-    if (pid == 0) {
-        char cmd[2048];
-        snprintf(cmd, sizeof cmd,
-                 "cd '%s' && DPOC_TEST_PAUSE_IN_CHECKPOINT=4:60 exec '%s' train --config configs/tiny-qwen2.json "
-                 "--set output_dir=%s --set max_steps=6 --set save_steps=2 > '%s' 2>&1",
-                 DPOC_SOURCE_DIR, DPOC_BIN, out, log);
-        execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
-        _exit(127);
-    }
-    /* wait until the writer announces the pause */
-    int paused = 0;
-    for (int i = 0; i < 600 && !paused; i++) {
-        usleep(100000);
-        char *text = read_text_file(log, NULL);
-        paused = text && strstr(text, "pausing inside the checkpoint write");
-        free(text);
-    }
+    int paused;
+    pid_t pid = spawn_paused_writer(out, log, 4, 60, &paused);
     kill(pid, SIGKILL);
     waitpid(pid, NULL, 0);
     if (!paused) fail_msg("the writer never reached the pause");
@@ -261,23 +269,8 @@ static void test_signals_during_write(void **state) {
     (void)state;
     const char *base = make_temp_dir();
     char *out = path_in(base, "out"), *log = path_in(base, "log");
-    pid_t pid = fork();
-    if (pid == 0) {
-        char cmd[2048];
-        snprintf(cmd, sizeof cmd,
-                 "cd '%s' && DPOC_TEST_PAUSE_IN_CHECKPOINT=2:2 exec '%s' train --config configs/tiny-qwen2.json "
-                 "--set output_dir=%s --set max_steps=6 --set save_steps=2 > '%s' 2>&1",
-                 DPOC_SOURCE_DIR, DPOC_BIN, out, log);
-        execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
-        _exit(127);
-    }
-    int paused = 0;
-    for (int i = 0; i < 600 && !paused; i++) {
-        usleep(50000);
-        char *text = read_text_file(log, NULL);
-        paused = text && strstr(text, "pausing inside the checkpoint write");
-        free(text);
-    }
+    int paused;
+    pid_t pid = spawn_paused_writer(out, log, 2, 2, &paused);
     kill(pid, SIGUSR1);
     usleep(100000);
     kill(pid, SIGTERM);
