@@ -42,4 +42,8 @@ int dpoc_export_checkpoint(const char *ckpt, const char *out_dir, int bf16, dpoc
 int dpoc_export_checkpoint_ex(const char *ckpt, const char *model_dir, const char *out_dir, int bf16,
                               dpoc_export_info *info, dpoc_err *err);
 
+/* The model (and tokenizer) the checkpoint's run started from: model_name_or_path
+ * and tokenizer_name_or_path (defaulting to the model) of its config attribute. */
+int dpoc_ckpt_run_source(const char *ckpt, char *model, size_t model_n, char *tok, size_t tok_n, dpoc_err *err);
+
 #endif

@@ -8,5 +8,8 @@ int dpoc_cli_bench_comm(int argc, char **argv, int *pargc, char ***pargv);
 int dpoc_cli_tokenize(int argc, char **argv);
 int dpoc_cli_data_check(int argc, char **argv);
 int dpoc_cli_export(int argc, char **argv);
+int dpoc_cli_generate(int argc, char **argv);
+int dpoc_cli_build_pairs(int argc, char **argv);
+int dpoc_cli_perplexity(int argc, char **argv);
 
 #endif

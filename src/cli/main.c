@@ -20,6 +20,9 @@ static void usage(FILE *f) {
             "  data-check --config FILE.json                     tokenize the training set and report on it\n"
             "  bench-comm [--max-bytes N] [--json]              time MPI_Allreduce, fit alpha-beta (see `dpoc bench-comm --help`)\n"
             "  export --checkpoint FILE.h5 --out DIR            write a checkpoint as a Hugging Face model (see `dpoc export --help`)\n"
+            "  generate --model PATH (--prompt S | --prompts F)  answer chat prompts (see `dpoc generate --help`)\n"
+            "  build-pairs --model PATH --prompts F --replace OLD=NEW --out F   preference pairs from the model's answers\n"
+            "  perplexity --model PATH --data F.jsonl           score given answers (mean NLL, perplexity)\n"
             "  --help                                           this text\n"
             "  --version                                        print the version\n",
             DPOC_VERSION);
@@ -112,6 +115,9 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "data-check")) return dpoc_cli_data_check(argc - 2, argv + 2);
     if (!strcmp(argv[1], "bench-comm")) return dpoc_cli_bench_comm(argc - 2, argv + 2, &argc, &argv);
     if (!strcmp(argv[1], "export")) return dpoc_cli_export(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "generate")) return dpoc_cli_generate(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "build-pairs")) return dpoc_cli_build_pairs(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "perplexity")) return dpoc_cli_perplexity(argc - 2, argv + 2);
     fprintf(stderr, "dpoc: unknown command '%s' (see dpoc --help)\n", argv[1]);
     return DPOC_EINPUT;
 }

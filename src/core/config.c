@@ -232,7 +232,7 @@ static int set_must_be_true(dpoc_config *c, const key_def *k, const cJSON *v, co
 }
 
 static const key_def KEYS[] = {
-    {"model_name_or_path", K_PATH, OFF(model_name_or_path), 0, 0, 0, 0, "policy model: a Hugging Face model directory"},
+    {"model_name_or_path", K_PATH, OFF(model_name_or_path), 0, 0, 0, 0, "policy model: a GGUF file or a Hugging Face model directory"},
     {"ref_model_name_or_path", K_PATH, OFF(ref_model_name_or_path), 0, 0, 0, 0,
      "reference model directory (default: a frozen copy of the starting policy)"},
     {"train_file", K_PATH, OFF(train_file), 0, 0, 0, 0,

@@ -6,6 +6,7 @@
 #include "core/fileutil.h"
 #include "dpoc/model.h"
 #include "dpoc/safetensors.h"
+#include "dpoc/source.h"
 
 int dpoc_model_write_safetensors(const dpoc_model *m, const char *path, int bf16, dpoc_err *err) {
     const char **names = dpoc_malloc(m->n_tensors * sizeof *names, "tensor names", err);
@@ -41,11 +42,9 @@ int dpoc_model_save(const dpoc_model *m, const char *dir, const char *src_dir, d
     int rc = dpoc_model_write_safetensors(m, tmp, 0, err);
     if (!rc) rc = dpoc_commit_file(tmp, path, err);
     if (!rc && src_dir) {
-        char src[4200];
         char *text = NULL;
         size_t len = 0;
-        if (!(rc = dpoc_path_join(src, sizeof src, src_dir, "config.json", err)) &&
-            !(rc = dpoc_read_file(src, &text, &len, err)))
+        if (!(rc = dpoc_source_config_json(src_dir, &text, &len, err)))
             rc = dpoc_write_file_atomic(dir, "config.json", text, len, err);
         free(text);
     }

@@ -17,6 +17,7 @@
 #include "dpoc/config.h"
 #include "dpoc/model.h"
 #include "dpoc/safetensors.h"
+#include "dpoc/source.h"
 
 /* Tokenizer files, copied from the tokenizer directory when present. */
 static const char *const TOKENIZER_FILES[] = {
@@ -188,8 +189,10 @@ static int write_config(const char *src_dir, const char *out_dir, int bf16, dpoc
     char src[EXPORT_PATH_MAX];
     char *text = NULL, *outbuf = NULL;
     size_t len = 0;
-    DPOC_TRY(dpoc_path_join(src, sizeof src, src_dir, "config.json", err));
-    DPOC_TRY(dpoc_read_file(src, &text, &len, err));
+    /* a GGUF source: the config.json dpoc writes for it (dtype float32, replaced below) */
+    if (dpoc_source_is_gguf(src_dir)) snprintf(src, sizeof src, "%s", src_dir);
+    else DPOC_TRY(dpoc_path_join(src, sizeof src, src_dir, "config.json", err));
+    DPOC_TRY(dpoc_source_config_json(src_dir, &text, &len, err));
     cJSON *root = cJSON_ParseWithLength(text, len);
     int rc = 0;
     const char *value = bf16 ? "\"bfloat16\"" : "\"float32\"";
@@ -285,8 +288,9 @@ int dpoc_export_checkpoint_ex(const char *ckpt, const char *model_dir, const cha
     snprintf(mdir, sizeof mdir, "%s", model_dir ? model_dir : from_cfg);
     if (model_dir) tok = NULL; /* --model-dir names the whole source: tokenizer files too */
     snprintf(tdir, sizeof tdir, "%s", tok ? tok : mdir);
-    if ((rc = check_dir(mdir, ckpt, model_dir ? NULL : "model_name_or_path", err))) goto out;
-    if (tok && (rc = check_dir(tdir, ckpt, "tokenizer_name_or_path", err))) goto out;
+    const int gguf = dpoc_source_is_gguf(mdir);
+    if (!gguf && (rc = check_dir(mdir, ckpt, model_dir ? NULL : "model_name_or_path", err))) goto out;
+    if (tok && !dpoc_source_is_gguf(tdir) && (rc = check_dir(tdir, ckpt, "tokenizer_name_or_path", err))) goto out;
     if (same_directory(out_dir, mdir) || same_directory(out_dir, tdir)) {
         rc = dpoc_errf(err, DPOC_EINPUT, "%s: is the source model directory of %s; export to another directory",
                        out_dir, ckpt);
@@ -295,8 +299,9 @@ int dpoc_export_checkpoint_ex(const char *ckpt, const char *model_dir, const cha
 
     /* the model's table from the source config.json, the weights from the checkpoint */
     dpoc_model_config mc;
-    if ((rc = dpoc_path_join(cfg_path, sizeof cfg_path, mdir, "config.json", err))) goto out;
-    if ((rc = dpoc_hf_config_read(&mc, cfg_path, err))) goto out;
+    if (gguf) snprintf(cfg_path, sizeof cfg_path, "%s", mdir);
+    else if ((rc = dpoc_path_join(cfg_path, sizeof cfg_path, mdir, "config.json", err))) goto out;
+    if ((rc = dpoc_source_model_config(mdir, &mc, err))) goto out;
     if ((rc = dpoc_model_init(&m, &mc, err))) goto out;
     if ((rc = dpoc_ckpt_read_weights(ckpt, &m, err))) {
         dpoc_err_prefix(err, "with the model of %s", cfg_path);
@@ -307,9 +312,10 @@ int dpoc_export_checkpoint_ex(const char *ckpt, const char *model_dir, const cha
     size_t copied = 0;
     if ((rc = write_weights(&m, out_dir, bf16, err))) goto out;
     if ((rc = write_config(mdir, out_dir, bf16, err))) goto out;
-    for (size_t i = 0; !rc && i < sizeof MODEL_FILES / sizeof MODEL_FILES[0]; i++)
+    /* a GGUF holds its tokenizer: the exported config.json names it in _name_or_path */
+    for (size_t i = 0; !gguf && !rc && i < sizeof MODEL_FILES / sizeof MODEL_FILES[0]; i++)
         rc = copy_if_present(mdir, out_dir, MODEL_FILES[i], &copied, err);
-    for (size_t i = 0; !rc && i < sizeof TOKENIZER_FILES / sizeof TOKENIZER_FILES[0]; i++)
+    for (size_t i = 0; !dpoc_source_is_gguf(tdir) && !rc && i < sizeof TOKENIZER_FILES / sizeof TOKENIZER_FILES[0]; i++)
         rc = copy_if_present(tdir, out_dir, TOKENIZER_FILES[i], &copied, err);
     if (!rc) rc = dpoc_fsync_path(out_dir, 1, err);
     if (!rc && info) {
@@ -327,4 +333,17 @@ out:
 
 int dpoc_export_checkpoint(const char *ckpt, const char *out_dir, int bf16, dpoc_err *err) {
     return dpoc_export_checkpoint_ex(ckpt, NULL, out_dir, bf16, NULL, err);
+}
+
+int dpoc_ckpt_run_source(const char *ckpt, char *model, size_t model_n, char *tok, size_t tok_n, dpoc_err *err) {
+    cJSON *cfg = NULL;
+    DPOC_TRY(read_run_config(ckpt, &cfg, err));
+    const char *m = config_string(cfg, "model_name_or_path");
+    const char *t = config_string(cfg, "tokenizer_name_or_path");
+    int rc = 0;
+    if (!m) rc = dpoc_errf(err, DPOC_EINPUT, "%s: the checkpoint's config names no model_name_or_path", ckpt);
+    else if ((size_t)snprintf(model, model_n, "%s", m) >= model_n || (size_t)snprintf(tok, tok_n, "%s", t ? t : m) >= tok_n)
+        rc = dpoc_errf(err, DPOC_EINPUT, "%s: model path too long", ckpt);
+    cJSON_Delete(cfg);
+    return rc;
 }

@@ -31,6 +31,7 @@
 #include "core/rng.h"
 #include "dpoc/chat.h"
 #include "dpoc/loss.h"
+#include "dpoc/source.h"
 
 enum { W_REW_C, W_REW_R, W_REW_ACC, W_REW_MARGIN, W_LOGP_C, W_LOGP_R, W_LOGIT_C, W_LOGIT_R, W_ENTROPY, W_TOK_ACC };
 /* PyTorch DDP's default bucket_cap_mb is in MiB */
@@ -83,11 +84,11 @@ static int init_optimizer(dpoc_trainer *t, dpoc_err *err) {
  * so a bad file ends every rank with rank 0's message instead of a hang. */
 static int load_model(dpoc_trainer *t, dpoc_model *m, const char *dir, dpoc_err *err) {
     dpoc_dist *d = t->dist;
-    if (!d || d->world == 1 || !t->cfg.model_loading_broadcast) return dpoc_model_load(m, dir, err);
+    if (!d || d->world == 1 || !t->cfg.model_loading_broadcast) return dpoc_source_load_model(m, dir, err);
     double status = 0;
     int rc = 0;
     if (d->rank == 0) {
-        rc = dpoc_model_load(m, dir, err);
+        rc = dpoc_source_load_model(m, dir, err);
         status = rc;
     }
     DPOC_TRY(dpoc_dist_sum_doubles(d, &status, 1, err));
@@ -96,10 +97,8 @@ static int load_model(dpoc_trainer *t, dpoc_model *m, const char *dir, dpoc_err 
         return rc;
     }
     if (d->rank != 0) {
-        char path[DPOC_PATH_MAX + 16];
         dpoc_model_config mc;
-        DPOC_TRY(dpoc_path_join(path, sizeof path, dir, "config.json", err));
-        DPOC_TRY(dpoc_hf_config_read(&mc, path, err));
+        DPOC_TRY(dpoc_source_model_config(dir, &mc, err));
         DPOC_TRY(dpoc_model_init(m, &mc, err));
     }
     return dpoc_dist_bcast_floats(d, m->params, m->numel, 0, err);
@@ -125,16 +124,14 @@ static void read_test_hooks(dpoc_test_hooks *h) {
     if (p && sscanf(p, "%d:%95s", &h->perturb_rank, h->perturb_tensor) != 2) h->perturb_rank = -1;
 }
 
-/* The tokenizer of tokenizer_name_or_path (default: the model directory) when it
- * has a tokenizer.json; text data sets need it, pre-tokenized ones do not. */
+/* The tokenizer of tokenizer_name_or_path (default: the model), a GGUF's or a
+ * directory's tokenizer.json; text data sets need it, pre-tokenized ones do not. */
 static int load_data(dpoc_trainer *t, dpoc_err *err) {
     const dpoc_config *cfg = &t->cfg;
     const char *tdir = cfg->tokenizer_name_or_path[0] ? cfg->tokenizer_name_or_path : cfg->model_name_or_path;
-    char path[DPOC_PATH_MAX + 32];
-    DPOC_TRY(dpoc_path_join(path, sizeof path, tdir, "tokenizer.json", err));
-    FILE *probe = fopen(path, "rb");
-    if (probe) fclose(probe);
-    if (probe || cfg->tokenizer_name_or_path[0]) DPOC_TRY(dpoc_tokenizer_load(&t->tok, tdir, err));
+    DPOC_TRY(dpoc_source_load_tokenizer(&t->tok, tdir, err));
+    if (!t->tok && cfg->tokenizer_name_or_path[0])
+        return dpoc_errf(err, DPOC_EINPUT, "tokenizer_name_or_path '%s' has no tokenizer.json", tdir);
     int chat_kind = -1;
     if (strcmp(cfg->chat_template, "auto") != 0) {
         chat_kind = dpoc_chat_kind_from_name(cfg->chat_template);

@@ -1,0 +1,217 @@
+/* Model, tokenizer and prompts for the model-using commands (see lm.h). */
+#include "lm.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+
+#include "core/fileutil.h"
+#include "dpoc/chat.h"
+#include "dpoc/checkpoint.h"
+#include "dpoc/config.h"
+#include "dpoc/export.h"
+#include "dpoc/source.h"
+
+static int ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), m = strlen(suffix);
+    return n >= m && !strcmp(s + n - m, suffix);
+}
+
+/* A checkpoint: verified, then its weights over the model its run started from. */
+static int open_checkpoint(cli_lm *lm, const char *ckpt, char *tok_src, size_t tok_n, dpoc_err *err) {
+    char src[DPOC_PATH_MAX];
+    DPOC_TRY(dpoc_ckpt_verify(ckpt, err));
+    DPOC_TRY(dpoc_ckpt_run_source(ckpt, src, sizeof src, tok_src, tok_n, err));
+    dpoc_model_config cfg;
+    int rc = dpoc_source_model_config(src, &cfg, err);
+    if (rc) {
+        dpoc_err_prefix(err, "%s: the model its run started from", ckpt);
+        return rc;
+    }
+    DPOC_TRY(dpoc_model_init(&lm->model, &cfg, err));
+    return dpoc_ckpt_read_weights(ckpt, &lm->model, err);
+}
+
+int cli_lm_open(cli_lm *lm, const char *model_path, const char *tok_path, const char *chat_template, dpoc_err *err) {
+    memset(lm, 0, sizeof *lm);
+    lm->chat_kind = -1;
+    char tok_src[DPOC_PATH_MAX];
+    snprintf(tok_src, sizeof tok_src, "%s", model_path);
+    int rc = ends_with(model_path, ".h5") ? open_checkpoint(lm, model_path, tok_src, sizeof tok_src, err)
+                                          : dpoc_source_load_model(&lm->model, model_path, err);
+    if (!rc) rc = dpoc_source_load_tokenizer(&lm->tok, tok_path ? tok_path : tok_src, err);
+    if (!rc && !lm->tok)
+        rc = dpoc_errf(err, DPOC_EINPUT, "%s: no tokenizer found (name one with --tokenizer)",
+                       tok_path ? tok_path : tok_src);
+    if (!rc && chat_template && strcmp(chat_template, "auto") != 0) {
+        lm->chat_kind = dpoc_chat_kind_from_name(chat_template);
+        if (lm->chat_kind < 0)
+            rc = dpoc_errf(err, DPOC_EINPUT, "--chat-template '%s': expected chatml, qwen2.5, smollm2 or llama3",
+                           chat_template);
+    } else if (!rc) {
+        const char *jinja = dpoc_tokenizer_chat_template(lm->tok);
+        dpoc_chat_kind k;
+        if (!jinja) rc = dpoc_errf(err, DPOC_EINPUT, "the tokenizer has no chat template (choose one with --chat-template)");
+        else if (!(rc = dpoc_chat_detect(jinja, &k, err))) lm->chat_kind = (int)k;
+    }
+    if (rc) cli_lm_close(lm);
+    return rc;
+}
+
+void cli_lm_close(cli_lm *lm) {
+    if (lm->model.params || lm->model.info) dpoc_model_free(&lm->model);
+    dpoc_tokenizer_free(lm->tok);
+    memset(lm, 0, sizeof *lm);
+}
+
+int cli_lm_prompt(cli_lm *lm, const char *system, const char *user, dpoc_ids *out, dpoc_err *err) {
+    dpoc_chat_msg msgs[2];
+    size_t n = 0;
+    if (system) msgs[n++] = (dpoc_chat_msg){"system", system};
+    msgs[n++] = (dpoc_chat_msg){"user", user};
+    char *text = NULL;
+    size_t len = 0;
+    DPOC_TRY(dpoc_chat_render((dpoc_chat_kind)lm->chat_kind, msgs, n, 1, dpoc_tokenizer_bos_token(lm->tok), &text,
+                              &len, err));
+    /* the template writes every special token itself, as TRL and apply_chat_template tokenize it */
+    int rc = dpoc_tokenizer_encode(lm->tok, text, len, 0, out, err);
+    free(text);
+    return rc;
+}
+
+void cli_lm_stop_ids(const cli_lm *lm, dpoc_gen_opts *o) {
+    static const char *const END_OF_TURN[] = {"<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>"};
+    o->n_stop = 0;
+    int32_t eos = dpoc_tokenizer_eos_id(lm->tok);
+    if (eos >= 0) o->stop_ids[o->n_stop++] = eos;
+    for (size_t i = 0; i < sizeof END_OF_TURN / sizeof END_OF_TURN[0] && o->n_stop < DPOC_GEN_MAX_STOP; i++) {
+        int32_t id = dpoc_tokenizer_token_to_id(lm->tok, END_OF_TURN[i]);
+        if (id >= 0 && id != eos) o->stop_ids[o->n_stop++] = id;
+    }
+}
+
+int cli_lm_decode(cli_lm *lm, const dpoc_ids *ids, char **text, dpoc_err *err) {
+    size_t len = 0;
+    return dpoc_tokenizer_decode(lm->tok, ids->ids, ids->n, 1, text, &len, err);
+}
+
+/* ---- prompt files ---- */
+
+static int push_prompt(char ***v, size_t *n, size_t *cap, const char *s, size_t len, dpoc_err *err) {
+    if (*n == *cap) {
+        size_t c = *cap ? *cap * 2 : 64;
+        char **nv = realloc(*v, c * sizeof *nv);
+        if (!nv) return dpoc_errf(err, DPOC_ENOMEM, "out of memory reading prompts");
+        *v = nv, *cap = c;
+    }
+    char *d = malloc(len + 1);
+    if (!d) return dpoc_errf(err, DPOC_ENOMEM, "out of memory reading prompts");
+    memcpy(d, s, len);
+    d[len] = 0;
+    (*v)[(*n)++] = d;
+    return 0;
+}
+
+static int parse_array(const char *path, const char *text, size_t len, char ***v, size_t *n, size_t *cap,
+                       dpoc_err *err) {
+    cJSON *root = cJSON_ParseWithLength(text, len);
+    if (!cJSON_IsArray(root)) {
+        cJSON_Delete(root);
+        return dpoc_errf(err, DPOC_EINPUT, "%s: not a JSON array of strings", path);
+    }
+    int rc = 0;
+    size_t i = 0;
+    for (const cJSON *it = root->child; it && !rc; it = it->next, i++) {
+        if (!cJSON_IsString(it) || !it->valuestring[0])
+            rc = dpoc_errf(err, DPOC_EINPUT, "%s: element %zu is not a non-empty string", path, i);
+        else
+            rc = push_prompt(v, n, cap, it->valuestring, strlen(it->valuestring), err);
+    }
+    cJSON_Delete(root);
+    return rc;
+}
+
+int cli_read_prompts(const char *path, char ***prompts, size_t *n_out, dpoc_err *err) {
+    *prompts = NULL;
+    *n_out = 0;
+    char *text = NULL;
+    size_t len = 0, n = 0, cap = 0;
+    char **v = NULL;
+    DPOC_TRY(dpoc_read_file(path, &text, &len, err));
+    size_t first = 0;
+    while (first < len && (text[first] == ' ' || text[first] == '\n' || text[first] == '\t' || text[first] == '\r'))
+        first++;
+    int rc = 0;
+    if (first < len && text[first] == '[') {
+        rc = parse_array(path, text, len, &v, &n, &cap, err);
+    } else {
+        size_t lineno = 0;
+        for (size_t at = 0; at < len && !rc;) {
+            size_t end = at;
+            while (end < len && text[end] != '\n') end++;
+            lineno++;
+            size_t e = end;
+            while (e > at && (text[e - 1] == '\r' || text[e - 1] == ' ' || text[e - 1] == '\t')) e--;
+            size_t b = at;
+            while (b < e && (text[b] == ' ' || text[b] == '\t')) b++;
+            if (b < e && (text[b] == '{' || text[b] == '"')) {
+                cJSON *o = cJSON_ParseWithLength(text + b, e - b);
+                const cJSON *p = cJSON_IsObject(o) ? cJSON_GetObjectItemCaseSensitive(o, "prompt") : o;
+                if (!cJSON_IsString(p) || !p->valuestring[0])
+                    rc = dpoc_errf(err, DPOC_EINPUT, "%s:%zu: expected {\"prompt\": \"...\"} or a JSON string", path,
+                                   lineno);
+                else
+                    rc = push_prompt(&v, &n, &cap, p->valuestring, strlen(p->valuestring), err);
+                cJSON_Delete(o);
+            } else if (b < e) {
+                rc = push_prompt(&v, &n, &cap, text + b, e - b, err);
+            }
+            at = end + 1;
+        }
+    }
+    free(text);
+    if (!rc && !n) rc = dpoc_errf(err, DPOC_EINPUT, "%s: no prompts", path);
+    if (rc) {
+        cli_free_prompts(v, n);
+        return rc;
+    }
+    *prompts = v;
+    *n_out = n;
+    return 0;
+}
+
+void cli_free_prompts(char **prompts, size_t n) {
+    for (size_t i = 0; i < n; i++) free(prompts[i]);
+    free(prompts);
+}
+
+/* ---- option values ---- */
+
+int cli_parse_size(const char *opt, const char *s, size_t *out, dpoc_err *err) {
+    char *end = NULL;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (!s[0] || *end || errno || s[0] == '-') return dpoc_errf(err, DPOC_EINPUT, "%s '%s': expected a count", opt, s);
+    *out = (size_t)v;
+    return 0;
+}
+
+int cli_parse_u64(const char *opt, const char *s, uint64_t *out, dpoc_err *err) {
+    size_t v = 0;
+    DPOC_TRY(cli_parse_size(opt, s, &v, err));
+    *out = (uint64_t)v;
+    return 0;
+}
+
+int cli_parse_float(const char *opt, const char *s, float *out, dpoc_err *err) {
+    char *end = NULL;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (!s[0] || *end || errno || !isfinite(v)) return dpoc_errf(err, DPOC_EINPUT, "%s '%s': expected a number", opt, s);
+    *out = (float)v;
+    return 0;
+}
