@@ -3,12 +3,15 @@
  * Shapes in comments are row-major. Every backward ACCUMULATES (+=) into its
  * gradient outputs, which the caller zeroes; a NULL gradient pointer means
  * "not needed" (frozen weight or an input that needs no gradient).
- * The large products go through OpenBLAS cblas_sgemm. */
+ * The large products go through OpenBLAS cblas_sgemm; RMSNorm, RoPE, SwiGLU and
+ * attention have AVX2 and AVX-512 versions chosen at run time (see the end). */
 #ifndef DPOC_LAYERS_H
 #define DPOC_LAYERS_H
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "dpoc/err.h"
 
 /* out is (T,C), wte is (V,C), tokens is (T) */
 void embedding_forward(float *out, const int32_t *tokens, const float *wte, size_t T, size_t C);
@@ -39,13 +42,16 @@ void rope_forward(float *x, const float *cos_t, const float *sin_t, size_t T, si
 void rope_backward(float *dx, const float *cos_t, const float *sin_t, size_t T, size_t nh, size_t hd);
 
 /* Causal grouped-query attention. q (T, nh, hd), k and v (T, nkv, hd); head h uses
- * kv head h / (nh/nkv). scale = 1/sqrt(hd). att (nh, T, T) holds the softmax
- * probabilities (upper triangle zero) for backward. out (T, nh, hd). */
-void attention_forward(float *out, float *att, const float *q, const float *k, const float *v, size_t T,
+ * kv head h / (nh/nkv). scale = 1/sqrt(hd). out (T, nh, hd). No (nh,T,T)
+ * probability matrix is kept: the forward writes lse (nh, T), the logsumexp of
+ * each row's scaled scores, and the backward recomputes the probabilities from
+ * it (P = exp(score - lse)) with D = rowsum(dout * out): it needs the forward's
+ * out and lse. */
+void attention_forward(float *out, float *lse, const float *q, const float *k, const float *v, size_t T,
                        size_t nh, size_t nkv, size_t hd);
 void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q,
-                        const float *k, const float *v, const float *att, size_t T, size_t nh,
-                        size_t nkv, size_t hd);
+                        const float *k, const float *v, const float *out, const float *lse, size_t T,
+                        size_t nh, size_t nkv, size_t hd);
 
 /* SwiGLU: out (N) = silu(gate) * up, silu(x) = x * sigmoid(x). N = T * intermediate. */
 void swiglu_forward(float *out, const float *gate, const float *up, size_t N);
@@ -81,5 +87,21 @@ void lmhead_forward(lmhead_out *o, const float *h, const float *w, const int32_t
 void lmhead_backward(float *dh, float *dw, const float *dlogp, const float *h, const float *w,
                      const int32_t *labels, const float *lse, size_t R, size_t C, size_t V,
                      float *scratch);
+
+/* SIMD level of rmsnorm_*, rope_*, swiglu_*, attention_* and the AdamW step.
+ * The level is chosen once, at the first kernel call: the environment variable
+ * DPOC_SIMD (scalar, avx2 or avx512) when set and supported, else the best the
+ * CPU has (AVX-512 F/BW/DQ/VL, else AVX2+FMA, else the portable scalar code).
+ * All levels agree to within rounding (tests/unit/test_kernels.c). */
+typedef enum { DPOC_SIMD_SCALAR = 0, DPOC_SIMD_AVX2 = 1, DPOC_SIMD_AVX512 = 2 } dpoc_simd_level;
+#define DPOC_SIMD_LEVELS 3
+
+dpoc_simd_level dpoc_kernels_level(void);
+const char *dpoc_simd_name(dpoc_simd_level level);
+/* 1 when this build and this CPU can run the level. */
+int dpoc_kernels_supported(dpoc_simd_level level);
+/* Switches every later kernel call to level (tests, benchmarks); DPOC_EINPUT when
+ * unsupported. Not thread-safe: call it while no other thread runs kernels. */
+int dpoc_kernels_force(dpoc_simd_level level, dpoc_err *err);
 
 #endif

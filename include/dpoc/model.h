@@ -84,7 +84,7 @@ size_t dpoc_model_find(const dpoc_model *m, const char *name);
 /* Activations of one sequence, kept per layer so backward (or a recompute) can use them.
  * Sized for up to max_T tokens and max_R scored rows. */
 typedef struct {
-    float *x_in, *ln1, *rstd1, *q, *k, *v, *att, *atty, *x_mid, *ln2, *rstd2, *gate, *up, *act;
+    float *x_in, *ln1, *rstd1, *q, *k, *v, *att_lse, *atty, *x_mid, *ln2, *rstd2, *gate, *up, *act;
 } dpoc_layer_acts;
 
 typedef struct {

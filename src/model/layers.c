@@ -10,7 +10,10 @@
  *  - outputs never alias inputs (the pointers are restrict-qualified), except
  *    the in-place RoPE;
  *  - the large products go through OpenBLAS cblas_sgemm; long reductions
- *    (RMS mean, softmax and logsumexp sums) accumulate in double and round once.
+ *    (RMS mean, softmax and logsumexp sums) accumulate in double and round once;
+ *  - RMSNorm, RoPE, attention and SwiGLU are dispatched to a scalar, AVX2 or
+ *    AVX-512 implementation chosen at run time (src/model/kernels*.c); this
+ *    file keeps the embedding, the linear layers, the RoPE tables and the LM head.
  * Callers guarantee the shape invariants (hd even, nh a multiple of nkv, token
  * ids and labels in [0, V)); they are checked with assert() in debug builds. */
 #include "dpoc/layers.h"
@@ -21,6 +24,8 @@
 #include <string.h>
 
 #include <cblas.h>
+
+#include "model/kernels.h"
 
 /* Rows of the LM head processed together in the forward: the online-logsumexp
  * state of a block lives on the stack (no allocation in a void kernel), and each
@@ -72,44 +77,15 @@ void embedding_backward(float *restrict dwte, const float *restrict dout, const 
 /* ------------------------------------------------------------------------ */
 /* RMSNorm (LlamaRMSNorm / Qwen2RMSNorm) */
 
-/* out (T,C), rstd (T), inp (T,C), weight (C).
- * var = mean(x^2) (double accumulation, rounded to fp32 like the fp32 tensor),
- * rstd = 1/sqrt(var + eps) in fp32, out = weight * (x * rstd) in that order. */
-void rmsnorm_forward(float *restrict out, float *restrict rstd, const float *restrict inp,
-                     const float *restrict weight, size_t T, size_t C, float eps) {
-    for (size_t t = 0; t < T; t++) {
-        const float *restrict x = inp + t * C;
-        double ss = 0.0;
-        for (size_t i = 0; i < C; i++) ss += (double)x[i] * (double)x[i];
-        const float var = (float)(ss / (double)C);
-        const float r = 1.0f / sqrtf(var + eps);
-        float *restrict o = out + t * C;
-        for (size_t i = 0; i < C; i++) o[i] = weight[i] * (x[i] * r);
-        rstd[t] = r;
-    }
+/* out (T,C), rstd (T), inp (T,C), weight (C); see layers.h and kernels_scalar.c. */
+void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight, size_t T, size_t C, float eps) {
+    dpoc_kernels()->rmsnorm_forward(out, rstd, inp, weight, T, C, eps);
 }
 
-/* dinp (T,C) += ..., dweight (C) += ..., given dout (T,C), inp (T,C), weight (C), rstd (T).
- * With n = x * rstd and g = dout * weight:
- *   dx = rstd * (g - n * mean(g * n)),   dweight += dout * n. */
-void rmsnorm_backward(float *restrict dinp, float *restrict dweight, const float *restrict dout,
-                      const float *restrict inp, const float *restrict weight, const float *restrict rstd,
-                      size_t T, size_t C) {
-    for (size_t t = 0; t < T; t++) {
-        const float *restrict x = inp + t * C;
-        const float *restrict d = dout + t * C;
-        const float r = rstd[t];
-        if (dweight) {
-            for (size_t i = 0; i < C; i++) dweight[i] += d[i] * (x[i] * r);
-        }
-        if (dinp) {
-            double dot = 0.0; /* sum_i g_i * n_i */
-            for (size_t i = 0; i < C; i++) dot += (double)(d[i] * weight[i]) * (double)(x[i] * r);
-            const float mean_gn = (float)(dot / (double)C);
-            float *restrict dx = dinp + t * C;
-            for (size_t i = 0; i < C; i++) dx[i] += r * (d[i] * weight[i] - (x[i] * r) * mean_gn);
-        }
-    }
+/* dinp (T,C) += ..., dweight (C) += ... */
+void rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
+                      const float *rstd, size_t T, size_t C) {
+    dpoc_kernels()->rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, T, C);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -174,184 +150,47 @@ void rope_tables(float *restrict cos_t, float *restrict sin_t, size_t T, size_t 
     }
 }
 
-/* x (T, nh, hd) in place; cos_t, sin_t (T, hd/2). q*cos + rotate_half(q)*sin:
- *   y[i]      = x[i]*cos - x[i+hd/2]*sin
- *   y[i+hd/2] = x[i+hd/2]*cos + x[i]*sin */
-void rope_forward(float *restrict x, const float *restrict cos_t, const float *restrict sin_t, size_t T,
-                  size_t nh, size_t hd) {
+/* x (T, nh, hd) in place; cos_t, sin_t (T, hd/2). */
+void rope_forward(float *x, const float *cos_t, const float *sin_t, size_t T, size_t nh, size_t hd) {
     assert(hd % 2 == 0);
-    const size_t half = hd / 2;
-    for (size_t t = 0; t < T; t++) {
-        const float *restrict c = cos_t + t * half;
-        const float *restrict s = sin_t + t * half;
-        for (size_t h = 0; h < nh; h++) {
-            float *restrict x1 = x + (t * nh + h) * hd;
-            float *restrict x2 = x1 + half;
-            for (size_t i = 0; i < half; i++) {
-                const float a = x1[i], b = x2[i];
-                x1[i] = a * c[i] - b * s[i];
-                x2[i] = b * c[i] + a * s[i];
-            }
-        }
-    }
+    dpoc_kernels()->rope_forward(x, cos_t, sin_t, T, nh, hd);
 }
 
-/* dx (T, nh, hd) in place: the transpose of the rotation,
- *   dx1 = dy1*cos + dy2*sin,  dx2 = dy2*cos - dy1*sin. */
-void rope_backward(float *restrict dx, const float *restrict cos_t, const float *restrict sin_t, size_t T,
-                   size_t nh, size_t hd) {
+/* dx (T, nh, hd) in place: the transpose of the rotation. */
+void rope_backward(float *dx, const float *cos_t, const float *sin_t, size_t T, size_t nh, size_t hd) {
     assert(hd % 2 == 0);
-    const size_t half = hd / 2;
-    for (size_t t = 0; t < T; t++) {
-        const float *restrict c = cos_t + t * half;
-        const float *restrict s = sin_t + t * half;
-        for (size_t h = 0; h < nh; h++) {
-            float *restrict d1 = dx + (t * nh + h) * hd;
-            float *restrict d2 = d1 + half;
-            for (size_t i = 0; i < half; i++) {
-                const float a = d1[i], b = d2[i];
-                d1[i] = a * c[i] + b * s[i];
-                d2[i] = b * c[i] - a * s[i];
-            }
-        }
-    }
+    dpoc_kernels()->rope_backward(dx, cos_t, sin_t, T, nh, hd);
 }
 
 /* ------------------------------------------------------------------------ */
 /* Causal grouped-query attention (eager_attention_forward) */
 
-/* The fp32 scale HF multiplies the scores by: head_dim ** -0.5 rounded to fp32. */
-static float attention_scale(size_t hd) { return (float)(1.0 / sqrt((double)hd)); }
-
-/* out (T, nh, hd), att (nh, T, T); q (T, nh, hd), k and v (T, nkv, hd).
- * Head h reads kv head h / (nh / nkv) (repeat_kv). Per head and query row t:
- *   score[s] = (q_t . k_s) * scale for s <= t (masked s > t give probability 0),
- *   att[h,t,:] = softmax(score) in fp32 (max subtracted, double sum),
- *   out_t = sum_s att[h,t,s] * v_s. */
-void attention_forward(float *restrict out, float *restrict att, const float *restrict q,
-                       const float *restrict k, const float *restrict v, size_t T, size_t nh, size_t nkv,
-                       size_t hd) {
-    assert(nkv > 0 && nh % nkv == 0);
-    const size_t group = nh / nkv;
-    const size_t q_stride = nh * hd, kv_stride = nkv * hd;
-    const float scale = attention_scale(hd);
-    for (size_t h = 0; h < nh; h++) {
-        const size_t kvh = h / group;
-        for (size_t t = 0; t < T; t++) {
-            const float *restrict qt = q + t * q_stride + h * hd;
-            float *restrict row = att + (h * T + t) * T;
-            float maxv = -INFINITY;
-            for (size_t s = 0; s <= t; s++) {
-                const float *restrict ks = k + s * kv_stride + kvh * hd;
-                float dot = 0.0f;
-                for (size_t i = 0; i < hd; i++) dot += qt[i] * ks[i];
-                const float score = dot * scale;
-                row[s] = score;
-                if (score > maxv) maxv = score;
-            }
-            double sum = 0.0;
-            for (size_t s = 0; s <= t; s++) {
-                const float e = expf(row[s] - maxv);
-                row[s] = e;
-                sum += e;
-            }
-            const float sumf = (float)sum;
-            for (size_t s = 0; s <= t; s++) row[s] /= sumf;
-            for (size_t s = t + 1; s < T; s++) row[s] = 0.0f;
-
-            float *restrict ot = out + t * q_stride + h * hd;
-            for (size_t i = 0; i < hd; i++) ot[i] = 0.0f;
-            for (size_t s = 0; s <= t; s++) {
-                const float p = row[s];
-                const float *restrict vs = v + s * kv_stride + kvh * hd;
-                for (size_t i = 0; i < hd; i++) ot[i] += p * vs[i];
-            }
-        }
-    }
+/* out (T, nh, hd), lse (nh, T); q (T, nh, hd), k and v (T, nkv, hd). */
+void attention_forward(float *out, float *lse, const float *q, const float *k, const float *v, size_t T, size_t nh,
+                       size_t nkv, size_t hd) {
+    assert(nkv > 0 && nh % nkv == 0 && hd > 0);
+    dpoc_kernels()->attention_forward(out, lse, q, k, v, T, nh, nkv, hd);
 }
 
-/* dq (T, nh, hd), dk and dv (T, nkv, hd) += ..., given dout (T, nh, hd) and the
- * forward's q, k, v, att. With P = att[h,t,:] and dP_s = dout_t . v_s:
- *   dv_s += P_s dout_t
- *   dS_s  = P_s (dP_s - sum_s' P_s' dP_s')         (softmax backward)
- *   dq_t += scale sum_s dS_s k_s,  dk_s += scale dS_s q_t
- * No scratch: dP is computed twice (once for the row sum, once for dS). The kv
- * heads accumulate the gradients of all query heads in their group. */
-void attention_backward(float *restrict dq, float *restrict dk, float *restrict dv, const float *restrict dout,
-                        const float *restrict q, const float *restrict k, const float *restrict v,
-                        const float *restrict att, size_t T, size_t nh, size_t nkv, size_t hd) {
-    assert(nkv > 0 && nh % nkv == 0);
-    const size_t group = nh / nkv;
-    const size_t q_stride = nh * hd, kv_stride = nkv * hd;
-    const float scale = attention_scale(hd);
-    const int need_scores = dq != NULL || dk != NULL;
-    for (size_t h = 0; h < nh; h++) {
-        const size_t kvh = h / group;
-        for (size_t t = 0; t < T; t++) {
-            const float *restrict row = att + (h * T + t) * T;
-            const float *restrict dot_ = dout + t * q_stride + h * hd;
-            const float *restrict qt = q + t * q_stride + h * hd;
-
-            /* pass 1: dv, and the row sum D = sum_s P_s dP_s */
-            double D = 0.0;
-            for (size_t s = 0; s <= t; s++) {
-                const float p = row[s];
-                const float *restrict vs = v + s * kv_stride + kvh * hd;
-                if (need_scores) {
-                    float dp = 0.0f;
-                    for (size_t i = 0; i < hd; i++) dp += dot_[i] * vs[i];
-                    D += (double)p * (double)dp;
-                }
-                if (dv) {
-                    float *restrict dvs = dv + s * kv_stride + kvh * hd;
-                    for (size_t i = 0; i < hd; i++) dvs[i] += p * dot_[i];
-                }
-            }
-            if (!need_scores) continue;
-
-            /* pass 2: dS, then dq and dk */
-            const float Df = (float)D;
-            float *restrict dqt = dq ? dq + t * q_stride + h * hd : NULL;
-            for (size_t s = 0; s <= t; s++) {
-                const float p = row[s];
-                const float *restrict vs = v + s * kv_stride + kvh * hd;
-                const float *restrict ks = k + s * kv_stride + kvh * hd;
-                float dp = 0.0f;
-                for (size_t i = 0; i < hd; i++) dp += dot_[i] * vs[i];
-                const float ds = p * (dp - Df) * scale;
-                if (dqt) {
-                    for (size_t i = 0; i < hd; i++) dqt[i] += ds * ks[i];
-                }
-                if (dk) {
-                    float *restrict dks = dk + s * kv_stride + kvh * hd;
-                    for (size_t i = 0; i < hd; i++) dks[i] += ds * qt[i];
-                }
-            }
-        }
-    }
+/* dq (T, nh, hd), dk and dv (T, nkv, hd) += ..., from the forward's out and lse. */
+void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
+                        const float *v, const float *out, const float *lse, size_t T, size_t nh, size_t nkv,
+                        size_t hd) {
+    assert(nkv > 0 && nh % nkv == 0 && hd > 0);
+    dpoc_kernels()->attention_backward(dq, dk, dv, dout, q, k, v, out, lse, T, nh, nkv, hd);
 }
 
 /* ------------------------------------------------------------------------ */
 /* SwiGLU (LlamaMLP: down(silu(gate(x)) * up(x))), the elementwise part */
 
-/* out (N) = silu(gate) * up, silu(g) = g / (1 + exp(-g)) as PyTorch computes it. */
-void swiglu_forward(float *restrict out, const float *restrict gate, const float *restrict up, size_t N) {
-    for (size_t i = 0; i < N; i++) {
-        const float g = gate[i];
-        out[i] = (g / (1.0f + expf(-g))) * up[i];
-    }
+/* out (N) = silu(gate) * up */
+void swiglu_forward(float *out, const float *gate, const float *up, size_t N) {
+    dpoc_kernels()->swiglu_forward(out, gate, up, N);
 }
 
-/* dgate, dup (N) += ...: with sig = sigmoid(g),
- *   dup += dout * silu(g),  dgate += dout * up * sig * (1 + g * (1 - sig)). */
-void swiglu_backward(float *restrict dgate, float *restrict dup, const float *restrict dout,
-                     const float *restrict gate, const float *restrict up, size_t N) {
-    for (size_t i = 0; i < N; i++) {
-        const float g = gate[i];
-        const float sig = 1.0f / (1.0f + expf(-g));
-        if (dup) dup[i] += dout[i] * (g * sig);
-        if (dgate) dgate[i] += dout[i] * up[i] * (sig * (1.0f + g * (1.0f - sig)));
-    }
+/* dgate, dup (N) += ... */
+void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up, size_t N) {
+    dpoc_kernels()->swiglu_backward(dgate, dup, dout, gate, up, N);
 }
 
 /* ------------------------------------------------------------------------ */

@@ -133,7 +133,7 @@ int dpoc_acts_alloc(dpoc_acts *a, const dpoc_model_config *cfg, size_t max_T, dp
     const size_t T = max_T, C = cfg->hidden_size, F = cfg->intermediate_size, L = cfg->n_layers;
     const size_t QD = cfg->n_heads * cfg->head_dim, KD = cfg->n_kv_heads * cfg->head_dim;
     const size_t chunk = cfg->vocab_size < LMHEAD_CHUNK ? cfg->vocab_size : LMHEAD_CHUNK;
-    const size_t per_layer = T * C * 4 + T * 2 + T * QD * 2 + T * KD * 2 + cfg->n_heads * T * T + T * F * 3;
+    const size_t per_layer = T * C * 4 + T * 2 + T * QD * 2 + T * KD * 2 + cfg->n_heads * T + T * F * 3;
     const size_t tail = T * C * 2 + T + T * cfg->head_dim /* cos+sin */ + T * chunk + T * 5;
     a->max_T = max_T;
     a->block = dpoc_malloc((per_layer * L + tail) * sizeof(float), "activations", err);
@@ -154,7 +154,7 @@ int dpoc_acts_alloc(dpoc_acts *a, const dpoc_model_config *cfg, size_t max_T, dp
         TAKE(la->q, T * QD);
         TAKE(la->k, T * KD);
         TAKE(la->v, T * KD);
-        TAKE(la->att, cfg->n_heads * T * T);
+        TAKE(la->att_lse, cfg->n_heads * T); /* attention's per-row logsumexp (nh, T), not probabilities */
         TAKE(la->atty, T * QD);
         TAKE(la->x_mid, T * C);
         TAKE(la->ln2, T * C);
@@ -244,7 +244,7 @@ void dpoc_model_forward(const dpoc_model *m, dpoc_acts *a, const int32_t *tokens
         matmul_forward(la->v, la->ln1, W + o->wv, PTR(W, o->bv), T, C, KD);
         rope_forward(la->q, a->cos_t, a->sin_t, T, nh, hd);
         rope_forward(la->k, a->cos_t, a->sin_t, T, nkv, hd);
-        attention_forward(la->atty, la->att, la->q, la->k, la->v, T, nh, nkv, hd);
+        attention_forward(la->atty, la->att_lse, la->q, la->k, la->v, T, nh, nkv, hd);
         matmul_forward(la->x_mid, la->atty, W + o->wo, NULL, T, QD, C);
         add_inplace(la->x_mid, la->x_in, T * C);
         // MLP block: x_next = x_mid + down(silu(gate(ln2)) * up(ln2))
@@ -297,7 +297,8 @@ void dpoc_model_backward(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_g
         memset(s->dq, 0, T * QD * sizeof(float));
         memset(s->dk, 0, T * KD * sizeof(float));
         memset(s->dv, 0, T * KD * sizeof(float));
-        attention_backward(s->dq, s->dk, s->dv, s->datty, la->q, la->k, la->v, la->att, T, nh, nkv, hd);
+        attention_backward(s->dq, s->dk, s->dv, s->datty, la->q, la->k, la->v, la->atty, la->att_lse, T, nh, nkv,
+                           hd);
         rope_backward(s->dq, a->cos_t, a->sin_t, T, nh, hd);
         rope_backward(s->dk, a->cos_t, a->sin_t, T, nkv, hd);
         memset(s->dln, 0, T * C * sizeof(float));

@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "model/kernels.h"
+
 /* torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing. */
 #define CLIP_NORM_EPS 1e-6
 
@@ -58,19 +60,20 @@ void dpoc_adamw_step(dpoc_adamw *o, float *restrict params, const float *restric
      * param -= (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps) */
     const float step_size = (float)(lr / bc1);
     const float bc2_sqrt = (float)sqrt(bc2);
-    const float eps = (float)o->eps;
-    float *restrict m = o->m, *restrict v = o->v;
+    dpoc_adamw_coeffs c = {
+        .one_minus_b1 = 1.0f - b1,
+        .b2 = b2,
+        .one_minus_b2 = 1.0f - b2,
+        .step_size = step_size,
+        .bc2_sqrt = bc2_sqrt,
+        .eps = (float)o->eps,
+    };
+    /* the element-wise update runs at the SIMD level of the other kernels (model/kernels.h) */
+    const dpoc_kernel_table *kt = dpoc_kernels();
     for (size_t r = 0; r < o->n_ranges; r++) {
-        const float decay = o->ranges[r].decay ? (float)(1.0 - lr * o->weight_decay) : 1.0f;
-        const size_t end = o->ranges[r].offset + o->ranges[r].count;
-        for (size_t i = o->ranges[r].offset; i < end; i++) {
-            float g = grads[i];
-            params[i] *= decay;
-            m[i] += (g - m[i]) * (1.0f - b1);
-            v[i] = v[i] * b2 + (1.0f - b2) * g * g;
-            float denom = sqrtf(v[i]) / bc2_sqrt + eps;
-            params[i] -= step_size * m[i] / denom;
-        }
+        c.decay = o->ranges[r].decay ? (float)(1.0 - lr * o->weight_decay) : 1.0f;
+        const size_t off = o->ranges[r].offset;
+        kt->adamw_update(params + off, grads + off, o->m + off, o->v + off, o->ranges[r].count, &c);
     }
 }
 

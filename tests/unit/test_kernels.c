@@ -1,0 +1,528 @@
+/* The SIMD kernels (src/model/kernels_avx2.c, kernels_avx512.c and the blocked
+ * attention of kernels_attention.c) against their scalar twins
+ * (kernels_scalar.c), which test_layers checks against double-precision
+ * formulas and finite differences.
+ *
+ * Every kernel runs at each SIMD level on fixed awkward shapes (sizes 1, a
+ * vector width - 1, + 1, tails of every length, T = 1, more rows than one
+ * attention tile) and on random shapes, from the same inputs as the scalar
+ * twin, and must agree with it within the tolerances below. A level this CPU
+ * lacks is reported as skipped. Then: the dispatch (forcing a level, the
+ * DPOC_SIMD variable in a child process, rejected levels).
+ *
+ * DPOC_KERNELS_REPORT=1 prints the largest error seen by every comparison. */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "testutil.h"
+
+#include "dpoc/layers.h"
+#include "model/kernels.h"
+
+/* Tolerances of SIMD vs scalar. The levels differ from the scalar twin by
+ * rounding only: fused multiply-adds, summation order, a polynomial exp
+ * (within 1 ulp, like libm's expf, but not always the same value), and for
+ * attention the online softmax over tiles and sgemm's summation order. So
+ * element-wise results are held to a few ulp, and results with cancellation
+ * (gradients, sums over rows) to a relative max-abs error (largest difference
+ * / largest reference value). The worst cases seen use a quarter of these or
+ * less (DPOC_KERNELS_REPORT=1). */
+#define TOL_ELEM 1e-6      /* element-wise, relative: RMSNorm out, rstd, AdamW's v */
+#define TOL_EXP_ELEM 1e-6  /* element-wise, relative: SwiGLU (exp and a division) */
+#define TOL_MAXABS 1e-6    /* relative max-abs: RoPE, RMSNorm and SwiGLU gradients, AdamW params and m */
+/* Attention, relative max-abs, per unit of the largest |score| (at least 1): a
+ * score carries a rounding error of about 2^-24 |score| that depends on the
+ * summation order (sgemm's or the scalar loop's), and exp turns that absolute
+ * error of the exponent into a relative error of the probabilities. */
+#define TOL_ATT_FWD 2e-6   /* out and logsumexp */
+#define TOL_ATT_BWD 1e-5   /* dq, dk, dv */
+/* Denominator floor of the attention gradients: with these inputs they are of
+ * order 0.1 to 1, except where they vanish analytically (dq and dk at T = 1:
+ * dS = P (dP - D) with P = 1 and dP = D), where both sides are rounding noise. */
+#define ATT_GRAD_FLOOR 0.1
+#define ATOL_TINY 1e-30    /* absolute floor for element-wise comparisons of ~0 */
+
+static int report; /* DPOC_KERNELS_REPORT set: print the largest errors */
+
+/* ---------------------------------------------------------------------- */
+/* helpers */
+
+typedef struct {
+    uint64_t s;
+} rng_t;
+
+static uint64_t rng_next(rng_t *r) { /* splitmix64 */
+    uint64_t z = (r->s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static float rng_uniform(rng_t *r, float lo, float hi) {
+    return (float)(lo + (hi - lo) * ((double)(rng_next(r) >> 11) / (double)(1ull << 53)));
+}
+
+static size_t rng_size(rng_t *r, size_t lo, size_t hi) { return lo + (size_t)(rng_next(r) % (hi - lo + 1)); }
+
+static float *frand(rng_t *r, size_t n, float lo, float hi) {
+    float *a = malloc((n ? n : 1) * sizeof *a);
+    assert_non_null(a);
+    for (size_t i = 0; i < n; i++) a[i] = rng_uniform(r, lo, hi);
+    return a;
+}
+
+static float *fcopy(const float *src, size_t n) {
+    float *a = malloc((n ? n : 1) * sizeof *a);
+    assert_non_null(a);
+    if (n) memcpy(a, src, n * sizeof *a);
+    return a;
+}
+
+/* |got - want| <= rtol |want| + ATOL_TINY for every element. */
+static void check_elem(const float *got, const float *want, size_t n, double rtol, const char *what) {
+    double worst = 0;
+    for (size_t i = 0; i < n; i++) {
+        const double d = fabs((double)got[i] - (double)want[i]);
+        const double e = d / (fabs((double)want[i]) + ATOL_TINY / rtol);
+        if (!(d <= rtol * fabs((double)want[i]) + ATOL_TINY))
+            fail_msg("%s: element %zu of %zu is %.9g, scalar twin %.9g (relative error %.3g > %.1g)", what, i, n,
+                     got[i], want[i], e, rtol);
+        if (e > worst) worst = e;
+    }
+    if (report) print_message("  %-44s n=%-7zu worst element-wise %.3g (tol %.1g)\n", what, n, worst, rtol);
+}
+
+/* The same values bit for bit (one kernel called two ways). */
+static void check_same(const float *got, const float *want, size_t n, const char *what) {
+    for (size_t i = 0; i < n; i++)
+        if (memcmp(&got[i], &want[i], sizeof got[i]) != 0)
+            fail_msg("%s: element %zu of %zu is %.9g, expected %.9g", what, i, n, got[i], want[i]);
+}
+
+/* max |got - want| / max(max |want|, floor) <= tol */
+static void check_maxabs_floor(const float *got, const float *want, size_t n, double tol, double floor,
+                               const char *what) {
+    const double e = rel_maxabs_err(got, want, n, floor);
+    if (!(e <= tol)) fail_msg("%s: relative max-abs error %.3g > %.1g (n = %zu)", what, e, tol, n);
+    if (report) print_message("  %-44s n=%-7zu worst max-abs %.3g (tol %.1g)\n", what, n, e, tol);
+}
+
+static void check_maxabs(const float *got, const float *want, size_t n, double tol, const char *what) {
+    check_maxabs_floor(got, want, n, tol, 1e-30, what);
+}
+
+static double att_score_scale; /* max(1, largest |score|) of the attention case under test */
+
+static void check_att_grad(const float *got, const float *want, size_t n, const char *what) {
+    check_maxabs_floor(got, want, n, TOL_ATT_BWD * att_score_scale, ATT_GRAD_FLOOR, what);
+}
+
+/* max(1, max |q_t . k_s| / sqrt(hd)) over heads and causal pairs */
+static double max_abs_score(const float *q, const float *k, size_t T, size_t nh, size_t nkv, size_t hd) {
+    double m = 1.0;
+    for (size_t h = 0; h < nh; h++)
+        for (size_t t = 0; t < T; t++)
+            for (size_t s = 0; s <= t; s++) {
+                double d = 0;
+                for (size_t i = 0; i < hd; i++)
+                    d += (double)q[(t * nh + h) * hd + i] * (double)k[(s * nkv + h / (nh / nkv)) * hd + i];
+                d = fabs(d) / sqrt((double)hd);
+                if (d > m) m = d;
+            }
+    return m;
+}
+
+/* the initial states of the per-level tests (cmocka passes them as void *) */
+static dpoc_simd_level LEVEL_AVX2 = DPOC_SIMD_AVX2, LEVEL_AVX512 = DPOC_SIMD_AVX512;
+
+/* The table of the level under test, or a visible skip when the CPU lacks it. */
+static const dpoc_kernel_table *level_table(void **state) {
+    const dpoc_simd_level level = *(const dpoc_simd_level *)*state;
+    const dpoc_kernel_table *t = dpoc_kernels_for(level);
+    if (!t) {
+        print_message("[  SKIPPED ] this CPU (or a non-x86-64 build) lacks SIMD level %s\n", dpoc_simd_name(level));
+        skip();
+    }
+    assert_int_equal(t->level, level);
+    return t;
+}
+
+static const dpoc_kernel_table *scalar = &dpoc_kernels_scalar;
+
+/* ---------------------------------------------------------------------- */
+/* RMSNorm */
+
+static void check_rmsnorm(const dpoc_kernel_table *kt, size_t T, size_t C, float eps, rng_t *rng) {
+    char what[96];
+    const size_t n = T * C;
+    float *x = frand(rng, n, -3, 3), *w = frand(rng, C, 0.5f, 1.5f);
+    if (T > 1) /* a row of zeros: rstd = 1/sqrt(eps) */
+        for (size_t i = 0; i < C; i++) x[C + i] = 0.0f;
+    float *out = frand(rng, n, 7, 8), *rstd = frand(rng, T, 7, 8); /* garbage: overwritten */
+    float *out_s = fcopy(out, n), *rstd_s = fcopy(rstd, T);
+    kt->rmsnorm_forward(out, rstd, x, w, T, C, eps);
+    scalar->rmsnorm_forward(out_s, rstd_s, x, w, T, C, eps);
+    snprintf(what, sizeof what, "rmsnorm out T=%zu C=%zu", T, C);
+    check_elem(out, out_s, n, TOL_ELEM, what);
+    snprintf(what, sizeof what, "rmsnorm rstd T=%zu C=%zu", T, C);
+    check_elem(rstd, rstd_s, T, TOL_ELEM, what);
+
+    /* backward accumulates into nonzero gradients; NULL ones are skipped */
+    float *dout = frand(rng, n, -1, 1), *dx = frand(rng, n, -1, 1), *dw = frand(rng, C, -1, 1);
+    float *dx_s = fcopy(dx, n), *dw_s = fcopy(dw, C), *dx0 = fcopy(dx, n), *dw0 = fcopy(dw, C);
+    kt->rmsnorm_backward(dx, dw, dout, x, w, rstd_s, T, C);
+    scalar->rmsnorm_backward(dx_s, dw_s, dout, x, w, rstd_s, T, C);
+    snprintf(what, sizeof what, "rmsnorm dinp T=%zu C=%zu", T, C);
+    check_maxabs(dx, dx_s, n, TOL_MAXABS, what);
+    snprintf(what, sizeof what, "rmsnorm dweight T=%zu C=%zu", T, C);
+    check_maxabs(dw, dw_s, C, TOL_MAXABS, what);
+    float *dx1 = fcopy(dx0, n), *dw1 = fcopy(dw0, C);
+    kt->rmsnorm_backward(dx1, NULL, dout, x, w, rstd_s, T, C);
+    kt->rmsnorm_backward(NULL, dw1, dout, x, w, rstd_s, T, C);
+    snprintf(what, sizeof what, "rmsnorm dinp alone T=%zu C=%zu", T, C);
+    check_same(dx1, dx, n, what);
+    snprintf(what, sizeof what, "rmsnorm dweight alone T=%zu C=%zu", T, C);
+    check_same(dw1, dw, C, what);
+    free(x), free(w), free(out), free(rstd), free(out_s), free(rstd_s), free(dout), free(dx), free(dw);
+    free(dx_s), free(dw_s), free(dx0), free(dw0), free(dx1), free(dw1);
+}
+
+static void test_rmsnorm(void **state) {
+    const dpoc_kernel_table *kt = level_table(state);
+    rng_t rng = {101};
+    static const size_t Cs[] = {1, 2, 7, 8, 9, 15, 16, 17, 31, 33, 64, 100, 576, 577};
+    for (size_t i = 0; i < sizeof Cs / sizeof *Cs; i++) {
+        check_rmsnorm(kt, 1, Cs[i], 1e-5f, &rng);
+        check_rmsnorm(kt, 3, Cs[i], 1e-6f, &rng);
+    }
+    for (int r = 0; r < 20; r++) check_rmsnorm(kt, rng_size(&rng, 1, 9), rng_size(&rng, 1, 700), 1e-5f, &rng);
+}
+
+/* ---------------------------------------------------------------------- */
+/* RoPE */
+
+static void check_rope(const dpoc_kernel_table *kt, size_t T, size_t nh, size_t hd, rng_t *rng) {
+    char what[96];
+    const size_t n = T * nh * hd, half = hd / 2;
+    float *cos_t = malloc(T * half * sizeof *cos_t), *sin_t = malloc(T * half * sizeof *sin_t);
+    assert_true(cos_t && sin_t);
+    rope_tables(cos_t, sin_t, T, hd, 10000.0f);
+    float *x = frand(rng, n, -2, 2), *x_s = fcopy(x, n);
+    kt->rope_forward(x, cos_t, sin_t, T, nh, hd);
+    scalar->rope_forward(x_s, cos_t, sin_t, T, nh, hd);
+    snprintf(what, sizeof what, "rope forward T=%zu nh=%zu hd=%zu", T, nh, hd);
+    check_maxabs(x, x_s, n, TOL_MAXABS, what);
+    kt->rope_backward(x, cos_t, sin_t, T, nh, hd);
+    scalar->rope_backward(x_s, cos_t, sin_t, T, nh, hd);
+    snprintf(what, sizeof what, "rope backward T=%zu nh=%zu hd=%zu", T, nh, hd);
+    check_maxabs(x, x_s, n, TOL_MAXABS, what);
+    free(cos_t), free(sin_t), free(x), free(x_s);
+}
+
+static void test_rope(void **state) {
+    const dpoc_kernel_table *kt = level_table(state);
+    rng_t rng = {102};
+    static const size_t hds[] = {2, 6, 14, 16, 18, 30, 32, 34, 64, 66, 128};
+    for (size_t i = 0; i < sizeof hds / sizeof *hds; i++) {
+        check_rope(kt, 1, 1, hds[i], &rng);
+        check_rope(kt, 5, 3, hds[i], &rng);
+    }
+    for (int r = 0; r < 20; r++)
+        check_rope(kt, rng_size(&rng, 1, 40), rng_size(&rng, 1, 9), 2 * rng_size(&rng, 1, 80), &rng);
+}
+
+/* ---------------------------------------------------------------------- */
+/* SwiGLU */
+
+static void check_swiglu(const dpoc_kernel_table *kt, float *g, size_t N, rng_t *rng, const char *label) {
+    char what[96];
+    float *u = frand(rng, N, -2, 2), *out = frand(rng, N, 7, 8), *out_s = fcopy(out, N);
+    kt->swiglu_forward(out, g, u, N);
+    scalar->swiglu_forward(out_s, g, u, N);
+    snprintf(what, sizeof what, "swiglu out %s N=%zu", label, N);
+    check_elem(out, out_s, N, TOL_EXP_ELEM, what);
+
+    float *dout = frand(rng, N, -1, 1), *dg = frand(rng, N, -1, 1), *du = frand(rng, N, -1, 1);
+    float *dg_s = fcopy(dg, N), *du_s = fcopy(du, N), *dg1 = fcopy(dg, N), *du1 = fcopy(du, N);
+    kt->swiglu_backward(dg, du, dout, g, u, N);
+    scalar->swiglu_backward(dg_s, du_s, dout, g, u, N);
+    snprintf(what, sizeof what, "swiglu dgate %s N=%zu", label, N);
+    check_maxabs(dg, dg_s, N, TOL_MAXABS, what);
+    snprintf(what, sizeof what, "swiglu dup %s N=%zu", label, N);
+    check_maxabs(du, du_s, N, TOL_MAXABS, what);
+    kt->swiglu_backward(dg1, NULL, dout, g, u, N);
+    kt->swiglu_backward(NULL, du1, dout, g, u, N);
+    snprintf(what, sizeof what, "swiglu dgate alone %s N=%zu", label, N);
+    check_same(dg1, dg, N, what);
+    snprintf(what, sizeof what, "swiglu dup alone %s N=%zu", label, N);
+    check_same(du1, du, N, what);
+    free(u), free(out), free(out_s), free(dout), free(dg), free(du), free(dg_s), free(du_s), free(dg1), free(du1);
+}
+
+static void test_swiglu(void **state) {
+    const dpoc_kernel_table *kt = level_table(state);
+    rng_t rng = {103};
+    static const size_t Ns[] = {1, 2, 7, 8, 9, 15, 16, 17, 31, 33, 100, 1536 * 3 + 5};
+    for (size_t i = 0; i < sizeof Ns / sizeof *Ns; i++) {
+        float *g = frand(&rng, Ns[i], -12, 12);
+        check_swiglu(kt, g, Ns[i], &rng, "random");
+        free(g);
+    }
+    for (int r = 0; r < 20; r++) {
+        const size_t N = rng_size(&rng, 1, 5000);
+        float *g = frand(&rng, N, -30, 30);
+        check_swiglu(kt, g, N, &rng, "random");
+        free(g);
+    }
+    /* exp's edges: saturation, overflow of exp(-g) to inf, denormal results,
+     * zero and signed zero, and the range limits of the SIMD exp */
+    float edges[] = {0.0f,    -0.0f,   1e-30f,  -1e-30f, 1e-8f,    -1e-8f,  0.5f,    -0.5f,   20.0f,  -20.0f,
+                     40.0f,   -40.0f,  80.0f,   -80.0f,  87.0f,    -87.0f,  87.5f,   -87.5f,  88.7f,  -88.7f,
+                     88.75f,  -88.75f, 89.0f,   -89.0f,  90.0f,    -90.0f,  103.0f,  -103.0f, 104.0f, -104.0f,
+                     105.0f,  -105.0f, 150.0f,  -150.0f, 1e4f,     -1e4f,   1e30f,   -1e30f,  3.0f,   -3.0f,
+                     -0.125f, 0.125f,  -6.0f};
+    check_swiglu(kt, edges, sizeof edges / sizeof *edges, &rng, "edges");
+}
+
+/* ---------------------------------------------------------------------- */
+/* Attention */
+
+typedef struct {
+    size_t T, nh, nkv, hd;
+} att_shape;
+
+/* kscale > 1 makes the scores large (|score| up to ~ kscale * hd^0.5 * 4), and
+ * grow along the keys, so a row's max changes from tile to tile. */
+static void check_attention(const dpoc_kernel_table *kt, att_shape sh, float kscale, rng_t *rng) {
+    char what[128], shape[64];
+    const size_t T = sh.T, nh = sh.nh, nkv = sh.nkv, hd = sh.hd;
+    snprintf(shape, sizeof shape, "T=%zu nh=%zu nkv=%zu hd=%zu x%g", T, nh, nkv, hd, kscale);
+    const size_t nq = T * nh * hd, nk = T * nkv * hd, nl = nh * T;
+    float *q = frand(rng, nq, -2, 2), *k = frand(rng, nk, -2, 2), *v = frand(rng, nk, -1, 1);
+    for (size_t s = 0; s < T; s++)
+        for (size_t i = 0; i < nkv * hd; i++) k[s * nkv * hd + i] *= kscale * (1.0f + (float)s / (float)T);
+    att_score_scale = max_abs_score(q, k, T, nh, nkv, hd);
+    float *out = frand(rng, nq, 7, 8), *lse = frand(rng, nl, 7, 8); /* garbage: overwritten */
+    float *out_s = fcopy(out, nq), *lse_s = fcopy(lse, nl);
+    kt->attention_forward(out, lse, q, k, v, T, nh, nkv, hd);
+    scalar->attention_forward(out_s, lse_s, q, k, v, T, nh, nkv, hd);
+    snprintf(what, sizeof what, "attention out %s", shape);
+    check_maxabs(out, out_s, nq, TOL_ATT_FWD * att_score_scale, what);
+    snprintf(what, sizeof what, "attention lse %s", shape);
+    check_maxabs(lse, lse_s, nl, TOL_ATT_FWD * att_score_scale, what);
+
+    /* backward from the scalar forward's out and lse, accumulating into nonzero gradients */
+    float *dout = frand(rng, nq, -1, 1);
+    float *dq = frand(rng, nq, -1, 1), *dk = frand(rng, nk, -1, 1), *dv = frand(rng, nk, -1, 1);
+    float *dq0 = fcopy(dq, nq), *dk0 = fcopy(dk, nk), *dv0 = fcopy(dv, nk);
+    float *dq_s = fcopy(dq, nq), *dk_s = fcopy(dk, nk), *dv_s = fcopy(dv, nk);
+    kt->attention_backward(dq, dk, dv, dout, q, k, v, out_s, lse_s, T, nh, nkv, hd);
+    scalar->attention_backward(dq_s, dk_s, dv_s, dout, q, k, v, out_s, lse_s, T, nh, nkv, hd);
+    /* compare the increments, not increment + a large initial value */
+    for (size_t i = 0; i < nq; i++) dq[i] -= dq0[i], dq_s[i] -= dq0[i];
+    for (size_t i = 0; i < nk; i++) dk[i] -= dk0[i], dk_s[i] -= dk0[i], dv[i] -= dv0[i], dv_s[i] -= dv0[i];
+    snprintf(what, sizeof what, "attention dq %s", shape);
+    check_att_grad(dq, dq_s, nq, what);
+    snprintf(what, sizeof what, "attention dk %s", shape);
+    check_att_grad(dk, dk_s, nk, what);
+    snprintf(what, sizeof what, "attention dv %s", shape);
+    check_att_grad(dv, dv_s, nk, what);
+
+    /* one gradient at a time gives the same as all three (up to the subtraction above) */
+    float *g1 = calloc(nq > nk ? nq : nk, sizeof *g1);
+    assert_non_null(g1);
+    kt->attention_backward(g1, NULL, NULL, dout, q, k, v, out_s, lse_s, T, nh, nkv, hd);
+    snprintf(what, sizeof what, "attention dq alone %s", shape);
+    check_att_grad(g1, dq, nq, what);
+    memset(g1, 0, nk * sizeof *g1);
+    kt->attention_backward(NULL, g1, NULL, dout, q, k, v, out_s, lse_s, T, nh, nkv, hd);
+    snprintf(what, sizeof what, "attention dk alone %s", shape);
+    check_att_grad(g1, dk, nk, what);
+    memset(g1, 0, nk * sizeof *g1);
+    kt->attention_backward(NULL, NULL, g1, dout, q, k, v, out_s, lse_s, T, nh, nkv, hd);
+    snprintf(what, sizeof what, "attention dv alone %s", shape);
+    check_att_grad(g1, dv, nk, what);
+    kt->attention_backward(NULL, NULL, NULL, dout, q, k, v, out_s, lse_s, T, nh, nkv, hd); /* a no-op */
+
+    free(q), free(k), free(v), free(out), free(lse), free(out_s), free(lse_s), free(dout), free(dq), free(dk);
+    free(dv), free(dq0), free(dk0), free(dv0), free(dq_s), free(dk_s), free(dv_s), free(g1);
+}
+
+static void test_attention(void **state) {
+    const dpoc_kernel_table *kt = level_table(state);
+    rng_t rng = {104};
+    /* the blocked attention's tiles are 64 x 64: shapes below, at and above one
+     * tile, several tiles with a short last one, T = 1, MHA / GQA / MQA, head
+     * sizes that are not a multiple of the vector width, SmolLM2's 9/3/64 */
+    static const att_shape shapes[] = {
+        {1, 1, 1, 1},  {1, 9, 3, 64},  {2, 2, 1, 3},   {5, 4, 2, 6},    {30, 9, 3, 64}, {63, 2, 1, 17},
+        {64, 2, 2, 16}, {65, 3, 1, 8}, {128, 9, 3, 64}, {129, 2, 1, 64}, {200, 2, 1, 33}, {7, 6, 6, 5},
+    };
+    for (size_t i = 0; i < sizeof shapes / sizeof *shapes; i++) check_attention(kt, shapes[i], 1.0f, &rng);
+    check_attention(kt, (att_shape){150, 2, 1, 16}, 8.0f, &rng); /* scores of +-100 and a moving max */
+    check_attention(kt, (att_shape){70, 3, 3, 9}, 4.0f, &rng);
+    for (int r = 0; r < 10; r++) {
+        const size_t nkv = rng_size(&rng, 1, 3);
+        att_shape sh = {rng_size(&rng, 1, 300), nkv * rng_size(&rng, 1, 3), nkv, rng_size(&rng, 1, 80)};
+        check_attention(kt, sh, 1.0f, &rng);
+    }
+}
+
+/* ---------------------------------------------------------------------- */
+/* AdamW */
+
+static void check_adamw(const dpoc_kernel_table *kt, size_t n, rng_t *rng) {
+    char what[96];
+    float *p = frand(rng, n, -1, 1), *m = frand(rng, n, -1e-2f, 1e-2f), *v = frand(rng, n, 0, 1e-4f);
+    v[0] = 0.0f; /* a parameter never updated: sqrt(0) + eps */
+    float *p_s = fcopy(p, n), *m_s = fcopy(m, n), *v_s = fcopy(v, n);
+    for (long step = 1; step <= 3; step++) {
+        float *g = frand(rng, n, -0.05f, 0.05f);
+        if (n > 1) g[1] = 0.0f;
+        const double lr = 1e-3, b1 = 0.9, b2 = 0.999;
+        const dpoc_adamw_coeffs c = {
+            .decay = step == 2 ? 1.0f : (float)(1.0 - lr * 0.01),
+            .one_minus_b1 = (float)(1.0 - b1),
+            .b2 = (float)b2,
+            .one_minus_b2 = 1.0f - (float)b2,
+            .step_size = (float)(lr / (1.0 - pow(b1, (double)step))),
+            .bc2_sqrt = (float)sqrt(1.0 - pow(b2, (double)step)),
+            .eps = 1e-8f,
+        };
+        kt->adamw_update(p, g, m, v, n, &c);
+        scalar->adamw_update(p_s, g, m_s, v_s, n, &c);
+        free(g);
+    }
+    /* p decay - update and m + (g - m)(1 - b1) can cancel: a fused multiply-add
+     * moves them by an ulp of the larger term */
+    snprintf(what, sizeof what, "adamw params n=%zu", n);
+    check_maxabs(p, p_s, n, TOL_MAXABS, what);
+    snprintf(what, sizeof what, "adamw first moments n=%zu", n);
+    check_maxabs(m, m_s, n, TOL_MAXABS, what);
+    snprintf(what, sizeof what, "adamw second moments n=%zu", n);
+    check_elem(v, v_s, n, TOL_ELEM, what);
+    free(p), free(m), free(v), free(p_s), free(m_s), free(v_s);
+}
+
+static void test_adamw(void **state) {
+    const dpoc_kernel_table *kt = level_table(state);
+    rng_t rng = {105};
+    static const size_t ns[] = {1, 2, 7, 8, 9, 15, 16, 17, 33, 1000, 4099};
+    for (size_t i = 0; i < sizeof ns / sizeof *ns; i++) check_adamw(kt, ns[i], &rng);
+    for (int r = 0; r < 10; r++) check_adamw(kt, rng_size(&rng, 1, 10000), &rng);
+}
+
+/* ---------------------------------------------------------------------- */
+/* Dispatch */
+
+/* The public functions of layers.h run the forced level: bit for bit its table's result. */
+static void test_force(void **state) {
+    (void)state;
+    rng_t rng = {106};
+    enum { N = 37 };
+    float *g = frand(&rng, N, -5, 5), *u = frand(&rng, N, -1, 1);
+    float out[N], want[N];
+    dpoc_err err;
+    const dpoc_simd_level before = dpoc_kernels_level();
+    for (int l = 0; l < DPOC_SIMD_LEVELS; l++) {
+        const dpoc_simd_level level = (dpoc_simd_level)l;
+        const dpoc_kernel_table *t = dpoc_kernels_for(level);
+        if (!t) {
+            print_message("[  SKIPPED ] forcing SIMD level %s: this CPU lacks it\n", dpoc_simd_name(level));
+            assert_int_equal(dpoc_kernels_force(level, &err), DPOC_EINPUT);
+            continue;
+        }
+        assert_int_equal(dpoc_kernels_force(level, &err), 0);
+        assert_int_equal(dpoc_kernels_level(), level);
+        swiglu_forward(out, g, u, N);
+        t->swiglu_forward(want, g, u, N);
+        assert_memory_equal(out, want, sizeof out);
+    }
+    assert_true(dpoc_kernels_supported(DPOC_SIMD_SCALAR));
+    assert_int_equal(dpoc_kernels_force((dpoc_simd_level)DPOC_SIMD_LEVELS, &err), DPOC_EINPUT);
+    assert_non_null(strstr(err.msg, "not supported"));
+    assert_int_equal(dpoc_kernels_force(before, &err), 0);
+    free(g), free(u);
+}
+
+static void test_parse(void **state) {
+    (void)state;
+    dpoc_simd_level level;
+    for (int l = 0; l < DPOC_SIMD_LEVELS; l++) {
+        assert_int_equal(dpoc_simd_parse(dpoc_simd_name((dpoc_simd_level)l), &level), 0);
+        assert_int_equal(level, l);
+    }
+    assert_int_equal(dpoc_simd_parse("AVX2", &level), -1);
+    assert_int_equal(dpoc_simd_parse("", &level), -1);
+    assert_int_equal(dpoc_simd_parse("avx512f", &level), -1);
+}
+
+/* DPOC_SIMD is read once per process, so each setting runs in a child: this
+ * binary with --print-level prints the level its first kernel call chose. */
+static void child_level(const char *setting, char *line, size_t cap, char *errline, size_t errcap) {
+    const char *dir = make_temp_dir();
+    char cmd[1024], errpath[256];
+    snprintf(errpath, sizeof errpath, "%s/stderr", dir);
+    snprintf(cmd, sizeof cmd, "DPOC_SIMD='%s' /proc/%ld/exe --print-level 2>%s", setting, (long)getpid(), errpath);
+    FILE *f = popen(cmd, "r");
+    assert_non_null(f);
+    line[0] = '\0';
+    if (!fgets(line, (int)cap, f)) line[0] = '\0';
+    assert_int_equal(pclose(f), 0);
+    line[strcspn(line, "\n")] = '\0';
+    char *text = read_text_file(errpath, NULL);
+    snprintf(errline, errcap, "%s", text ? text : "");
+    free(text);
+    remove(errpath);
+    rmdir(dir);
+}
+
+static void test_env(void **state) {
+    (void)state;
+    char line[64], errline[512];
+    dpoc_simd_level best = DPOC_SIMD_SCALAR;
+    for (int l = 0; l < DPOC_SIMD_LEVELS; l++)
+        if (dpoc_kernels_supported((dpoc_simd_level)l)) best = (dpoc_simd_level)l;
+    for (int l = 0; l < DPOC_SIMD_LEVELS; l++) {
+        const char *name = dpoc_simd_name((dpoc_simd_level)l);
+        child_level(name, line, sizeof line, errline, sizeof errline);
+        if (dpoc_kernels_supported((dpoc_simd_level)l)) {
+            assert_string_equal(line, name);
+            assert_string_equal(errline, "");
+        } else { /* falls back to the best level, and says so */
+            assert_string_equal(line, dpoc_simd_name(best));
+            assert_non_null(strstr(errline, "not supported by this CPU"));
+        }
+    }
+    child_level("", line, sizeof line, errline, sizeof errline); /* empty: the CPU's best */
+    assert_string_equal(line, dpoc_simd_name(best));
+    child_level("sse9", line, sizeof line, errline, sizeof errline);
+    assert_string_equal(line, dpoc_simd_name(best));
+    assert_non_null(strstr(errline, "DPOC_SIMD=sse9 is not one of scalar, avx2, avx512"));
+}
+
+#define PER_LEVEL(fn, lvl) {#fn " at " #lvl, fn, NULL, NULL, (void *)&LEVEL_##lvl}
+
+int main(int argc, char **argv) {
+    if (argc == 2 && strcmp(argv[1], "--print-level") == 0) {
+        printf("%s\n", dpoc_simd_name(dpoc_kernels_level()));
+        return 0;
+    }
+    report = getenv("DPOC_KERNELS_REPORT") != NULL;
+    for (int l = 0; l < DPOC_SIMD_LEVELS; l++)
+        if (!dpoc_kernels_supported((dpoc_simd_level)l))
+            printf("[  SKIPPED ] SIMD level %s: this CPU (or a non-x86-64 build) lacks it; its tests skip\n",
+                   dpoc_simd_name((dpoc_simd_level)l));
+    const struct CMUnitTest tests[] = {
+        PER_LEVEL(test_rmsnorm, AVX2),   PER_LEVEL(test_rmsnorm, AVX512), PER_LEVEL(test_rope, AVX2),
+        PER_LEVEL(test_rope, AVX512),    PER_LEVEL(test_swiglu, AVX2),    PER_LEVEL(test_swiglu, AVX512),
+        PER_LEVEL(test_attention, AVX2), PER_LEVEL(test_attention, AVX512), PER_LEVEL(test_adamw, AVX2),
+        PER_LEVEL(test_adamw, AVX512),   cmocka_unit_test(test_force),    cmocka_unit_test(test_parse),
+        cmocka_unit_test(test_env),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
