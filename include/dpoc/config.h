@@ -48,6 +48,7 @@ typedef struct {
     int logging_first_step;
     unsigned long long seed;
     int shuffle; /* train_sampling_strategy: "random" (1) or "sequential" (0) */
+    int precompute_ref_log_probs; /* one reference pass before training, kept in output_dir/ref_logps.h5 */
 
     /* checkpoints */
     size_t save_steps;       /* checkpoint every N optimizer steps (0: only at the end / on a signal) */

@@ -107,12 +107,25 @@ typedef struct {
     dpoc_test_hooks hooks;
     /* content fingerprints (FNV-1a 64) of what the run started from, kept in checkpoints */
     uint64_t fp_policy, fp_ref, fp_data;
+    double *ref_logps; /* (n_pairs, 2): chosen, rejected reference log-probs when precomputed; else NULL */
     volatile double progress_time; /* last sign of life, read by the watchdog */
 } dpoc_trainer;
 
 /* Loads models and data, sizes buffers, computes the schedule. dist may be NULL. */
 int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, dpoc_err *err);
 void dpoc_trainer_free(dpoc_trainer *t);
+
+/* precompute_ref_log_probs: the fingerprint a stored set must carry to be reused
+ * (reference weights, tokenized data, and the settings that change a sequence's
+ * reference log-prob: max_length, truncation_mode, ld_alpha). */
+uint64_t dpoc_trainer_ref_logps_key(const dpoc_trainer *t);
+/* Computes t->ref_logps with the reference model, each rank a share of the pairs,
+ * summed over the ranks. */
+int dpoc_trainer_compute_ref_logps(dpoc_trainer *t, dpoc_err *err);
+/* Takes values (n_pairs * 2, copied) instead of computing them. */
+int dpoc_trainer_set_ref_logps(dpoc_trainer *t, const double *values, dpoc_err *err);
+/* Frees the reference model and its activations once t->ref_logps holds everything. */
+void dpoc_trainer_drop_ref(dpoc_trainer *t);
 
 /* One micro-batch on this rank: forward policy and reference for pairs[0..B),
  * loss, and backward with dLoss scaled by grad_scale, accumulated into t->grads.

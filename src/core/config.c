@@ -279,6 +279,9 @@ static const key_def KEYS[] = {
     {"seed", K_LONG, OFF(seed), 0, 9e15, 0, 0, "random seed (data order)"},
     {"train_sampling_strategy", K_CUSTOM, 0, 0, 0, set_sampling, get_sampling,
      "random (shuffled every epoch) or sequential (file order)"},
+    {"precompute_ref_log_probs", K_BOOL, OFF(precompute_ref_log_probs), 0, 0, 0, 0,
+     "reference log-probs computed once before training (split over ranks), cached in output_dir/ref_logps.h5; "
+     "no reference model is held while training"},
     {"save_steps", K_SIZE, OFF(save_steps), 0, 1e15, 0, 0,
      "write output_dir/checkpoint-STEP.h5 every N steps (0: only at the end and on a signal)"},
     {"save_total_limit", K_SIZE, OFF(save_total_limit), 0, 1e15, 0, 0, "keep at most N checkpoints (0: all)"},

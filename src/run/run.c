@@ -13,6 +13,7 @@
 #include "core/fileutil.h"
 #include "dpoc/checkpoint.h"
 #include "dpoc/metrics.h"
+#include "dpoc/ref_logps.h"
 #include "dpoc/trainer.h"
 
 /* The signal handler can only talk through process-wide state: a flag and the
@@ -74,6 +75,43 @@ static int agree_on_stop(dpoc_trainer *t, dpoc_err *err, int *stop) {
     return 0;
 }
 
+/* precompute_ref_log_probs: rank 0 looks for output_dir/ref_logps.h5 with the
+ * right fingerprint and shares what it found; otherwise every rank computes its
+ * share and rank 0 stores the result. Then the reference model is let go. */
+static int precompute_ref(dpoc_trainer *t, dpoc_err *err) {
+    const dpoc_config *cfg = &t->cfg;
+    const int root = dpoc_dist_is_root(t->dist);
+    const size_t n = t->data.n_pairs;
+    const uint64_t key = dpoc_trainer_ref_logps_key(t);
+    char path[DPOC_PATH_MAX + 32];
+    DPOC_TRY(dpoc_path_join(path, sizeof path, cfg->output_dir, DPOC_REF_LOGPS_FILE, err));
+    double *v = dpoc_calloc(2 * n + 1, sizeof(double), "reference log-probs", err);
+    if (!v) return DPOC_ENOMEM;
+    char why[128] = "";
+    int found = 0, rc = 0;
+    const double t0 = dpoc_now_s();
+    if (root) rc = dpoc_ref_logps_read(path, key, n, v, &found, why, sizeof why, err);
+    /* one sum shares rank 0's flag and values (the others contribute zeros) */
+    v[2 * n] = found;
+    if (!rc && t->dist) rc = dpoc_dist_sum_doubles(t->dist, v, 2 * n + 1, err);
+    found = v[2 * n] > 0.5;
+    if (!rc && found) {
+        rc = dpoc_trainer_set_ref_logps(t, v, err);
+        if (!rc && root) printf("dpoc: reference log-probs of %zu pairs reused from %s\n", n, path);
+    } else if (!rc) {
+        rc = dpoc_trainer_compute_ref_logps(t, err);
+        if (!rc && root) rc = dpoc_mkdirs(cfg->output_dir, err);
+        if (!rc && root) rc = dpoc_ref_logps_write(path, key, n, t->ref_logps, err);
+        if (!rc && root)
+            printf("dpoc: reference log-probs of %zu pairs computed in %.2f s (%s: %s), stored\n", n,
+                   dpoc_now_s() - t0, path, why);
+    }
+    if (!rc) dpoc_trainer_drop_ref(t);
+    fflush(stdout);
+    free(v);
+    return rc;
+}
+
 static int checkpoint(dpoc_trainer *t, dpoc_err *err) {
     int rc = 0;
     if (dpoc_dist_is_root(t->dist)) {
@@ -108,6 +146,15 @@ int dpoc_run_train(const dpoc_config *cfg, dpoc_dist *dist, const char *resume, 
         return rc;
     }
     const int root = dpoc_dist_is_root(dist);
+    /* before a checkpoint is restored: with no separate reference model the
+     * starting policy is the reference */
+    if (cfg->precompute_ref_log_probs) rc = precompute_ref(t, err);
+    if (rc) {
+        dpoc_trainer_free(t);
+        free(t);
+        restore_handlers(old);
+        return rc;
+    }
     char ckpt[DPOC_PATH_MAX + 300] = "";
     /* every rank resolves and restores the same file (rank 0's choice is shared
      * implicitly: they all see the same output_dir) */

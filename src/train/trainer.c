@@ -160,7 +160,9 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
                            cfg->ref_model_name_or_path, cfg->model_name_or_path);
             goto fail;
         }
-    } else if ((rc = copy_model(&t->ref, &t->policy, err))) {
+    } else if (!cfg->precompute_ref_log_probs && (rc = copy_model(&t->ref, &t->policy, err))) {
+        /* precomputing with the starting policy as reference needs no copy: the pass
+         * runs before the first update (and before a resumed checkpoint is restored) */
         goto fail;
     }
     if (t->hooks.perturb_rank == rank_of(t)) {
@@ -190,7 +192,7 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
     }
     for (size_t s = 0; s < n_seq; s++)
         if ((rc = dpoc_acts_alloc(&t->acts[s], &t->policy.cfg, t->max_T, err))) goto fail;
-    if ((rc = dpoc_acts_alloc(&t->ref_acts, &t->ref.cfg, t->max_T, err))) goto fail;
+    if ((rc = dpoc_acts_alloc(&t->ref_acts, &t->policy.cfg, t->max_T, err))) goto fail;
     if ((rc = dpoc_grad_scratch_alloc(&t->scratch, &t->policy.cfg, t->max_T, err))) goto fail;
     if ((rc = init_optimizer(t, err))) goto fail;
     if ((rc = dpoc_grad_sync_init(&t->sync, dist, t->grads, t->policy.numel,
@@ -206,7 +208,7 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
                                         : (long)ceil(cfg->num_train_epochs * (double)t->updates_per_epoch);
     t->warmup_steps = dpoc_warmup_steps(cfg, t->total_steps);
     t->fp_policy = dpoc_fnv1a(DPOC_FNV_OFFSET, t->policy.params, t->policy.numel * sizeof(float));
-    t->fp_ref = dpoc_fnv1a(DPOC_FNV_OFFSET, t->ref.params, t->ref.numel * sizeof(float));
+    t->fp_ref = t->ref.params ? dpoc_fnv1a(DPOC_FNV_OFFSET, t->ref.params, t->ref.numel * sizeof(float)) : t->fp_policy;
     t->fp_data = dpoc_fnv1a(DPOC_FNV_OFFSET, t->data.tokens, t->data.n_tokens * sizeof(int32_t));
     t->fp_data = dpoc_fnv1a(t->fp_data, t->data.pairs, t->data.n_pairs * sizeof(dpoc_pair));
     if ((rc = dpoc_trainer_check_replicas(t, err))) goto fail;
@@ -235,7 +237,62 @@ void dpoc_trainer_free(dpoc_trainer *t) {
     dpoc_tokenizer_free(t->tok);
     dpoc_model_free(&t->policy);
     dpoc_model_free(&t->ref);
+    free(t->ref_logps);
     memset(t, 0, sizeof *t);
+}
+
+/* ---- precomputed reference log-probs ---- */
+
+uint64_t dpoc_trainer_ref_logps_key(const dpoc_trainer *t) {
+    const dpoc_config *c = &t->cfg;
+    const double ld = c->loss.has_ld_alpha ? c->loss.ld_alpha : -1.0;
+    const int64_t settings[2] = {c->max_length, c->truncation_keep_end};
+    uint64_t h = dpoc_fnv1a(DPOC_FNV_OFFSET, &t->fp_ref, sizeof t->fp_ref);
+    h = dpoc_fnv1a(h, &t->fp_data, sizeof t->fp_data);
+    h = dpoc_fnv1a(h, settings, sizeof settings);
+    return dpoc_fnv1a(h, &ld, sizeof ld);
+}
+
+int dpoc_trainer_set_ref_logps(dpoc_trainer *t, const double *values, dpoc_err *err) {
+    const size_t n = 2 * t->data.n_pairs;
+    if (!t->ref_logps && !(t->ref_logps = dpoc_malloc((n ? n : 1) * sizeof(double), "reference log-probs", err)))
+        return DPOC_ENOMEM;
+    memcpy(t->ref_logps, values, n * sizeof(double));
+    return 0;
+}
+
+int dpoc_trainer_compute_ref_logps(dpoc_trainer *t, dpoc_err *err) {
+    const dpoc_config *cfg = &t->cfg;
+    const size_t n = t->data.n_pairs, world = (size_t)world_of(t), rank = (size_t)rank_of(t);
+    /* no separate reference: the starting policy, not yet updated, is it */
+    const dpoc_model *ref = t->ref.params ? &t->ref : &t->policy;
+    if (t->global_step != 0 && !t->ref.params)
+        return dpoc_errf(err, DPOC_EINTERNAL, "reference log-probs requested after training started");
+    double *v = dpoc_calloc(2 * n + 1, sizeof(double), "reference log-probs", err);
+    if (!v) return DPOC_ENOMEM;
+    dpoc_seq seq[2];
+    for (size_t i = rank; i < n; i += world) {
+        for (int r = 0; r < 2; r++)
+            dpoc_dataset_collate(&t->data, i, r, cfg->max_length, cfg->truncation_keep_end,
+                                 t->seq_buf + (size_t)r * t->max_T, &seq[r]);
+        const size_t shared = seq[0].R < seq[1].R ? seq[0].R : seq[1].R;
+        for (int r = 0; r < 2; r++) {
+            dpoc_model_forward(ref, &t->ref_acts, t->seq_buf + (size_t)r * t->max_T, seq[r].T, seq[r].row0,
+                               seq[r].R);
+            v[2 * i + (size_t)r] = dpoc_ld_logp(t->ref_acts.logp, seq[r].R, shared, &cfg->loss);
+        }
+        t->progress_time = dpoc_now_s();
+    }
+    /* every pair was computed by exactly one rank, the others hold 0: the sum gathers them */
+    int rc = t->dist ? dpoc_dist_sum_doubles(t->dist, v, 2 * n, err) : 0;
+    if (!rc) rc = dpoc_trainer_set_ref_logps(t, v, err);
+    free(v);
+    return rc;
+}
+
+void dpoc_trainer_drop_ref(dpoc_trainer *t) {
+    dpoc_acts_free(&t->ref_acts);
+    if (t->ref.params) dpoc_model_free(&t->ref);
 }
 
 /* ---- replicas ---- */
@@ -325,12 +382,20 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
         size_t partner = s < B ? s + B : s - B;
         size_t shared = seq[s].R < seq[partner].R ? seq[s].R : seq[partner].R;
         const int32_t *ids = t->seq_buf + s * t->max_T;
-        dpoc_model_forward(&t->ref, &t->ref_acts, ids, seq[s].T, seq[s].row0, seq[s].R);
         ls[s].n_tok = seq[s].R;
         ls[s].n_completion = seq[s].T - seq[s].comp_start;
         ls[s].policy_tok_logp = t->acts[s].logp;
         ls[s].log_sum_sq_probs = t->acts[s].log_sum_sq_probs;
-        ls[s].ref_logp = dpoc_ld_logp(t->ref_acts.logp, seq[s].R, shared, &cfg->loss);
+        if (t->ref_logps || !t->ref.params) {
+            if (!t->ref_logps) {
+                rc = dpoc_errf(err, DPOC_EINTERNAL, "precomputed reference log-probs are missing");
+                goto out;
+            }
+            ls[s].ref_logp = t->ref_logps[2 * pairs[s % B] + (s >= B)];
+        } else {
+            dpoc_model_forward(&t->ref, &t->ref_acts, ids, seq[s].T, seq[s].row0, seq[s].R);
+            ls[s].ref_logp = dpoc_ld_logp(t->ref_acts.logp, seq[s].R, shared, &cfg->loss);
+        }
         dtok[s] = t->tok_buf + s * t->max_T;
     }
     t->progress_time = dpoc_now_s();
