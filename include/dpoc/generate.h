@@ -34,7 +34,7 @@ typedef struct {
     int32_t stop_ids[DPOC_GEN_MAX_STOP]; /* generation of a sequence ends after it emits one of these */
 } dpoc_gen_opts;
 
-void dpoc_gen_opts_default(dpoc_gen_opts *o); /* 256 tokens, greedy, top_p 1, seed 42, batch 16 */
+void dpoc_gen_opts_default(dpoc_gen_opts *o); /* 256 tokens, greedy, top_p 1, seed 42, batch 64 */
 
 /* Continues each of the n prompts (token ids). out[i] (caller-provided, empty)
  * receives the generated ids, including the stop token when one ends it (as

@@ -12,6 +12,7 @@
 #include "core/fileutil.h"
 #include "dpoc/config.h"
 #include "dpoc/generate.h"
+#include "dpoc/prompts.h"
 #include "lm.h"
 
 /* Options the three commands share. */
@@ -70,7 +71,7 @@ static const char *SAMPLING_HELP =
     "  --temperature T          0 = greedy (default 0)\n"
     "  --top-p P                nucleus sampling (default 1)\n"
     "  --seed S                 random seed (default 42); each prompt has its own stream\n"
-    "  --batch-size B           prompts decoded together (default 16)\n";
+    "  --batch-size B           prompts decoded together (default 64)\n";
 
 /* Prompt ids of every user message. */
 static int prompt_ids(cli_lm *lm, const char *system, char **users, size_t n, dpoc_ids **out, dpoc_err *err) {
@@ -96,7 +97,7 @@ static int ended(const dpoc_gen_opts *o, const dpoc_ids *g) {
 /* The prompts of --prompt or --prompts. */
 static int load_prompts(const gen_args *a, char ***users, size_t *n, const char *cmd, dpoc_err *err) {
     if (!!a->prompt == !!a->prompts) return dpoc_errf(err, DPOC_EINPUT, "%s: give one of --prompt TEXT or --prompts FILE", cmd);
-    if (a->prompts) return cli_read_prompts(a->prompts, users, n, err);
+    if (a->prompts) return dpoc_prompts_read(a->prompts, users, n, err);
     *users = malloc(sizeof **users);
     if (!*users || !((*users)[0] = strdup(a->prompt))) {
         free(*users);
@@ -166,7 +167,7 @@ int dpoc_cli_generate(int argc, char **argv) {
     if (!rc && fflush(stdout)) rc = dpoc_errf(&err, DPOC_EIO, "writing to stdout failed");
     free_ids(prompts, n);
     free_ids(outs, n);
-    cli_free_prompts(users, n);
+    dpoc_prompts_free(users, n);
     cli_lm_close(&lm);
     if (rc) fprintf(stderr, "dpoc generate: error: %s\n", err.msg);
     return rc;
@@ -346,7 +347,7 @@ int dpoc_cli_build_pairs(int argc, char **argv) {
     free(todo_ids); /* views of prompts */
     free_ids(prompts, n);
     free_ids(outs, n);
-    cli_free_prompts(users, n);
+    dpoc_prompts_free(users, n);
     cli_lm_close(&lm);
     if (rc) fprintf(stderr, "dpoc build-pairs: error: %s\n", err.msg);
     return rc;

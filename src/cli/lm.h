@@ -31,11 +31,6 @@ void cli_lm_stop_ids(const cli_lm *lm, dpoc_gen_opts *o);
 /* Decoded text of ids without special tokens (malloc'ed). */
 int cli_lm_decode(cli_lm *lm, const dpoc_ids *ids, char **text, dpoc_err *err);
 
-/* Prompts from a file: a JSON array of strings, JSONL of {"prompt": "..."} (or
- * a JSON string per line), or else plain text with one prompt per non-empty line. */
-int cli_read_prompts(const char *path, char ***prompts, size_t *n, dpoc_err *err);
-void cli_free_prompts(char **prompts, size_t n);
-
 /* Parsers for option values; an error names the option. */
 int cli_parse_size(const char *opt, const char *s, size_t *out, dpoc_err *err);
 int cli_parse_float(const char *opt, const char *s, float *out, dpoc_err *err);
