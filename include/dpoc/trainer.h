@@ -14,6 +14,7 @@
 #include "dpoc/dist.h"
 #include "dpoc/err.h"
 #include "dpoc/model.h"
+#include "dpoc/prof.h"
 #include "dpoc/optim.h"
 #include "dpoc/tokenizer.h"
 
@@ -107,6 +108,8 @@ typedef struct {
     dpoc_test_hooks hooks;
     /* content fingerprints (FNV-1a 64) of what the run started from, kept in checkpoints */
     uint64_t fp_policy, fp_ref, fp_data;
+    dpoc_prof *prof;   /* where step time goes (dpoc bench); NULL: not measured */
+    double flops;      /* floating-point operations the steps so far needed (dpoc/flops.h) */
     double *ref_logps; /* (n_pairs, 2): chosen, rejected reference log-probs when precomputed; else NULL */
     volatile double progress_time; /* last sign of life, read by the watchdog */
 } dpoc_trainer;

@@ -11,5 +11,6 @@ int dpoc_cli_export(int argc, char **argv);
 int dpoc_cli_generate(int argc, char **argv);
 int dpoc_cli_build_pairs(int argc, char **argv);
 int dpoc_cli_perplexity(int argc, char **argv);
+int dpoc_cli_bench(int argc, char **argv, int *pargc, char ***pargv);
 
 #endif

@@ -23,6 +23,7 @@ static void usage(FILE *f) {
             "  generate --model PATH (--prompt S | --prompts F)  answer chat prompts (see `dpoc generate --help`)\n"
             "  build-pairs --model PATH --prompts F --replace OLD=NEW --out F   preference pairs from the model's answers\n"
             "  perplexity --model PATH --data F.jsonl           score given answers (mean NLL, perplexity)\n"
+            "  bench --config FILE.json [--steps N] [--json]    training throughput, MFU, memory, time by operation\n"
             "  --help                                           this text\n"
             "  --version                                        print the version\n",
             DPOC_VERSION);
@@ -118,6 +119,7 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "generate")) return dpoc_cli_generate(argc - 2, argv + 2);
     if (!strcmp(argv[1], "build-pairs")) return dpoc_cli_build_pairs(argc - 2, argv + 2);
     if (!strcmp(argv[1], "perplexity")) return dpoc_cli_perplexity(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "bench")) return dpoc_cli_bench(argc - 2, argv + 2, &argc, &argv);
     fprintf(stderr, "dpoc: unknown command '%s' (see dpoc --help)\n", argv[1]);
     return DPOC_EINPUT;
 }

@@ -30,6 +30,7 @@
 #include "core/fileutil.h"
 #include "core/rng.h"
 #include "dpoc/chat.h"
+#include "dpoc/flops.h"
 #include "dpoc/loss.h"
 #include "dpoc/source.h"
 
@@ -373,7 +374,11 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
     /* sequence s: chosen of pair s for s < B, rejected of pair s-B otherwise (TRL's order) */
     for (size_t s = 0; s < 2 * B; s++) {
         int32_t *ids = t->seq_buf + s * t->max_T;
+        const double t0 = dpoc_prof_start(t->prof);
         dpoc_dataset_collate(&t->data, pairs[s % B], s >= B, cfg->max_length, cfg->truncation_keep_end, ids, &seq[s]);
+        dpoc_prof_add(t->prof, DPOC_PROF_DATA, t0);
+        const double fwd = dpoc_flops_forward(&t->policy.cfg, seq[s].T, dpoc_flops_causal_pairs(seq[s].T), seq[s].R);
+        t->flops += fwd * (DPOC_FLOPS_TRAIN_FACTOR + (t->ref_logps ? 0.0 : 1.0));
         dpoc_model_forward(&t->policy, &t->acts[s], ids, seq[s].T, seq[s].row0, seq[s].R);
         sums[MB_NUM_TOKENS] += (double)seq[s].T;
         t->progress_time = dpoc_now_s();
@@ -400,7 +405,10 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
     }
     t->progress_time = dpoc_now_s();
     dpoc_loss_out lo = {0, logps, logps + B};
-    if ((rc = dpoc_loss_compute(&cfg->loss, B, ls, ls + B, grad_scale, dtok, dtok + B, &lo, err))) goto out;
+    const double t_loss = dpoc_prof_start(t->prof);
+    rc = dpoc_loss_compute(&cfg->loss, B, ls, ls + B, grad_scale, dtok, dtok + B, &lo, err);
+    dpoc_prof_add(t->prof, DPOC_PROF_LOSS, t_loss);
+    if (rc) goto out;
     sync_ctx sc = {t, 0, err};
     const dpoc_backward_hook hook = {on_grads_ready, &sc};
     for (size_t s = 0; s < 2 * B; s++) {
@@ -548,6 +556,7 @@ int dpoc_trainer_step(dpoc_trainer *t, dpoc_err *err) {
         t->win_loss += mb.loss / (double)n_mb;
         window_add(t, &mb);
     }
+    const double t_opt = dpoc_prof_start(t->prof);
     const double grad_norm = dpoc_grad_norm(t->grads, t->policy.numel);
     if (!isfinite(grad_norm))
         return dpoc_errf(err, DPOC_EINPUT, "step %ld: the gradient norm is not finite", t->global_step + 1);
@@ -555,6 +564,7 @@ int dpoc_trainer_step(dpoc_trainer *t, dpoc_err *err) {
     dpoc_clip_grads(t->grads, t->policy.numel, grad_norm, cfg->max_grad_norm);
     const double lr = cfg->learning_rate * dpoc_lr_lambda(cfg, t->global_step, t->warmup_steps, t->total_steps);
     dpoc_adamw_step(&t->opt, t->policy.params, t->grads, lr);
+    dpoc_prof_add(t->prof, DPOC_PROF_OPTIMIZER, t_opt);
     t->global_step++;
     t->progress_time = dpoc_now_s();
     if (cfg->replica_check_steps && t->global_step % (long)cfg->replica_check_steps == 0)

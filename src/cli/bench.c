@@ -1,0 +1,235 @@
+/* `dpoc bench`: training throughput, achieved FLOP rate against the machine's
+ * measured sgemm peak, peak memory and where the step time goes. */
+#include <cblas.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+
+#include "commands.h"
+#include "core/fileutil.h"
+#include "dpoc/config.h"
+#include "dpoc/dist.h"
+#include "dpoc/err.h"
+#include "dpoc/prof.h"
+#include "dpoc/trainer.h"
+
+#define PEAK_REPEATS 3
+static const size_t PEAK_SIZES[] = {1024, 2048, 3072};
+
+static void bench_usage(FILE *f) {
+    fprintf(f,
+            "usage: dpoc bench --config FILE.json [--set key=value ...] [--steps N] [--warmup W] [--json]\n"
+            "       dpoc bench --peak [--json]\n\n"
+            "Runs W warm-up steps (default 2), then N timed training steps (default 5) of the config's\n"
+            "training (run it under mpirun -np P for P ranks; nothing is written to output_dir) and reports:\n"
+            "  tokens_per_second  prompt + completion tokens of both sequences of each pair, all ranks\n"
+            "                     (TRL's num_tokens), per second of the timed steps\n"
+            "  step_time_s        mean time of a timed optimizer step\n"
+            "  gflops             the FLOPs the steps needed (policy forward + backward = 3x forward,\n"
+            "                     the reference forward unless precomputed) per second, all ranks\n"
+            "  peak_gflops        OpenBLAS sgemm on large square matrices (%zu..%zu), measured in the same\n"
+            "                     run on every rank at once with the threads each rank trains with, summed\n"
+            "  mfu                gflops / peak_gflops\n"
+            "  peak_rss_bytes     rank 0's peak resident set (peak_rss_bytes_total: summed over the ranks)\n"
+            "  breakdown          seconds per timed step by operation (mean over ranks): gemm, attention,\n"
+            "                     pointwise, lm_head, loss, optimizer, communication, data, other\n"
+            "  loss               the training loss of the last step\n"
+            "With precompute_ref_log_probs the reference pass runs (untimed) before the warm-up.\n"
+            "--peak measures only peak_gflops.\n",
+            PEAK_SIZES[0], PEAK_SIZES[sizeof PEAK_SIZES / sizeof PEAK_SIZES[0] - 1]);
+}
+
+/* Best sgemm rate over the sizes, on this rank's BLAS threads. */
+static int measure_peak(double *gflops, dpoc_err *err) {
+    const size_t nmax = PEAK_SIZES[sizeof PEAK_SIZES / sizeof PEAK_SIZES[0] - 1];
+    float *a = dpoc_malloc(nmax * nmax * sizeof(float), "sgemm buffers", err);
+    float *b = dpoc_malloc(nmax * nmax * sizeof(float), "sgemm buffers", err);
+    float *c = dpoc_malloc(nmax * nmax * sizeof(float), "sgemm buffers", err);
+    if (!a || !b || !c) {
+        free(a);
+        free(b);
+        free(c);
+        return DPOC_ENOMEM;
+    }
+    for (size_t i = 0; i < nmax * nmax; i++) a[i] = b[i] = (float)((i * 7919) % 1000) * 1e-3f;
+    double best = 0.0;
+    for (size_t k = 0; k < sizeof PEAK_SIZES / sizeof PEAK_SIZES[0]; k++) {
+        const size_t n = PEAK_SIZES[k];
+        const int ni = (int)n;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ni, ni, ni, 1.0f, a, ni, b, ni, 0.0f, c, ni); /* warm */
+        for (int r = 0; r < PEAK_REPEATS; r++) {
+            const double t0 = dpoc_prof_clock();
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ni, ni, ni, 1.0f, a, ni, b, ni, 0.0f, c, ni);
+            const double dt = dpoc_prof_clock() - t0;
+            const double g = 2.0 * (double)n * (double)n * (double)n / dt * 1e-9;
+            if (g > best) best = g;
+        }
+    }
+    free(a);
+    free(b);
+    free(c);
+    *gflops = best;
+    return 0;
+}
+
+static double peak_rss_bytes(void) {
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) != 0) return 0.0;
+    return (double)ru.ru_maxrss * 1024.0; /* Linux: kilobytes */
+}
+
+typedef struct {
+    double loss;
+    int seen;
+} last_loss;
+
+static int keep_loss(void *ctx, const dpoc_log_record *rec, dpoc_err *err) {
+    (void)err;
+    last_loss *l = ctx;
+    for (size_t i = 0; i < rec->n; i++)
+        if (!strcmp(rec->names[i], "loss")) l->loss = rec->values[i], l->seen = 1;
+    return 0;
+}
+
+int dpoc_cli_bench(int argc, char **argv, int *pargc, char ***pargv) {
+    dpoc_err err;
+    dpoc_err_clear(&err);
+    dpoc_config cfg;
+    dpoc_config_defaults(&cfg);
+    const char *config_path = NULL;
+    size_t steps = 5, warmup = 2;
+    int json = 0, peak_only = 0, rc = 0;
+    for (int i = 0; i < argc && !rc; i++) {
+        const char *k = argv[i];
+        if (!strcmp(k, "--help") || !strcmp(k, "-h")) {
+            bench_usage(stdout);
+            return 0;
+        } else if (!strcmp(k, "--json")) json = 1;
+        else if (!strcmp(k, "--peak")) peak_only = 1;
+        else if (i + 1 >= argc) rc = dpoc_errf(&err, DPOC_EINPUT, "unexpected argument '%s' (see dpoc bench --help)", k);
+        else if (!strcmp(k, "--config")) config_path = argv[++i];
+        else if (!strcmp(k, "--set")) i++;
+        else if (!strcmp(k, "--steps") || !strcmp(k, "--warmup")) {
+            char *end = NULL;
+            long v = strtol(argv[++i], &end, 10);
+            if (*end || v < (k[2] == 's' ? 1 : 0)) rc = dpoc_errf(&err, DPOC_EINPUT, "%s '%s': expected a count", k, argv[i]);
+            else if (k[2] == 's') steps = (size_t)v;
+            else warmup = (size_t)v;
+        } else rc = dpoc_errf(&err, DPOC_EINPUT, "unknown option '%s' (see dpoc bench --help)", k);
+    }
+    if (!rc && !peak_only && !config_path) rc = dpoc_errf(&err, DPOC_EINPUT, "--config FILE (or --peak) is required");
+    if (!rc && config_path) rc = dpoc_config_load_file(&cfg, config_path, &err);
+    for (int i = 0; !rc && i < argc; i++)
+        if (!strcmp(argv[i], "--set")) rc = dpoc_config_set(&cfg, argv[++i], &err);
+        else if (!strcmp(argv[i], "--config") || !strcmp(argv[i], "--steps") || !strcmp(argv[i], "--warmup")) i++;
+    if (!rc && config_path) {
+        cfg.max_steps = (long)(warmup + steps); /* the schedule covers exactly the measured run */
+        cfg.logging_steps = 1;
+        cfg.save_steps = 0;
+        rc = dpoc_config_finalize(&cfg, &err);
+    }
+    if (rc) {
+        fprintf(stderr, "dpoc bench: error: %s\n", err.msg);
+        return rc;
+    }
+    dpoc_dist dist;
+    if ((rc = dpoc_dist_init(&dist, pargc, pargv, (int)cfg.num_threads, &err))) {
+        fprintf(stderr, "dpoc bench: error: %s\n", err.msg);
+        return rc;
+    }
+    const int root = dpoc_dist_is_root(&dist);
+    dpoc_trainer *t = NULL;
+    dpoc_prof prof;
+    memset(&prof, 0, sizeof prof);
+    last_loss ll = {0, 0};
+    /* [0] flops, [1] tokens, [2] rss sum, [3] peak gflops, [4..] breakdown */
+    double v[4 + DPOC_PROF_N + 1];
+    memset(v, 0, sizeof v);
+    double rss_max = 0.0, wall = 0.0, comm0 = 0.0;
+    if (!peak_only) {
+        t = dpoc_malloc(sizeof *t, "trainer", &err);
+        rc = t ? dpoc_trainer_init(t, &cfg, &dist, &err) : DPOC_ENOMEM;
+        if (rc) {
+            free(t);
+            t = NULL;
+        }
+        if (!rc && cfg.precompute_ref_log_probs) {
+            rc = dpoc_trainer_compute_ref_logps(t, &err);
+            if (!rc) dpoc_trainer_drop_ref(t);
+        }
+        if (!rc) {
+            t->on_log = root ? keep_loss : NULL;
+            t->on_log_ctx = &ll;
+        }
+        for (size_t s = 0; !rc && s < warmup; s++) rc = dpoc_trainer_step(t, &err);
+        if (!rc) rc = dpoc_dist_barrier(&dist, &err);
+        if (!rc) {
+            t->prof = &prof;
+            t->flops = 0.0;
+            comm0 = dist.comm_time_s;
+            const size_t tokens0 = t->total_tokens;
+            const double t0 = dpoc_prof_clock();
+            for (size_t s = 0; !rc && s < steps; s++) rc = dpoc_trainer_step(t, &err);
+            if (!rc) rc = dpoc_dist_barrier(&dist, &err);
+            wall = dpoc_prof_clock() - t0;
+            prof.s[DPOC_PROF_COMM] += dist.comm_time_s - comm0;
+            v[0] = t->flops;
+            v[1] = root ? (double)(t->total_tokens - tokens0) : 0.0; /* already summed over ranks */
+        }
+    }
+    /* the peak with every rank's BLAS at work at once, as in training */
+    if (!rc) rc = dpoc_dist_barrier(&dist, &err);
+    if (!rc) rc = measure_peak(&v[3], &err);
+    v[2] = peak_rss_bytes();
+    rss_max = v[2];
+    for (int k = 0; k < DPOC_PROF_N; k++) v[4 + k] = prof.s[k];
+    if (!rc) rc = dpoc_dist_sum_doubles(&dist, v, sizeof v / sizeof v[0], &err);
+    if (!rc && root) {
+        const double W = (double)dist.world;
+        const double peak = v[3];
+        if (peak_only) {
+            if (json) printf("{\"peak_gflops\": %.3f, \"world_size\": %d, \"threads_per_rank\": %d}\n", peak, dist.world, dist.threads);
+            else printf("sgemm peak: %.1f GFLOP/s (%d rank(s) x %d thread(s))\n", peak, dist.world, dist.threads);
+        } else {
+            const double tps = v[1] / wall, gflops = v[0] / wall * 1e-9, step = wall / (double)steps;
+            double accounted = 0.0;
+            for (int k = 0; k < DPOC_PROF_N; k++) accounted += v[4 + k] / W;
+            if (json) {
+                printf("{\"tokens_per_second\": %.3f, \"step_time_s\": %.6f, \"gflops\": %.3f, \"peak_gflops\": %.3f, "
+                       "\"mfu\": %.6f, \"peak_rss_bytes\": %.0f, \"peak_rss_bytes_total\": %.0f, \"loss\": %.9g, "
+                       "\"steps\": %zu, \"warmup_steps\": %zu, \"world_size\": %d, \"threads_per_rank\": %d, "
+                       "\"precompute_ref_log_probs\": %s, \"breakdown\": {",
+                       tps, step, gflops, peak, peak > 0 ? gflops / peak : 0.0, rss_max, v[2], ll.loss, steps, warmup,
+                       dist.world, dist.threads, cfg.precompute_ref_log_probs ? "true" : "false");
+                for (int k = 0; k < DPOC_PROF_N; k++)
+                    printf("\"%s\": %.6f, ", dpoc_prof_name((dpoc_prof_kind)k), v[4 + k] / W / (double)steps);
+                printf("\"other\": %.6f}}\n", (wall - accounted) / (double)steps);
+            } else {
+                printf("dpoc bench: %zu timed steps after %zu warm-up, %d rank(s) x %d thread(s)\n", steps, warmup,
+                       dist.world, dist.threads);
+                printf("  tokens/s        %.1f\n  step time       %.3f s\n  achieved        %.1f GFLOP/s\n"
+                       "  sgemm peak      %.1f GFLOP/s\n  MFU             %.1f%%\n  peak RSS        %.0f MiB (rank 0), "
+                       "%.0f MiB (all ranks)\n  loss            %.6f\n  time per step by operation (mean over ranks):\n",
+                       tps, step, gflops, peak, peak > 0 ? 100.0 * gflops / peak : 0.0, rss_max / 1048576.0,
+                       v[2] / 1048576.0, ll.loss);
+                for (int k = 0; k < DPOC_PROF_N; k++)
+                    printf("    %-14s %8.3f s  %5.1f%%\n", dpoc_prof_name((dpoc_prof_kind)k), v[4 + k] / W / (double)steps,
+                           100.0 * v[4 + k] / W / wall);
+                printf("    %-14s %8.3f s  %5.1f%%\n", "other", (wall - accounted) / (double)steps,
+                       100.0 * (wall - accounted) / wall);
+            }
+        }
+        fflush(stdout);
+    }
+    if (t) {
+        dpoc_trainer_free(t);
+        free(t);
+    }
+    if (rc) {
+        fprintf(stderr, "dpoc bench: error: %s\n", err.msg);
+        if (dist.world > 1) dpoc_dist_abort(&dist, rc, err.msg);
+    }
+    dpoc_dist_finalize(&dist);
+    return rc;
+}
