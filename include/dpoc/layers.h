@@ -53,6 +53,24 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout, cons
                         const float *k, const float *v, const float *out, const float *lse, size_t T,
                         size_t nh, size_t nkv, size_t hd);
 
+/* The same attention for Tq query rows that follow a prefix of Tpre positions
+ * whose keys and values are a separate array: query row t (position Tpre + t)
+ * sees all prefix keys kp, vp (Tpre, nkv, hd) and its own keys k, v (Tq, nkv, hd)
+ * 0..t. It equals the last Tq rows of attention_forward on the concatenation
+ * [kp; k], [vp; v] (to rounding), without the concatenation: one prompt's K/V
+ * serve two completions (dpoc_model_forward_shared). q, out (Tq, nh, hd), lse
+ * (nh, Tq). Tpre = 0 (kp, vp may then be NULL) is attention_forward.
+ * The backward accumulates into dq, dkp, dvp (Tpre, nkv, hd), dk, dv (Tq, nkv,
+ * hd); any may be NULL. dkp/dvp may be parts of the same arrays as dk/dv as long
+ * as the rows do not overlap. */
+void attention_prefix_forward(float *out, float *lse, const float *q, const float *kp, const float *vp,
+                              size_t Tpre, const float *k, const float *v, size_t Tq, size_t nh, size_t nkv,
+                              size_t hd);
+void attention_prefix_backward(float *dq, float *dkp, float *dvp, float *dk, float *dv, const float *dout,
+                               const float *q, const float *kp, const float *vp, size_t Tpre, const float *k,
+                               const float *v, const float *out, const float *lse, size_t Tq, size_t nh,
+                               size_t nkv, size_t hd);
+
 /* SwiGLU: out (N) = silu(gate) * up, silu(x) = x * sigmoid(x). N = T * intermediate. */
 void swiglu_forward(float *out, const float *gate, const float *up, size_t N);
 void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up,

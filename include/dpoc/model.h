@@ -90,11 +90,16 @@ typedef struct {
 typedef struct {
     size_t max_T;
     size_t T, row0, R; /* the current sequence: rows row0..row0+R-1 are scored */
+    /* After dpoc_model_forward_shared, the rows are one prompt and two completions
+     * (Tp, Ta, Tb > 0, see there); after dpoc_model_forward, Tp = Ta = Tb = 0. */
+    size_t Tp, Ta, Tb;
     float *block;      /* one allocation */
     dpoc_layer_acts *layers;
     float *x_out, *lnf, *rstdf; /* (T,C), (T,C), (T) */
     float *cos_t, *sin_t;       /* rope tables (max_T, hd/2) */
     float *logits_scratch;      /* lm head chunk scratch */
+    float *head_in;             /* (R,C) the head's input rows gathered from lnf (shared layout only) */
+    int32_t *tokens;            /* (T) the token of each row (shared layout only) */
     int32_t *labels;            /* (R) */
     /* per scored row: outputs of the head */
     float *logp, *lse, *entropy, *mean_logit, *log_sum_sq_probs;
@@ -129,9 +134,42 @@ typedef struct {
     void *ctx;
 } dpoc_backward_hook;
 
-/* Backward of the sequence last forwarded into a: dlogp (R) = dLoss/dlogp of each
- * scored row. Accumulates into grads (a block of m->numel floats). hook may be NULL. */
+/* Backward of the sequence last forwarded into a by dpoc_model_forward: dlogp (R) =
+ * dLoss/dlogp of each scored row. Accumulates into grads (a block of m->numel
+ * floats). hook may be NULL. */
 void dpoc_model_backward(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_grad_scratch *s,
                          const int32_t *tokens, const float *dlogp, const dpoc_backward_hook *hook);
+
+/* One preference pair with its prompt computed once. Equivalent (to rounding) to
+ * dpoc_model_forward of prompt+chosen and of prompt+rejected, each with
+ * row0 = Tp - 1 and R = its completion length, but the prompt's rows go through
+ * the model once and both completions attend to its keys and values.
+ *
+ * Rows of a: [prompt (Tp); chosen[0..Ta-2] (Ta-1); rejected[0..Tb-2] (Tb-1)],
+ * T = Tp + Ta + Tb - 2. A completion's last token is never an input of a
+ * scored row (it is only a label), so it has no row. Positions: the prompt
+ * 0..Tp-1, each completion from Tp on. Every row-wise op runs on all T rows at
+ * once; in attention, prompt rows are causal over the prompt, and a
+ * completion's rows see the whole prompt and, causally, their own completion.
+ *
+ * Head rows: a->R = Ta + Tb, in order chosen then rejected (a->row0 = Tp - 1);
+ * row r of a completion c predicts c[r] from the hidden state of [last prompt
+ * row, c[0..r-1]], so a->logp, lse, entropy, mean_logit, log_sum_sq_probs and
+ * is_top1 hold [0, Ta) the chosen rows and [Ta, Ta+Tb) the rejected ones, as
+ * the two unshared forwards' R rows one after the other.
+ *
+ * Requires Tp, Ta, Tb >= 1 and Tp + Ta + Tb - 2 <= a->max_T and Ta + Tb <= a->max_T
+ * (max_T >= Tp + Ta + Tb always suffices); Tp + max(Ta, Tb) - 1 <=
+ * max_position_embeddings as for the unshared sequences. */
+void dpoc_model_forward_shared(const dpoc_model *m, dpoc_acts *a, const int32_t *prompt, size_t Tp,
+                               const int32_t *chosen, size_t Ta, const int32_t *rejected, size_t Tb);
+
+/* Backward of the pair last forwarded into a by dpoc_model_forward_shared:
+ * dlogp (Ta+Tb) = dLoss/dlogp of each head row, in a's order. Accumulates into
+ * grads the sum of both unshared backwards (the prompt's rows receive the
+ * gradients of both completions). s sized like a (max_T >= a->T and >= Ta + Tb).
+ * The hook is called as by dpoc_model_backward; hook may be NULL. */
+void dpoc_model_backward_shared(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_grad_scratch *s,
+                                const float *dlogp, const dpoc_backward_hook *hook);
 
 #endif

@@ -11,7 +11,9 @@
  *
  * Attention on the SIMD levels is computed in tiles (kernels_attention.c): the
  * score tiles go through cblas_sgemm and only the per-row softmax statistics
- * (the logsumexp, (nh,T)) are kept between forward and backward. */
+ * (the logsumexp, (nh,T)) are kept between forward and backward. Every level
+ * also has the prefix form (query rows after a fully visible prefix whose K/V
+ * are a separate array: a prompt shared by two completions). */
 #ifndef DPOC_MODEL_KERNELS_H
 #define DPOC_MODEL_KERNELS_H
 
@@ -50,6 +52,14 @@ typedef struct {
     void (*attention_backward)(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
                                const float *v, const float *out, const float *lse, size_t T, size_t nh, size_t nkv,
                                size_t hd);
+    /* attention_forward/backward are these with Tpre = 0 */
+    void (*attention_prefix_forward)(float *out, float *lse, const float *q, const float *kp, const float *vp,
+                                     size_t Tpre, const float *k, const float *v, size_t Tq, size_t nh, size_t nkv,
+                                     size_t hd);
+    void (*attention_prefix_backward)(float *dq, float *dkp, float *dvp, float *dk, float *dv, const float *dout,
+                                      const float *q, const float *kp, const float *vp, size_t Tpre, const float *k,
+                                      const float *v, const float *out, const float *lse, size_t Tq, size_t nh,
+                                      size_t nkv, size_t hd);
     void (*adamw_update)(float *params, const float *grads, float *m, float *v, size_t n,
                          const dpoc_adamw_coeffs *c);
 } dpoc_kernel_table;
@@ -80,10 +90,13 @@ typedef struct {
     void (*dsoftmax)(float *p, const float *dp, size_t n, float D);
 } dpoc_attn_rowops;
 
-void attention_forward_blocked(const dpoc_attn_rowops *ops, float *out, float *lse, const float *q, const float *k,
-                               const float *v, size_t T, size_t nh, size_t nkv, size_t hd);
-void attention_backward_blocked(const dpoc_attn_rowops *ops, float *dq, float *dk, float *dv, const float *dout,
-                                const float *q, const float *k, const float *v, const float *out, const float *lse,
-                                size_t T, size_t nh, size_t nkv, size_t hd);
+/* The attention_prefix_* of layers.h (plain causal attention with Tpre = 0, kp = vp = NULL). */
+void attention_forward_blocked(const dpoc_attn_rowops *ops, float *out, float *lse, const float *q, const float *kp,
+                               const float *vp, size_t Tpre, const float *k, const float *v, size_t Tq, size_t nh,
+                               size_t nkv, size_t hd);
+void attention_backward_blocked(const dpoc_attn_rowops *ops, float *dq, float *dkp, float *dvp, float *dk, float *dv,
+                                const float *dout, const float *q, const float *kp, const float *vp, size_t Tpre,
+                                const float *k, const float *v, const float *out, const float *lse, size_t Tq,
+                                size_t nh, size_t nkv, size_t hd);
 
 #endif

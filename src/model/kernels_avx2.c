@@ -289,13 +289,28 @@ static const dpoc_attn_rowops rowops_avx2 = {
 
 static void attention_forward_avx2(float *out, float *lse, const float *q, const float *k, const float *v, size_t T,
                                    size_t nh, size_t nkv, size_t hd) {
-    attention_forward_blocked(&rowops_avx2, out, lse, q, k, v, T, nh, nkv, hd);
+    attention_forward_blocked(&rowops_avx2, out, lse, q, NULL, NULL, 0, k, v, T, nh, nkv, hd);
 }
 
 static void attention_backward_avx2(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
                                     const float *v, const float *out, const float *lse, size_t T, size_t nh, size_t nkv,
                                     size_t hd) {
-    attention_backward_blocked(&rowops_avx2, dq, dk, dv, dout, q, k, v, out, lse, T, nh, nkv, hd);
+    attention_backward_blocked(&rowops_avx2, dq, NULL, NULL, dk, dv, dout, q, NULL, NULL, 0, k, v, out, lse, T, nh,
+                               nkv, hd);
+}
+
+static void attention_prefix_forward_avx2(float *out, float *lse, const float *q, const float *kp, const float *vp,
+                                          size_t Tpre, const float *k, const float *v, size_t Tq, size_t nh, size_t nkv,
+                                          size_t hd) {
+    attention_forward_blocked(&rowops_avx2, out, lse, q, kp, vp, Tpre, k, v, Tq, nh, nkv, hd);
+}
+
+static void attention_prefix_backward_avx2(float *dq, float *dkp, float *dvp, float *dk, float *dv, const float *dout,
+                                           const float *q, const float *kp, const float *vp, size_t Tpre,
+                                           const float *k, const float *v, const float *out, const float *lse,
+                                           size_t Tq, size_t nh, size_t nkv, size_t hd) {
+    attention_backward_blocked(&rowops_avx2, dq, dkp, dvp, dk, dv, dout, q, kp, vp, Tpre, k, v, out, lse, Tq, nh, nkv,
+                               hd);
 }
 
 const dpoc_kernel_table dpoc_kernels_avx2 = {
@@ -308,6 +323,8 @@ const dpoc_kernel_table dpoc_kernels_avx2 = {
     .swiglu_backward = swiglu_backward_avx2,
     .attention_forward = attention_forward_avx2,
     .attention_backward = attention_backward_avx2,
+    .attention_prefix_forward = attention_prefix_forward_avx2,
+    .attention_prefix_backward = attention_prefix_backward_avx2,
     .adamw_update = adamw_update_avx2,
 };
 

@@ -262,13 +262,28 @@ static const dpoc_attn_rowops rowops_avx512 = {
 
 static void attention_forward_avx512(float *out, float *lse, const float *q, const float *k, const float *v, size_t T,
                                      size_t nh, size_t nkv, size_t hd) {
-    attention_forward_blocked(&rowops_avx512, out, lse, q, k, v, T, nh, nkv, hd);
+    attention_forward_blocked(&rowops_avx512, out, lse, q, NULL, NULL, 0, k, v, T, nh, nkv, hd);
 }
 
 static void attention_backward_avx512(float *dq, float *dk, float *dv, const float *dout, const float *q,
                                       const float *k, const float *v, const float *out, const float *lse, size_t T,
                                       size_t nh, size_t nkv, size_t hd) {
-    attention_backward_blocked(&rowops_avx512, dq, dk, dv, dout, q, k, v, out, lse, T, nh, nkv, hd);
+    attention_backward_blocked(&rowops_avx512, dq, NULL, NULL, dk, dv, dout, q, NULL, NULL, 0, k, v, out, lse, T, nh,
+                               nkv, hd);
+}
+
+static void attention_prefix_forward_avx512(float *out, float *lse, const float *q, const float *kp, const float *vp,
+                                            size_t Tpre, const float *k, const float *v, size_t Tq, size_t nh,
+                                            size_t nkv, size_t hd) {
+    attention_forward_blocked(&rowops_avx512, out, lse, q, kp, vp, Tpre, k, v, Tq, nh, nkv, hd);
+}
+
+static void attention_prefix_backward_avx512(float *dq, float *dkp, float *dvp, float *dk, float *dv, const float *dout,
+                                             const float *q, const float *kp, const float *vp, size_t Tpre,
+                                             const float *k, const float *v, const float *out, const float *lse,
+                                             size_t Tq, size_t nh, size_t nkv, size_t hd) {
+    attention_backward_blocked(&rowops_avx512, dq, dkp, dvp, dk, dv, dout, q, kp, vp, Tpre, k, v, out, lse, Tq, nh, nkv,
+                               hd);
 }
 
 const dpoc_kernel_table dpoc_kernels_avx512 = {
@@ -281,6 +296,8 @@ const dpoc_kernel_table dpoc_kernels_avx512 = {
     .swiglu_backward = swiglu_backward_avx512,
     .attention_forward = attention_forward_avx512,
     .attention_backward = attention_backward_avx512,
+    .attention_prefix_forward = attention_prefix_forward_avx512,
+    .attention_prefix_backward = attention_prefix_backward_avx512,
     .adamw_update = adamw_update_avx512,
 };
 

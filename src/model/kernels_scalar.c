@@ -115,80 +115,109 @@ static float attention_score(const float *restrict qt, const float *restrict ks,
     return dot * scale;
 }
 
-/* out (T, nh, hd), lse (nh, T); q (T, nh, hd), k and v (T, nkv, hd).
+/* Row s of the keys (or values) a query row sees, in position order: the Tpre
+ * prefix rows of kp (Tpre, nkv, hd), then the own rows of k (Tq, nkv, hd).
+ * kv_off = kv head * hd. */
+static const float *kv_row(const float *kp, const float *k, size_t Tpre, size_t s, size_t kv_stride, size_t kv_off) {
+    return s < Tpre ? kp + s * kv_stride + kv_off : k + (s - Tpre) * kv_stride + kv_off;
+}
+
+static float *dkv_row(float *dkp, float *dk, size_t Tpre, size_t s, size_t kv_stride, size_t kv_off) {
+    float *base = s < Tpre ? dkp : dk;
+    if (!base) return NULL;
+    return base + (s < Tpre ? s : s - Tpre) * kv_stride + kv_off;
+}
+
+/* out (Tq, nh, hd), lse (nh, Tq); q (Tq, nh, hd), kp and vp (Tpre, nkv, hd), k and v (Tq, nkv, hd).
+ * Query row t sits at position Tpre + t of the sequence [prefix; own] and sees
+ * keys s = 0 .. Tpre + t of it (Tpre = 0: plain causal attention).
  * Head h reads kv head h / (nh / nkv) (repeat_kv). Per head and query row t:
- *   score[s] = (q_t . k_s) * scale for s <= t (masked s > t give probability 0),
+ *   score[s] = (q_t . k_s) * scale for visible s (masked ones give probability 0),
  *   P = softmax(score) in fp32 (max subtracted, double sum),
  *   out_t = (sum_s e_s v_s) / sum_s e_s  with e_s = exp(score_s - max),
  *   lse[h,t] = max + log(sum_s e_s).
  * A row would need a (T) buffer to keep its scores, and a void kernel does not
  * allocate, so the scores are computed twice: once for the max, once for the
- * exponentials (this twin is the reference, not the fast path). */
-static void attention_forward_scalar(float *restrict out, float *restrict lse, const float *restrict q,
-                                     const float *restrict k, const float *restrict v, size_t T, size_t nh,
-                                     size_t nkv, size_t hd) {
+ * exponentials (this twin is the reference, not the fast path). The keys go in
+ * position order, so a prefix call gives bit for bit the rows of the causal
+ * call on the concatenated sequence. */
+static void attention_prefix_forward_scalar(float *restrict out, float *restrict lse, const float *restrict q,
+                                            const float *kp, const float *vp, size_t Tpre, const float *k,
+                                            const float *v, size_t Tq, size_t nh, size_t nkv, size_t hd) {
     assert(nkv > 0 && nh % nkv == 0);
+    assert(Tpre == 0 || (kp && vp));
     const size_t group = nh / nkv;
     const size_t q_stride = nh * hd, kv_stride = nkv * hd;
     const float scale = attention_scale(hd);
     for (size_t h = 0; h < nh; h++) {
-        const size_t kvh = h / group;
-        for (size_t t = 0; t < T; t++) {
+        const size_t kv_off = (h / group) * hd;
+        for (size_t t = 0; t < Tq; t++) {
             const float *restrict qt = q + t * q_stride + h * hd;
+            const size_t n = Tpre + t + 1; /* visible keys */
             float maxv = -INFINITY;
-            for (size_t s = 0; s <= t; s++) {
-                const float score = attention_score(qt, k + s * kv_stride + kvh * hd, hd, scale);
+            for (size_t s = 0; s < n; s++) {
+                const float score = attention_score(qt, kv_row(kp, k, Tpre, s, kv_stride, kv_off), hd, scale);
                 if (score > maxv) maxv = score;
             }
             float *restrict ot = out + t * q_stride + h * hd;
             for (size_t i = 0; i < hd; i++) ot[i] = 0.0f;
             double sum = 0.0;
-            for (size_t s = 0; s <= t; s++) {
-                const float e = expf(attention_score(qt, k + s * kv_stride + kvh * hd, hd, scale) - maxv);
+            for (size_t s = 0; s < n; s++) {
+                const float e = expf(attention_score(qt, kv_row(kp, k, Tpre, s, kv_stride, kv_off), hd, scale) - maxv);
                 sum += e;
-                const float *restrict vs = v + s * kv_stride + kvh * hd;
+                const float *restrict vs = kv_row(vp, v, Tpre, s, kv_stride, kv_off);
                 for (size_t i = 0; i < hd; i++) ot[i] += e * vs[i];
             }
             const float sumf = (float)sum;
             for (size_t i = 0; i < hd; i++) ot[i] /= sumf;
-            lse[h * T + t] = (float)((double)maxv + log(sum));
+            lse[h * Tq + t] = (float)((double)maxv + log(sum));
         }
     }
 }
 
-/* dq (T, nh, hd), dk and dv (T, nkv, hd) += ..., given dout (T, nh, hd) and the
- * forward's q, k, v, out, lse. Per head and row t, with P_s = exp(score_s - lse)
- * recomputed, dP_s = dout_t . v_s and D = dout_t . out_t (= sum_s P_s dP_s):
+/* out (T, nh, hd), lse (nh, T); q (T, nh, hd), k and v (T, nkv, hd). */
+static void attention_forward_scalar(float *out, float *lse, const float *q, const float *k, const float *v, size_t T,
+                                     size_t nh, size_t nkv, size_t hd) {
+    attention_prefix_forward_scalar(out, lse, q, NULL, NULL, 0, k, v, T, nh, nkv, hd);
+}
+
+/* dq (Tq, nh, hd), dkp and dvp (Tpre, nkv, hd), dk and dv (Tq, nkv, hd) += ...,
+ * given dout (Tq, nh, hd) and the forward's q, kp, vp, k, v, out, lse. Per head
+ * and row t, with P_s = exp(score_s - lse) recomputed, dP_s = dout_t . v_s and
+ * D = dout_t . out_t (= sum_s P_s dP_s):
  *   dv_s += P_s dout_t
  *   dS_s  = P_s (dP_s - D)                       (softmax backward)
  *   dq_t += scale sum_s dS_s k_s,  dk_s += scale dS_s q_t
- * The kv heads accumulate the gradients of all query heads in their group. */
-static void attention_backward_scalar(float *restrict dq, float *restrict dk, float *restrict dv,
-                                      const float *restrict dout, const float *restrict q, const float *restrict k,
-                                      const float *restrict v, const float *restrict out, const float *restrict lse,
-                                      size_t T, size_t nh, size_t nkv, size_t hd) {
+ * (dk_s, dv_s being rows of dkp, dvp for the prefix keys). The kv heads
+ * accumulate the gradients of all query heads in their group. */
+static void attention_prefix_backward_scalar(float *restrict dq, float *dkp, float *dvp, float *dk, float *dv,
+                                             const float *restrict dout, const float *restrict q, const float *kp,
+                                             const float *vp, size_t Tpre, const float *k, const float *v,
+                                             const float *restrict out, const float *restrict lse, size_t Tq,
+                                             size_t nh, size_t nkv, size_t hd) {
     assert(nkv > 0 && nh % nkv == 0);
+    assert(Tpre == 0 || (kp && vp));
     const size_t group = nh / nkv;
     const size_t q_stride = nh * hd, kv_stride = nkv * hd;
     const float scale = attention_scale(hd);
-    const int need_scores = dq != NULL || dk != NULL;
+    const int need_scores = dq != NULL || dk != NULL || (dkp != NULL && Tpre > 0);
     for (size_t h = 0; h < nh; h++) {
-        const size_t kvh = h / group;
-        for (size_t t = 0; t < T; t++) {
+        const size_t kv_off = (h / group) * hd;
+        for (size_t t = 0; t < Tq; t++) {
             const float *restrict dot_ = dout + t * q_stride + h * hd;
             const float *restrict qt = q + t * q_stride + h * hd;
             const float *restrict ot = out + t * q_stride + h * hd;
-            const float m = lse[h * T + t];
+            const float m = lse[h * Tq + t];
             double D = 0.0;
             for (size_t i = 0; i < hd; i++) D += (double)dot_[i] * (double)ot[i];
             const float Df = (float)D;
             float *restrict dqt = dq ? dq + t * q_stride + h * hd : NULL;
-            for (size_t s = 0; s <= t; s++) {
-                const float *restrict ks = k + s * kv_stride + kvh * hd;
-                const float *restrict vs = v + s * kv_stride + kvh * hd;
+            for (size_t s = 0; s < Tpre + t + 1; s++) {
+                const float *ks = kv_row(kp, k, Tpre, s, kv_stride, kv_off);
+                const float *vs = kv_row(vp, v, Tpre, s, kv_stride, kv_off);
                 const float p = expf(attention_score(qt, ks, hd, scale) - m);
-                if (dv) {
-                    float *restrict dvs = dv + s * kv_stride + kvh * hd;
+                float *dvs = dkv_row(dvp, dv, Tpre, s, kv_stride, kv_off);
+                if (dvs) {
                     for (size_t i = 0; i < hd; i++) dvs[i] += p * dot_[i];
                 }
                 if (!need_scores) continue;
@@ -198,13 +227,20 @@ static void attention_backward_scalar(float *restrict dq, float *restrict dk, fl
                 if (dqt) {
                     for (size_t i = 0; i < hd; i++) dqt[i] += ds * ks[i];
                 }
-                if (dk) {
-                    float *restrict dks = dk + s * kv_stride + kvh * hd;
+                float *dks = dkv_row(dkp, dk, Tpre, s, kv_stride, kv_off);
+                if (dks) {
                     for (size_t i = 0; i < hd; i++) dks[i] += ds * qt[i];
                 }
             }
         }
     }
+}
+
+/* dq (T, nh, hd), dk and dv (T, nkv, hd) += ...: plain causal attention. */
+static void attention_backward_scalar(float *dq, float *dk, float *dv, const float *dout, const float *q,
+                                      const float *k, const float *v, const float *out, const float *lse, size_t T,
+                                      size_t nh, size_t nkv, size_t hd) {
+    attention_prefix_backward_scalar(dq, NULL, NULL, dk, dv, dout, q, NULL, NULL, 0, k, v, out, lse, T, nh, nkv, hd);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -256,5 +292,7 @@ const dpoc_kernel_table dpoc_kernels_scalar = {
     .swiglu_backward = swiglu_backward_scalar,
     .attention_forward = attention_forward_scalar,
     .attention_backward = attention_backward_scalar,
+    .attention_prefix_forward = attention_prefix_forward_scalar,
+    .attention_prefix_backward = attention_prefix_backward_scalar,
     .adamw_update = adamw_update_scalar,
 };

@@ -180,6 +180,23 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout, cons
     dpoc_kernels()->attention_backward(dq, dk, dv, dout, q, k, v, out, lse, T, nh, nkv, hd);
 }
 
+/* out (Tq, nh, hd), lse (nh, Tq); q (Tq, nh, hd), kp and vp (Tpre, nkv, hd), k and v (Tq, nkv, hd). */
+void attention_prefix_forward(float *out, float *lse, const float *q, const float *kp, const float *vp, size_t Tpre,
+                              const float *k, const float *v, size_t Tq, size_t nh, size_t nkv, size_t hd) {
+    assert(nkv > 0 && nh % nkv == 0 && hd > 0);
+    dpoc_kernels()->attention_prefix_forward(out, lse, q, kp, vp, Tpre, k, v, Tq, nh, nkv, hd);
+}
+
+/* dq (Tq, nh, hd), dkp and dvp (Tpre, nkv, hd), dk and dv (Tq, nkv, hd) += ... */
+void attention_prefix_backward(float *dq, float *dkp, float *dvp, float *dk, float *dv, const float *dout,
+                               const float *q, const float *kp, const float *vp, size_t Tpre, const float *k,
+                               const float *v, const float *out, const float *lse, size_t Tq, size_t nh, size_t nkv,
+                               size_t hd) {
+    assert(nkv > 0 && nh % nkv == 0 && hd > 0);
+    dpoc_kernels()->attention_prefix_backward(dq, dkp, dvp, dk, dv, dout, q, kp, vp, Tpre, k, v, out, lse, Tq, nh, nkv,
+                                              hd);
+}
+
 /* ------------------------------------------------------------------------ */
 /* SwiGLU (LlamaMLP: down(silu(gate(x)) * up(x))), the elementwise part */
 

@@ -1,8 +1,10 @@
 /* Llama / Qwen2 decoder: parameter table, loading, forward and backward of one
- * sequence. Each sequence runs at its own length (no padding); only the rows
+ * sequence, or of one preference pair whose prompt is computed once for both
+ * completions. Each sequence runs at its own length (no padding); only the rows
  * whose next token is a label go through the LM head. */
 #include "dpoc/model.h"
 
+#include <assert.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -134,13 +136,14 @@ int dpoc_acts_alloc(dpoc_acts *a, const dpoc_model_config *cfg, size_t max_T, dp
     const size_t QD = cfg->n_heads * cfg->head_dim, KD = cfg->n_kv_heads * cfg->head_dim;
     const size_t chunk = cfg->vocab_size < LMHEAD_CHUNK ? cfg->vocab_size : LMHEAD_CHUNK;
     const size_t per_layer = T * C * 4 + T * 2 + T * QD * 2 + T * KD * 2 + cfg->n_heads * T + T * F * 3;
-    const size_t tail = T * C * 2 + T + T * cfg->head_dim /* cos+sin */ + T * chunk + T * 5;
+    const size_t tail = T * C * 3 + T + T * cfg->head_dim /* cos+sin */ + T * chunk + T * 5;
     a->max_T = max_T;
     a->block = dpoc_malloc((per_layer * L + tail) * sizeof(float), "activations", err);
     a->layers = dpoc_calloc(L, sizeof *a->layers, "activation table", err);
     a->labels = dpoc_malloc(T * sizeof(int32_t), "labels", err);
+    a->tokens = dpoc_malloc(T * sizeof(int32_t), "token ids", err);
     a->is_top1 = dpoc_malloc(T, "top-1 flags", err);
-    if (!a->block || !a->layers || !a->labels || !a->is_top1) {
+    if (!a->block || !a->layers || !a->labels || !a->tokens || !a->is_top1) {
         dpoc_acts_free(a);
         return DPOC_ENOMEM;
     }
@@ -169,6 +172,7 @@ int dpoc_acts_alloc(dpoc_acts *a, const dpoc_model_config *cfg, size_t max_T, dp
     TAKE(a->cos_t, T * cfg->head_dim / 2);
     TAKE(a->sin_t, T * cfg->head_dim / 2);
     TAKE(a->logits_scratch, T * chunk);
+    TAKE(a->head_in, T * C);
     TAKE(a->logp, T);
     TAKE(a->lse, T);
     TAKE(a->entropy, T);
@@ -182,6 +186,7 @@ void dpoc_acts_free(dpoc_acts *a) {
     free(a->block);
     free(a->layers);
     free(a->labels);
+    free(a->tokens);
     free(a->is_top1);
     memset(a, 0, sizeof *a);
 }
@@ -213,7 +218,7 @@ void dpoc_grad_scratch_free(dpoc_grad_scratch *s) {
     memset(s, 0, sizeof *s);
 }
 
-/* ---- forward / backward ---- */
+/* ---- helpers ---- */
 
 #define PTR(base, off) ((off) == DPOC_NO_PARAM ? NULL : (base) + (off))
 
@@ -221,18 +226,94 @@ static void add_inplace(float *restrict y, const float *restrict x, size_t n) {
     for (size_t i = 0; i < n; i++) y[i] += x[i];
 }
 
-void dpoc_model_forward(const dpoc_model *m, dpoc_acts *a, const int32_t *tokens, size_t T, size_t row0,
-                        size_t R) {
+/* ---- the row layout: one causal sequence, or a shared prompt and two completions ----
+ *
+ * Only RoPE and attention care which rows are which; every other op is
+ * row-wise and runs on all T rows at once. In the shared layout (a->Tp > 0) the
+ * rows are [prompt (Tp); chosen trunk (Ta-1); rejected trunk (Tb-1)]. */
+
+typedef struct {
+    size_t row0, n; /* the branch's rows [row0, row0 + n) */
+} branch_rows;
+
+/* The two completions' rows of the shared layout. */
+static void shared_branches(const dpoc_acts *a, branch_rows br[2]) {
+    br[0] = (branch_rows){a->Tp, a->Ta - 1};
+    br[1] = (branch_rows){a->Tp + a->Ta - 1, a->Tb - 1};
+}
+
+/* RoPE (or its transpose) on x (T, nheads, hd): a completion's rows continue the
+ * prompt's positions, so they start at table row Tp. */
+static void rope_rows(const dpoc_acts *a, float *x, size_t nheads, size_t hd, int backward) {
+    void (*rope)(float *, const float *, const float *, size_t, size_t, size_t) =
+        backward ? rope_backward : rope_forward;
+    if (!a->Tp) {
+        rope(x, a->cos_t, a->sin_t, a->T, nheads, hd);
+        return;
+    }
+    const size_t half = hd / 2, stride = nheads * hd;
+    rope(x, a->cos_t, a->sin_t, a->Tp, nheads, hd);
+    branch_rows br[2];
+    shared_branches(a, br);
+    for (int c = 0; c < 2; c++)
+        if (br[c].n)
+            rope(x + br[c].row0 * stride, a->cos_t + a->Tp * half, a->sin_t + a->Tp * half, br[c].n, nheads, hd);
+}
+
+/* out (T, nh, hd), lse (nh * T, as (nh, rows) per part); q (T, nh, hd), k and v (T, nkv, hd).
+ * Shared layout: the prompt is causal attention over its Tp rows (lse (nh, Tp)
+ * at lse), each completion the prefix form over the prompt's K/V and its own
+ * (lse (nh, n) at lse + nh * row0: the parts tile the (nh * T) array). */
+static void attention_rows_forward(const dpoc_acts *a, float *out, float *lse, const float *q, const float *k,
+                                   const float *v, size_t nh, size_t nkv, size_t hd) {
+    if (!a->Tp) {
+        attention_forward(out, lse, q, k, v, a->T, nh, nkv, hd);
+        return;
+    }
+    const size_t QD = nh * hd, KD = nkv * hd;
+    attention_forward(out, lse, q, k, v, a->Tp, nh, nkv, hd);
+    branch_rows br[2];
+    shared_branches(a, br);
+    for (int c = 0; c < 2; c++) {
+        const size_t r0 = br[c].row0, n = br[c].n;
+        if (n)
+            attention_prefix_forward(out + r0 * QD, lse + nh * r0, q + r0 * QD, k, v, a->Tp, k + r0 * KD, v + r0 * KD,
+                                     n, nh, nkv, hd);
+    }
+}
+
+/* dq (T, nh, hd), dk and dv (T, nkv, hd) += ...: the prompt's dk/dv rows
+ * accumulate from its own rows and from both completions. */
+static void attention_rows_backward(const dpoc_acts *a, float *dq, float *dk, float *dv, const float *dout,
+                                    const float *q, const float *k, const float *v, const float *out, const float *lse,
+                                    size_t nh, size_t nkv, size_t hd) {
+    if (!a->Tp) {
+        attention_backward(dq, dk, dv, dout, q, k, v, out, lse, a->T, nh, nkv, hd);
+        return;
+    }
+    const size_t QD = nh * hd, KD = nkv * hd;
+    attention_backward(dq, dk, dv, dout, q, k, v, out, lse, a->Tp, nh, nkv, hd);
+    branch_rows br[2];
+    shared_branches(a, br);
+    for (int c = 0; c < 2; c++) {
+        const size_t r0 = br[c].row0, n = br[c].n;
+        if (n)
+            attention_prefix_backward(dq + r0 * QD, dk, dv, dk + r0 * KD, dv + r0 * KD, dout + r0 * QD, q + r0 * QD, k,
+                                      v, a->Tp, k + r0 * KD, v + r0 * KD, out + r0 * QD, lse + nh * r0, n, nh, nkv, hd);
+    }
+}
+
+/* ---- forward / backward ---- */
+
+/* From the embedded rows in layers[0].x_in (T,C) to the final norm's lnf (T,C),
+ * over a's layout (a->T, a->Tp.. and the rope tables set by the caller). */
+static void forward_trunk(const dpoc_model *m, dpoc_acts *a) {
     const dpoc_model_config *cfg = &m->cfg;
-    const size_t C = cfg->hidden_size, F = cfg->intermediate_size, V = cfg->vocab_size;
+    const size_t C = cfg->hidden_size, F = cfg->intermediate_size;
     const size_t nh = cfg->n_heads, nkv = cfg->n_kv_heads, hd = cfg->head_dim;
     const size_t QD = nh * hd, KD = nkv * hd;
+    const size_t T = a->T;
     const float *W = m->params;
-    a->T = T;
-    a->row0 = row0;
-    a->R = R;
-    rope_tables(a->cos_t, a->sin_t, T, hd, cfg->rope_theta);
-    embedding_forward(a->layers[0].x_in, tokens, W + m->off_wte, T, C);
     for (size_t l = 0; l < cfg->n_layers; l++) {
         const dpoc_layer_offsets *o = &m->layers[l];
         dpoc_layer_acts *la = &a->layers[l];
@@ -242,9 +323,9 @@ void dpoc_model_forward(const dpoc_model *m, dpoc_acts *a, const int32_t *tokens
         matmul_forward(la->q, la->ln1, W + o->wq, PTR(W, o->bq), T, C, QD);
         matmul_forward(la->k, la->ln1, W + o->wk, PTR(W, o->bk), T, C, KD);
         matmul_forward(la->v, la->ln1, W + o->wv, PTR(W, o->bv), T, C, KD);
-        rope_forward(la->q, a->cos_t, a->sin_t, T, nh, hd);
-        rope_forward(la->k, a->cos_t, a->sin_t, T, nkv, hd);
-        attention_forward(la->atty, la->att_lse, la->q, la->k, la->v, T, nh, nkv, hd);
+        rope_rows(a, la->q, nh, hd, 0);
+        rope_rows(a, la->k, nkv, hd, 0);
+        attention_rows_forward(a, la->atty, la->att_lse, la->q, la->k, la->v, nh, nkv, hd);
         matmul_forward(la->x_mid, la->atty, W + o->wo, NULL, T, QD, C);
         add_inplace(la->x_mid, la->x_in, T * C);
         // MLP block: x_next = x_mid + down(silu(gate(ln2)) * up(ln2))
@@ -256,24 +337,77 @@ void dpoc_model_forward(const dpoc_model *m, dpoc_acts *a, const int32_t *tokens
         add_inplace(x_next, la->x_mid, T * C);
     }
     rmsnorm_forward(a->lnf, a->rstdf, a->x_out, W + m->off_final_norm, T, C, cfg->rms_norm_eps);
+}
+
+void dpoc_model_forward(const dpoc_model *m, dpoc_acts *a, const int32_t *tokens, size_t T, size_t row0,
+                        size_t R) {
+    const dpoc_model_config *cfg = &m->cfg;
+    const size_t C = cfg->hidden_size, V = cfg->vocab_size;
+    const float *W = m->params;
+    a->T = T;
+    a->row0 = row0;
+    a->R = R;
+    a->Tp = a->Ta = a->Tb = 0;
+    rope_tables(a->cos_t, a->sin_t, T, cfg->head_dim, cfg->rope_theta);
+    embedding_forward(a->layers[0].x_in, tokens, W + m->off_wte, T, C);
+    forward_trunk(m, a);
     for (size_t r = 0; r < R; r++) a->labels[r] = tokens[row0 + r + 1];
     lmhead_out out = {a->logp, a->lse, a->entropy, a->mean_logit, a->log_sum_sq_probs, a->is_top1};
     lmhead_forward(&out, a->lnf + row0 * C, W + m->off_lm_head, a->labels, R, C, V, a->logits_scratch);
 }
 
-void dpoc_model_backward(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_grad_scratch *s,
-                         const int32_t *tokens, const float *dlogp, const dpoc_backward_hook *hook) {
+/* Row of lnf (T,C) that head row r (of R = Ta + Tb, chosen first) reads in the
+ * shared layout: a completion's first label is predicted from the last prompt
+ * row, its later ones from its own rows. */
+static size_t shared_head_row(const dpoc_acts *a, size_t r) {
+    const size_t Tp = a->Tp, Ta = a->Ta;
+    if (r < Ta) return Tp - 1 + r;                     /* chosen: rows Tp-1 .. Tp+Ta-2 */
+    return r == Ta ? Tp - 1 : Tp + Ta - 1 + (r - Ta - 1); /* rejected: Tp-1, then its own rows */
+}
+
+void dpoc_model_forward_shared(const dpoc_model *m, dpoc_acts *a, const int32_t *prompt, size_t Tp,
+                               const int32_t *chosen, size_t Ta, const int32_t *rejected, size_t Tb) {
     const dpoc_model_config *cfg = &m->cfg;
-    const size_t C = cfg->hidden_size, F = cfg->intermediate_size, V = cfg->vocab_size;
+    const size_t C = cfg->hidden_size, V = cfg->vocab_size;
+    const float *W = m->params;
+    assert(Tp >= 1 && Ta >= 1 && Tb >= 1);
+    const size_t na = Ta - 1, nb = Tb - 1; /* rows of each completion (its last token is only a label) */
+    const size_t T = Tp + na + nb, R = Ta + Tb;
+    assert(T <= a->max_T && R <= a->max_T);
+    a->T = T;
+    a->row0 = Tp - 1;
+    a->R = R;
+    a->Tp = Tp;
+    a->Ta = Ta;
+    a->Tb = Tb;
+    memcpy(a->tokens, prompt, Tp * sizeof *prompt);
+    memcpy(a->tokens + Tp, chosen, na * sizeof *chosen);
+    memcpy(a->tokens + Tp + na, rejected, nb * sizeof *rejected);
+    /* positions 0 .. Tp + max(na, nb) - 1: the prompt's, then each completion's from Tp */
+    rope_tables(a->cos_t, a->sin_t, Tp + (na > nb ? na : nb), cfg->head_dim, cfg->rope_theta);
+    embedding_forward(a->layers[0].x_in, a->tokens, W + m->off_wte, T, C);
+    forward_trunk(m, a);
+    /* both completions in one head call: one pass over the (V,C) head weight */
+    memcpy(a->labels, chosen, Ta * sizeof *chosen);
+    memcpy(a->labels + Ta, rejected, Tb * sizeof *rejected);
+    for (size_t r = 0; r < R; r++) memcpy(a->head_in + r * C, a->lnf + shared_head_row(a, r) * C, C * sizeof(float));
+    lmhead_out out = {a->logp, a->lse, a->entropy, a->mean_logit, a->log_sum_sq_probs, a->is_top1};
+    lmhead_forward(&out, a->head_in, W + m->off_lm_head, a->labels, R, C, V, a->logits_scratch);
+}
+
+/* From s->dln = dLoss/dlnf (T,C) back to the embedding: the final norm, the
+ * layers in reverse, and the embedding rows of tokens (T), with the hook's
+ * calls. Overwrites s->dx and the other scratch arrays. */
+static void backward_trunk(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_grad_scratch *s,
+                           const int32_t *tokens, const dpoc_backward_hook *hook) {
+    const dpoc_model_config *cfg = &m->cfg;
+    const size_t C = cfg->hidden_size, F = cfg->intermediate_size;
     const size_t nh = cfg->n_heads, nkv = cfg->n_kv_heads, hd = cfg->head_dim;
     const size_t QD = nh * hd, KD = nkv * hd;
     const size_t T = a->T;
     const float *W = m->params;
     float *G = grads;
 
-    memset(s->dln, 0, T * C * sizeof(float));
-    lmhead_backward(s->dln + a->row0 * C, G + m->off_lm_head, dlogp, a->lnf + a->row0 * C, W + m->off_lm_head,
-                    a->labels, a->lse, a->R, C, V, a->logits_scratch);
     memset(s->dx, 0, T * C * sizeof(float));
     rmsnorm_backward(s->dx, G + m->off_final_norm, s->dln, a->x_out, W + m->off_final_norm, a->rstdf, T, C);
     /* the final norm and an untied head sit at the end of the block; a tied head is the embedding */
@@ -297,10 +431,10 @@ void dpoc_model_backward(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_g
         memset(s->dq, 0, T * QD * sizeof(float));
         memset(s->dk, 0, T * KD * sizeof(float));
         memset(s->dv, 0, T * KD * sizeof(float));
-        attention_backward(s->dq, s->dk, s->dv, s->datty, la->q, la->k, la->v, la->atty, la->att_lse, T, nh, nkv,
-                           hd);
-        rope_backward(s->dq, a->cos_t, a->sin_t, T, nh, hd);
-        rope_backward(s->dk, a->cos_t, a->sin_t, T, nkv, hd);
+        attention_rows_backward(a, s->dq, s->dk, s->dv, s->datty, la->q, la->k, la->v, la->atty, la->att_lse, nh, nkv,
+                                hd);
+        rope_rows(a, s->dq, nh, hd, 1);
+        rope_rows(a, s->dk, nkv, hd, 1);
         memset(s->dln, 0, T * C * sizeof(float));
         matmul_backward(s->dln, G + o->wq, PTR(G, o->bq), s->dq, la->ln1, W + o->wq, T, C, QD);
         matmul_backward(s->dln, G + o->wk, PTR(G, o->bk), s->dk, la->ln1, W + o->wk, T, C, KD);
@@ -311,4 +445,31 @@ void dpoc_model_backward(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_g
     }
     embedding_backward(G + m->off_wte, s->dx, tokens, T, C);
     if (hook) hook->ready(hook->ctx, 0);
+}
+
+void dpoc_model_backward(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_grad_scratch *s,
+                         const int32_t *tokens, const float *dlogp, const dpoc_backward_hook *hook) {
+    const size_t C = m->cfg.hidden_size, V = m->cfg.vocab_size;
+    assert(a->Tp == 0); /* a shared forward needs dpoc_model_backward_shared */
+    memset(s->dln, 0, a->T * C * sizeof(float));
+    lmhead_backward(s->dln + a->row0 * C, grads + m->off_lm_head, dlogp, a->lnf + a->row0 * C,
+                    m->params + m->off_lm_head, a->labels, a->lse, a->R, C, V, a->logits_scratch);
+    backward_trunk(m, grads, a, s, tokens, hook);
+}
+
+void dpoc_model_backward_shared(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_grad_scratch *s,
+                                const float *dlogp, const dpoc_backward_hook *hook) {
+    const size_t C = m->cfg.hidden_size, V = m->cfg.vocab_size;
+    const size_t T = a->T, R = a->R;
+    assert(a->Tp > 0 && T <= s->max_T && R <= s->max_T);
+    /* dh (R,C) of the gathered head rows goes to dx, free until the final norm's
+     * backward; then it is scattered onto the rows of lnf it came from, where the
+     * last prompt row receives the first head row of both completions */
+    float *dh = s->dx;
+    memset(dh, 0, R * C * sizeof(float));
+    lmhead_backward(dh, grads + m->off_lm_head, dlogp, a->head_in, m->params + m->off_lm_head, a->labels, a->lse, R,
+                    C, V, a->logits_scratch);
+    memset(s->dln, 0, T * C * sizeof(float));
+    for (size_t r = 0; r < R; r++) add_inplace(s->dln + shared_head_row(a, r) * C, dh + r * C, C);
+    backward_trunk(m, grads, a, s, a->tokens, hook);
 }

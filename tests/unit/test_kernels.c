@@ -6,7 +6,9 @@
  * Every kernel runs at each SIMD level on fixed awkward shapes (sizes 1, a
  * vector width - 1, + 1, tails of every length, T = 1, more rows than one
  * attention tile) and on random shapes, from the same inputs as the scalar
- * twin, and must agree with it within the tolerances below. A level this CPU
+ * twin, and must agree with it within the tolerances below. The attention
+ * after a prefix (a shared prompt) is checked the same way, and its scalar twin
+ * bit for bit against the causal one on the concatenated sequence. A level this CPU
  * lacks is reported as skipped. Then: the dispatch (forcing a level, the
  * DPOC_SIMD variable in a child process, rejected levels).
  *
@@ -373,6 +375,160 @@ static void test_attention(void **state) {
 }
 
 /* ---------------------------------------------------------------------- */
+/* Attention after a prefix (attention_prefix_*: the shared prompt of a pair) */
+
+/* max(1, max |q_t . k_s| / sqrt(hd)) over heads and the keys each query row
+ * sees: all Tpre prefix keys kp and own keys k 0..t. */
+static double max_abs_score_prefix(const float *q, const float *kp, size_t Tpre, const float *k, size_t Tq, size_t nh,
+                                   size_t nkv, size_t hd) {
+    double m = 1.0;
+    for (size_t h = 0; h < nh; h++)
+        for (size_t t = 0; t < Tq; t++)
+            for (size_t s = 0; s < Tpre + t + 1; s++) {
+                const float *ks = s < Tpre ? kp + s * nkv * hd : k + (s - Tpre) * nkv * hd;
+                double d = 0;
+                for (size_t i = 0; i < hd; i++)
+                    d += (double)q[(t * nh + h) * hd + i] * (double)ks[h / (nh / nkv) * hd + i];
+                d = fabs(d) / sqrt((double)hd);
+                if (d > m) m = d;
+            }
+    return m;
+}
+
+typedef struct {
+    size_t Tpre, Tq, nh, nkv, hd;
+} prefix_shape;
+
+/* The prefix form at a SIMD level against the scalar twin's prefix form, with
+ * the tolerances of the causal attention; gradients accumulate into nonzero
+ * arrays and each one computed alone matches all of them together. kscale as
+ * in check_attention (scores grow along the positions, prefix then own). */
+static void check_attention_prefix(const dpoc_kernel_table *kt, prefix_shape sh, float kscale, rng_t *rng) {
+    char what[160], shape[96];
+    const size_t Tpre = sh.Tpre, Tq = sh.Tq, nh = sh.nh, nkv = sh.nkv, hd = sh.hd;
+    snprintf(shape, sizeof shape, "Tpre=%zu Tq=%zu nh=%zu nkv=%zu hd=%zu x%g", Tpre, Tq, nh, nkv, hd, kscale);
+    const size_t nq = Tq * nh * hd, np = Tpre * nkv * hd, nk = Tq * nkv * hd, nl = nh * Tq;
+    float *q = frand(rng, nq, -2, 2), *kp = frand(rng, np, -2, 2), *vp = frand(rng, np, -1, 1);
+    float *k = frand(rng, nk, -2, 2), *v = frand(rng, nk, -1, 1);
+    const size_t Tall = Tpre + Tq;
+    for (size_t s = 0; s < Tall; s++) {
+        float *row = s < Tpre ? kp + s * nkv * hd : k + (s - Tpre) * nkv * hd;
+        for (size_t i = 0; i < nkv * hd; i++) row[i] *= kscale * (1.0f + (float)s / (float)Tall);
+    }
+    att_score_scale = max_abs_score_prefix(q, kp, Tpre, k, Tq, nh, nkv, hd);
+    float *out = frand(rng, nq, 7, 8), *lse = frand(rng, nl, 7, 8); /* garbage: overwritten */
+    float *out_s = fcopy(out, nq), *lse_s = fcopy(lse, nl);
+    kt->attention_prefix_forward(out, lse, q, kp, vp, Tpre, k, v, Tq, nh, nkv, hd);
+    scalar->attention_prefix_forward(out_s, lse_s, q, kp, vp, Tpre, k, v, Tq, nh, nkv, hd);
+    snprintf(what, sizeof what, "attention prefix out %s", shape);
+    check_maxabs(out, out_s, nq, TOL_ATT_FWD * att_score_scale, what);
+    snprintf(what, sizeof what, "attention prefix lse %s", shape);
+    check_maxabs(lse, lse_s, nl, TOL_ATT_FWD * att_score_scale, what);
+
+    /* backward from the scalar forward, accumulating into nonzero gradients */
+    float *dout = frand(rng, nq, -1, 1);
+    float *g0[5] = {frand(rng, nq, -1, 1), frand(rng, np, -1, 1), frand(rng, np, -1, 1), frand(rng, nk, -1, 1),
+                    frand(rng, nk, -1, 1)};
+    const size_t gn[5] = {nq, np, np, nk, nk};
+    static const char *const gname[5] = {"dq", "dkp", "dvp", "dk", "dv"};
+    float *g[5], *g_s[5];
+    for (int i = 0; i < 5; i++) g[i] = fcopy(g0[i], gn[i]), g_s[i] = fcopy(g0[i], gn[i]);
+    kt->attention_prefix_backward(g[0], g[1], g[2], g[3], g[4], dout, q, kp, vp, Tpre, k, v, out_s, lse_s, Tq, nh, nkv,
+                                  hd);
+    scalar->attention_prefix_backward(g_s[0], g_s[1], g_s[2], g_s[3], g_s[4], dout, q, kp, vp, Tpre, k, v, out_s,
+                                      lse_s, Tq, nh, nkv, hd);
+    for (int i = 0; i < 5; i++) {
+        for (size_t j = 0; j < gn[i]; j++) g[i][j] -= g0[i][j], g_s[i][j] -= g0[i][j]; /* the increments */
+        snprintf(what, sizeof what, "attention prefix %s %s", gname[i], shape);
+        check_att_grad(g[i], g_s[i], gn[i], what);
+    }
+    /* one gradient at a time gives the same as all five */
+    for (int i = 0; i < 5; i++) {
+        float *one[5] = {NULL, NULL, NULL, NULL, NULL};
+        one[i] = calloc(gn[i] ? gn[i] : 1, sizeof *one[i]);
+        assert_non_null(one[i]);
+        kt->attention_prefix_backward(one[0], one[1], one[2], one[3], one[4], dout, q, kp, vp, Tpre, k, v, out_s, lse_s,
+                                      Tq, nh, nkv, hd);
+        snprintf(what, sizeof what, "attention prefix %s alone %s", gname[i], shape);
+        check_att_grad(one[i], g[i], gn[i], what);
+        free(one[i]);
+    }
+    kt->attention_prefix_backward(NULL, NULL, NULL, NULL, NULL, dout, q, kp, vp, Tpre, k, v, out_s, lse_s, Tq, nh, nkv,
+                                  hd); /* a no-op */
+    free(q), free(kp), free(vp), free(k), free(v), free(out), free(lse), free(out_s), free(lse_s), free(dout);
+    for (int i = 0; i < 5; i++) free(g0[i]), free(g[i]), free(g_s[i]);
+}
+
+static const prefix_shape prefix_shapes[] = {
+    {0, 1, 1, 1, 1},   {1, 1, 1, 1, 1},    {1, 1, 9, 3, 64},  {3, 2, 2, 1, 3},    {5, 4, 4, 2, 6},
+    {35, 48, 9, 3, 64}, {63, 1, 2, 1, 17}, {64, 64, 2, 2, 16}, {65, 65, 3, 1, 8}, {128, 32, 9, 3, 64},
+    {130, 3, 2, 1, 33}, {7, 70, 6, 6, 5},  {0, 70, 2, 1, 9},  {200, 129, 2, 1, 16},
+};
+
+static void test_attention_prefix(void **state) {
+    const dpoc_kernel_table *kt = level_table(state);
+    rng_t rng = {107};
+    for (size_t i = 0; i < sizeof prefix_shapes / sizeof *prefix_shapes; i++)
+        check_attention_prefix(kt, prefix_shapes[i], 1.0f, &rng);
+    check_attention_prefix(kt, (prefix_shape){90, 80, 2, 1, 16}, 8.0f, &rng); /* scores of +-100, a moving max */
+    for (int r = 0; r < 10; r++) {
+        const size_t nkv = rng_size(&rng, 1, 3);
+        prefix_shape sh = {rng_size(&rng, 0, 150), rng_size(&rng, 1, 150), nkv * rng_size(&rng, 1, 3), nkv,
+                           rng_size(&rng, 1, 80)};
+        check_attention_prefix(kt, sh, 1.0f, &rng);
+    }
+}
+
+/* The scalar twin's prefix form is, bit for bit, the last Tq rows of its causal
+ * attention on the concatenated [prefix; own] sequence: the keys go in the same
+ * order through the same operations. For the backward the causal call gets
+ * dout = 0 on the prefix rows (their contributions are then exact zeros), so
+ * its dk, dv rows are the prefix call's dkp, dvp then dk, dv. With the SIMD
+ * levels checked against this twin above, and the causal twin against double
+ * formulas in test_layers, the prefix form of every level is pinned down. */
+static void test_attention_prefix_is_causal_suffix(void **state) {
+    (void)state;
+    rng_t rng = {108};
+    char what[128];
+    for (size_t si = 0; si < sizeof prefix_shapes / sizeof *prefix_shapes; si++) {
+        const prefix_shape sh = prefix_shapes[si];
+        const size_t Tpre = sh.Tpre, Tq = sh.Tq, nh = sh.nh, nkv = sh.nkv, hd = sh.hd, T = Tpre + Tq;
+        const size_t qs = nh * hd, ks = nkv * hd;
+        float *q = frand(&rng, T * qs, -2, 2), *k = frand(&rng, T * ks, -2, 2), *v = frand(&rng, T * ks, -1, 1);
+        float *out = frand(&rng, T * qs, 7, 8), *lse = frand(&rng, nh * T, 7, 8);
+        float *out_p = frand(&rng, Tq * qs, 7, 8), *lse_p = frand(&rng, nh * Tq, 7, 8);
+        scalar->attention_forward(out, lse, q, k, v, T, nh, nkv, hd);
+        scalar->attention_prefix_forward(out_p, lse_p, q + Tpre * qs, k, v, Tpre, k + Tpre * ks, v + Tpre * ks, Tq, nh,
+                                         nkv, hd);
+        snprintf(what, sizeof what, "prefix out vs causal Tpre=%zu Tq=%zu", Tpre, Tq);
+        check_same(out_p, out + Tpre * qs, Tq * qs, what);
+        for (size_t h = 0; h < nh; h++) {
+            snprintf(what, sizeof what, "prefix lse vs causal Tpre=%zu Tq=%zu head %zu", Tpre, Tq, h);
+            check_same(lse_p + h * Tq, lse + h * T + Tpre, Tq, what);
+        }
+        float *dout = frand(&rng, T * qs, -1, 1);
+        memset(dout, 0, Tpre * qs * sizeof *dout);
+        float *dq = calloc(T * qs, sizeof *dq), *dk = calloc(T * ks, sizeof *dk), *dv = calloc(T * ks, sizeof *dv);
+        float *dq_p = calloc(Tq * qs, sizeof *dq_p), *dk_p = calloc(T * ks, sizeof *dk_p),
+              *dv_p = calloc(T * ks, sizeof *dv_p);
+        assert_true(dq && dk && dv && dq_p && dk_p && dv_p);
+        scalar->attention_backward(dq, dk, dv, dout, q, k, v, out, lse, T, nh, nkv, hd);
+        /* dkp/dvp and dk/dv as the two non-overlapping parts of one array, as the model passes them */
+        scalar->attention_prefix_backward(dq_p, dk_p, dv_p, dk_p + Tpre * ks, dv_p + Tpre * ks, dout + Tpre * qs,
+                                          q + Tpre * qs, k, v, Tpre, k + Tpre * ks, v + Tpre * ks, out_p, lse_p, Tq,
+                                          nh, nkv, hd);
+        snprintf(what, sizeof what, "prefix dq vs causal Tpre=%zu Tq=%zu", Tpre, Tq);
+        check_same(dq_p, dq + Tpre * qs, Tq * qs, what);
+        snprintf(what, sizeof what, "prefix dk vs causal Tpre=%zu Tq=%zu", Tpre, Tq);
+        check_same(dk_p, dk, T * ks, what);
+        snprintf(what, sizeof what, "prefix dv vs causal Tpre=%zu Tq=%zu", Tpre, Tq);
+        check_same(dv_p, dv, T * ks, what);
+        free(q), free(k), free(v), free(out), free(lse), free(out_p), free(lse_p), free(dout);
+        free(dq), free(dk), free(dv), free(dq_p), free(dk_p), free(dv_p);
+    }
+}
+
+/* ---------------------------------------------------------------------- */
 /* AdamW */
 
 static void check_adamw(const dpoc_kernel_table *kt, size_t n, rng_t *rng) {
@@ -520,7 +676,9 @@ int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         PER_LEVEL(test_rmsnorm, AVX2),   PER_LEVEL(test_rmsnorm, AVX512), PER_LEVEL(test_rope, AVX2),
         PER_LEVEL(test_rope, AVX512),    PER_LEVEL(test_swiglu, AVX2),    PER_LEVEL(test_swiglu, AVX512),
-        PER_LEVEL(test_attention, AVX2), PER_LEVEL(test_attention, AVX512), PER_LEVEL(test_adamw, AVX2),
+        PER_LEVEL(test_attention, AVX2), PER_LEVEL(test_attention, AVX512),
+        PER_LEVEL(test_attention_prefix, AVX2), PER_LEVEL(test_attention_prefix, AVX512),
+        cmocka_unit_test(test_attention_prefix_is_causal_suffix), PER_LEVEL(test_adamw, AVX2),
         PER_LEVEL(test_adamw, AVX512),   cmocka_unit_test(test_force),    cmocka_unit_test(test_parse),
         cmocka_unit_test(test_env),
     };
