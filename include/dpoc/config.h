@@ -48,6 +48,7 @@ typedef struct {
     int logging_first_step;
     unsigned long long seed;
     int shuffle; /* train_sampling_strategy: "random" (1) or "sequential" (0) */
+    int shared_prefix;            /* a pair's prompt computed once for both completions */
     int precompute_ref_log_probs; /* one reference pass before training, kept in output_dir/ref_logps.h5 */
 
     /* checkpoints */

@@ -78,7 +78,10 @@ typedef struct {
     dpoc_grad_sync sync;
     dpoc_adamw opt;
     size_t max_T;
-    dpoc_acts *acts;    /* one per sequence of a micro-batch (2 * batch size) */
+    int shared;         /* pairs run with their prompt computed once (shared_prefix, every pair allows it) */
+    size_t act_T;       /* rows each activation set holds: max_T, or the longest pair when shared */
+    size_t n_acts;      /* activation sets: one per sequence (2 * batch size), or one per pair when shared */
+    dpoc_acts *acts;
     dpoc_acts ref_acts; /* reused for every reference forward */
     dpoc_grad_scratch scratch;
     int32_t *seq_buf;   /* (2 * batch size, max_T) token ids */

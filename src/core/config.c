@@ -279,6 +279,9 @@ static const key_def KEYS[] = {
     {"seed", K_LONG, OFF(seed), 0, 9e15, 0, 0, "random seed (data order)"},
     {"train_sampling_strategy", K_CUSTOM, 0, 0, 0, set_sampling, get_sampling,
      "random (shuffled every epoch) or sequential (file order)"},
+    {"shared_prefix", K_BOOL, OFF(shared_prefix), 0, 0, 0, 0,
+     "dpoc: compute each pair's prompt once, both completions attend to it (equal results within 1e-5; "
+     "used when every pair keeps its whole prompt)"},
     {"precompute_ref_log_probs", K_BOOL, OFF(precompute_ref_log_probs), 0, 0, 0, 0,
      "reference log-probs computed once before training (split over ranks), cached in output_dir/ref_logps.h5; "
      "no reference model is held while training"},
@@ -334,6 +337,7 @@ void dpoc_config_defaults(dpoc_config *c) {
     c->logging_steps = 10;
     c->seed = 42;
     c->shuffle = 1;
+    c->shared_prefix = 1;
     c->replica_check_steps = 100;
     c->save_steps = 500;
     c->bucket_size_mb = 25.0;

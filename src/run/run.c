@@ -177,10 +177,13 @@ int dpoc_run_train(const dpoc_config *cfg, dpoc_dist *dist, const char *resume, 
     }
     if (!rc && root) {
         printf("dpoc: %zu pairs (%zu dropped: prompt >= max_length), %zu parameters, %d rank(s) x %d thread(s), "
-               "%ld steps (%zu per epoch), warmup %ld; models and data loaded in %.2f s (%s)\n",
+               "%ld steps (%zu per epoch), warmup %ld; models and data loaded in %.2f s (%s); prompts %s\n",
                t->data.n_pairs, t->data.n_dropped_prompt_too_long, t->policy.numel, dist ? dist->world : 1,
                dist ? dist->threads : 1, t->total_steps, t->updates_per_epoch, t->warmup_steps, load_s,
-               cfg->model_loading_broadcast ? "rank 0 read, broadcast" : "each rank mapped the files");
+               cfg->model_loading_broadcast ? "rank 0 read, broadcast" : "each rank mapped the files",
+               t->shared ? "shared by each pair's two sequences"
+                         : cfg->shared_prefix ? "not shared (a pair's sequences differ in their prompt tokens)"
+                                              : "not shared (shared_prefix false)");
         fflush(stdout);
     }
     watchdog_ctx wd = {t, 0};

@@ -146,6 +146,39 @@ static int load_data(dpoc_trainer *t, dpoc_err *err) {
     return dpoc_dataset_load(&t->data, cfg->train_file, &ctx, &o, err);
 }
 
+/* A pair can run with its prompt shared when both sequences keep the whole prompt
+ * (identical ids) and score every completion token they keep: always, unless
+ * keep_end truncation cut into a prompt or a completion was cut away entirely. */
+static int pair_shares_prompt(const dpoc_seq *c, const dpoc_seq *r, const int32_t *ids_c, const int32_t *ids_r) {
+    const size_t Tp = c->comp_start;
+    return Tp >= 1 && r->comp_start == Tp && c->row0 == Tp - 1 && r->row0 == Tp - 1 && c->R >= 1 && r->R >= 1 &&
+           c->R == c->T - Tp && r->R == r->T - Tp && memcmp(ids_c, ids_r, Tp * sizeof(int32_t)) == 0;
+}
+
+/* Uses seq_buf (2 sequences of max_T) as scratch; *pair_T = the longest prompt + both completions. */
+static int all_pairs_share_prompt(dpoc_trainer *t, size_t *pair_T) {
+    const dpoc_config *cfg = &t->cfg;
+    int32_t *ids[2] = {t->seq_buf, t->seq_buf + t->max_T};
+    dpoc_seq seq[2];
+    *pair_T = 0;
+    for (size_t i = 0; i < t->data.n_pairs; i++) {
+        for (int r = 0; r < 2; r++)
+            dpoc_dataset_collate(&t->data, i, r, cfg->max_length, cfg->truncation_keep_end, ids[r], &seq[r]);
+        if (!pair_shares_prompt(&seq[0], &seq[1], ids[0], ids[1])) return 0;
+        const size_t T = seq[0].comp_start + seq[0].R + seq[1].R;
+        if (T > *pair_T) *pair_T = T;
+    }
+    return 1;
+}
+
+/* FLOPs of one forward of a pair with its prompt shared (rows as dpoc_model_forward_shared runs them). */
+static double shared_forward_flops(const dpoc_model_config *c, size_t Tp, size_t Ta, size_t Tb) {
+    const size_t rows = Tp + (Ta - 1) + (Tb - 1);
+    const size_t pairs = dpoc_flops_causal_pairs(Tp) + (Ta - 1) * Tp + dpoc_flops_causal_pairs(Ta - 1) +
+                         (Tb - 1) * Tp + dpoc_flops_causal_pairs(Tb - 1);
+    return dpoc_flops_forward(c, rows, pairs, Ta + Tb);
+}
+
 int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, dpoc_err *err) {
     memset(t, 0, sizeof *t);
     t->cfg = *cfg;
@@ -181,8 +214,14 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
         goto fail;
     }
     t->grads = dpoc_calloc(t->policy.numel, sizeof(float), "gradients", err);
-    t->acts = dpoc_calloc(n_seq, sizeof *t->acts, "activation sets", err);
     t->seq_buf = dpoc_malloc(n_seq * t->max_T * sizeof(int32_t), "token buffers", err);
+    if (t->seq_buf) {
+        size_t pair_T = 0;
+        t->shared = cfg->shared_prefix && all_pairs_share_prompt(t, &pair_T);
+        t->act_T = t->shared ? pair_T : t->max_T;
+        t->n_acts = t->shared ? bs : n_seq;
+    }
+    t->acts = dpoc_calloc(n_seq, sizeof *t->acts, "activation sets", err);
     t->tok_buf = dpoc_malloc(n_seq * t->max_T * sizeof(float), "token buffers", err);
     t->order = dpoc_malloc(t->data.n_pairs * sizeof(size_t), "data order", err);
     t->mb_pairs = dpoc_malloc(bs * sizeof(size_t), "micro-batch", err);
@@ -191,10 +230,10 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
         rc = DPOC_ENOMEM;
         goto fail;
     }
-    for (size_t s = 0; s < n_seq; s++)
-        if ((rc = dpoc_acts_alloc(&t->acts[s], &t->policy.cfg, t->max_T, err))) goto fail;
-    if ((rc = dpoc_acts_alloc(&t->ref_acts, &t->policy.cfg, t->max_T, err))) goto fail;
-    if ((rc = dpoc_grad_scratch_alloc(&t->scratch, &t->policy.cfg, t->max_T, err))) goto fail;
+    for (size_t s = 0; s < t->n_acts; s++)
+        if ((rc = dpoc_acts_alloc(&t->acts[s], &t->policy.cfg, t->act_T, err))) goto fail;
+    if ((rc = dpoc_acts_alloc(&t->ref_acts, &t->policy.cfg, t->act_T, err))) goto fail;
+    if ((rc = dpoc_grad_scratch_alloc(&t->scratch, &t->policy.cfg, t->act_T, err))) goto fail;
     if ((rc = init_optimizer(t, err))) goto fail;
     if ((rc = dpoc_grad_sync_init(&t->sync, dist, t->grads, t->policy.numel,
                                   (size_t)(cfg->bucket_size_mb * BYTES_PER_MB), err)))
@@ -220,9 +259,8 @@ fail:
 }
 
 void dpoc_trainer_free(dpoc_trainer *t) {
-    const size_t n_seq = 2 * t->cfg.per_device_train_batch_size;
     if (t->acts)
-        for (size_t s = 0; s < n_seq; s++) dpoc_acts_free(&t->acts[s]);
+        for (size_t s = 0; s < t->n_acts; s++) dpoc_acts_free(&t->acts[s]);
     free(t->acts);
     dpoc_acts_free(&t->ref_acts);
     dpoc_grad_scratch_free(&t->scratch);
@@ -277,6 +315,15 @@ int dpoc_trainer_compute_ref_logps(dpoc_trainer *t, dpoc_err *err) {
             dpoc_dataset_collate(&t->data, i, r, cfg->max_length, cfg->truncation_keep_end,
                                  t->seq_buf + (size_t)r * t->max_T, &seq[r]);
         const size_t shared = seq[0].R < seq[1].R ? seq[0].R : seq[1].R;
+        if (t->shared) {
+            const int32_t *c = t->seq_buf, *rj = t->seq_buf + t->max_T;
+            const size_t Tp = seq[0].comp_start;
+            dpoc_model_forward_shared(ref, &t->ref_acts, c, Tp, c + Tp, seq[0].R, rj + Tp, seq[1].R);
+            v[2 * i] = dpoc_ld_logp(t->ref_acts.logp, seq[0].R, shared, &cfg->loss);
+            v[2 * i + 1] = dpoc_ld_logp(t->ref_acts.logp + seq[0].R, seq[1].R, shared, &cfg->loss);
+            t->progress_time = dpoc_now_s();
+            continue;
+        }
         for (int r = 0; r < 2; r++) {
             dpoc_model_forward(ref, &t->ref_acts, t->seq_buf + (size_t)r * t->max_T, seq[r].T, seq[r].row0,
                                seq[r].R);
@@ -328,6 +375,9 @@ int dpoc_trainer_check_replicas(dpoc_trainer *t, dpoc_err *err) {
 
 /* ---- one micro-batch ---- */
 
+/* micro-batches up to this many pairs keep their sequence views on the stack */
+#define DPOC_MAX_MICRO_BATCH_VIEW 64
+
 typedef struct {
     dpoc_trainer *t;
     int rc;
@@ -373,52 +423,96 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
     memset(sums, 0, DPOC_MB_N * sizeof *sums);
     /* sequence s: chosen of pair s for s < B, rejected of pair s-B otherwise (TRL's order) */
     for (size_t s = 0; s < 2 * B; s++) {
-        int32_t *ids = t->seq_buf + s * t->max_T;
         const double t0 = dpoc_prof_start(t->prof);
-        dpoc_dataset_collate(&t->data, pairs[s % B], s >= B, cfg->max_length, cfg->truncation_keep_end, ids, &seq[s]);
+        dpoc_dataset_collate(&t->data, pairs[s % B], s >= B, cfg->max_length, cfg->truncation_keep_end,
+                             t->seq_buf + s * t->max_T, &seq[s]);
         dpoc_prof_add(t->prof, DPOC_PROF_DATA, t0);
-        const double fwd = dpoc_flops_forward(&t->policy.cfg, seq[s].T, dpoc_flops_causal_pairs(seq[s].T), seq[s].R);
-        t->flops += fwd * (DPOC_FLOPS_TRAIN_FACTOR + (t->ref_logps ? 0.0 : 1.0));
-        dpoc_model_forward(&t->policy, &t->acts[s], ids, seq[s].T, seq[s].row0, seq[s].R);
         sums[MB_NUM_TOKENS] += (double)seq[s].T;
-        t->progress_time = dpoc_now_s();
+    }
+    /* where sequence s's head outputs are: acts[act[s]] rows [off[s], off[s] + R) */
+    size_t act[2 * DPOC_MAX_MICRO_BATCH_VIEW], off[2 * DPOC_MAX_MICRO_BATCH_VIEW];
+    size_t *actp = B <= DPOC_MAX_MICRO_BATCH_VIEW ? act : dpoc_malloc(2 * B * sizeof *actp, "views", err);
+    size_t *offp = B <= DPOC_MAX_MICRO_BATCH_VIEW ? off : dpoc_malloc(2 * B * sizeof *offp, "views", err);
+    if (!actp || !offp) {
+        if (actp != act) free(actp);
+        if (offp != off) free(offp);
+        rc = DPOC_ENOMEM;
+        goto out;
+    }
+    const double ref_factor = t->ref_logps ? 0.0 : 1.0;
+    if (t->shared) {
+        for (size_t b = 0; b < B; b++) {
+            const int32_t *c = t->seq_buf + b * t->max_T, *r = t->seq_buf + (B + b) * t->max_T;
+            const size_t Tp = seq[b].comp_start, Ta = seq[b].R, Tb = seq[B + b].R;
+            t->flops += shared_forward_flops(&t->policy.cfg, Tp, Ta, Tb) * (DPOC_FLOPS_TRAIN_FACTOR + ref_factor);
+            dpoc_model_forward_shared(&t->policy, &t->acts[b], c, Tp, c + Tp, Ta, r + Tp, Tb);
+            actp[b] = actp[B + b] = b;
+            offp[b] = 0, offp[B + b] = Ta;
+            t->progress_time = dpoc_now_s();
+        }
+    } else {
+        for (size_t s = 0; s < 2 * B; s++) {
+            const double fwd =
+                dpoc_flops_forward(&t->policy.cfg, seq[s].T, dpoc_flops_causal_pairs(seq[s].T), seq[s].R);
+            t->flops += fwd * (DPOC_FLOPS_TRAIN_FACTOR + ref_factor);
+            dpoc_model_forward(&t->policy, &t->acts[s], t->seq_buf + s * t->max_T, seq[s].T, seq[s].row0, seq[s].R);
+            actp[s] = s, offp[s] = 0;
+            t->progress_time = dpoc_now_s();
+        }
+    }
+    if (!t->ref_logps && !t->ref.params) {
+        rc = dpoc_errf(err, DPOC_EINTERNAL, "precomputed reference log-probs are missing");
+        goto views;
     }
     for (size_t s = 0; s < 2 * B; s++) {
-        size_t partner = s < B ? s + B : s - B;
-        size_t shared = seq[s].R < seq[partner].R ? seq[s].R : seq[partner].R;
-        const int32_t *ids = t->seq_buf + s * t->max_T;
+        const size_t partner = s < B ? s + B : s - B;
+        const size_t shared = seq[s].R < seq[partner].R ? seq[s].R : seq[partner].R;
+        const dpoc_acts *a = &t->acts[actp[s]];
         ls[s].n_tok = seq[s].R;
         ls[s].n_completion = seq[s].T - seq[s].comp_start;
-        ls[s].policy_tok_logp = t->acts[s].logp;
-        ls[s].log_sum_sq_probs = t->acts[s].log_sum_sq_probs;
-        if (t->ref_logps || !t->ref.params) {
-            if (!t->ref_logps) {
-                rc = dpoc_errf(err, DPOC_EINTERNAL, "precomputed reference log-probs are missing");
-                goto out;
-            }
+        ls[s].policy_tok_logp = a->logp + offp[s];
+        ls[s].log_sum_sq_probs = a->log_sum_sq_probs + offp[s];
+        /* dLoss/dlogp of a pair's two sequences side by side, as backward_shared takes them */
+        dtok[s] = t->tok_buf + (t->shared ? 2 * (s % B) * t->max_T + offp[s] : s * t->max_T);
+        if (t->ref_logps) {
             ls[s].ref_logp = t->ref_logps[2 * pairs[s % B] + (s >= B)];
+        } else if (t->shared) {
+            if (s < B) { /* one reference pass per pair gives both sequences' values */
+                const int32_t *c = t->seq_buf + s * t->max_T, *r = t->seq_buf + (B + s) * t->max_T;
+                const size_t Tp = seq[s].comp_start, Ta = seq[s].R, Tb = seq[B + s].R;
+                dpoc_model_forward_shared(&t->ref, &t->ref_acts, c, Tp, c + Tp, Ta, r + Tp, Tb);
+                ls[s].ref_logp = dpoc_ld_logp(t->ref_acts.logp, Ta, shared, &cfg->loss);
+                ls[B + s].ref_logp = dpoc_ld_logp(t->ref_acts.logp + Ta, Tb, shared, &cfg->loss);
+            }
         } else {
-            dpoc_model_forward(&t->ref, &t->ref_acts, ids, seq[s].T, seq[s].row0, seq[s].R);
+            dpoc_model_forward(&t->ref, &t->ref_acts, t->seq_buf + s * t->max_T, seq[s].T, seq[s].row0, seq[s].R);
             ls[s].ref_logp = dpoc_ld_logp(t->ref_acts.logp, seq[s].R, shared, &cfg->loss);
         }
-        dtok[s] = t->tok_buf + s * t->max_T;
     }
     t->progress_time = dpoc_now_s();
     dpoc_loss_out lo = {0, logps, logps + B};
     const double t_loss = dpoc_prof_start(t->prof);
     rc = dpoc_loss_compute(&cfg->loss, B, ls, ls + B, grad_scale, dtok, dtok + B, &lo, err);
     dpoc_prof_add(t->prof, DPOC_PROF_LOSS, t_loss);
-    if (rc) goto out;
+    if (rc) goto views;
     sync_ctx sc = {t, 0, err};
     const dpoc_backward_hook hook = {on_grads_ready, &sc};
-    for (size_t s = 0; s < 2 * B; s++) {
-        /* a gradient is final once the last sequence of the last micro-batch has passed its layer */
-        const int last = sync_tail && s == 2 * B - 1;
-        dpoc_model_backward(&t->policy, t->grads, &t->acts[s], &t->scratch, t->seq_buf + s * t->max_T, dtok[s],
-                            last ? &hook : NULL);
-        t->progress_time = dpoc_now_s();
+    /* a gradient is final once the last sequence of the last micro-batch has passed its layer */
+    if (t->shared) {
+        for (size_t b = 0; b < B; b++) {
+            const int last = sync_tail && b == B - 1;
+            dpoc_model_backward_shared(&t->policy, t->grads, &t->acts[b], &t->scratch, dtok[b], last ? &hook : NULL);
+            t->progress_time = dpoc_now_s();
+        }
+    } else {
+        for (size_t s = 0; s < 2 * B; s++) {
+            const int last = sync_tail && s == 2 * B - 1;
+            dpoc_model_backward(&t->policy, t->grads, &t->acts[s], &t->scratch, t->seq_buf + s * t->max_T, dtok[s],
+                                last ? &hook : NULL);
+            t->progress_time = dpoc_now_s();
+        }
     }
-    if ((rc = sc.rc)) goto out;
+    if ((rc = sc.rc)) goto views;
 
     /* metric sums, as TRL computes them for one micro-batch */
     const double beta = cfg->loss.beta;
@@ -436,15 +530,18 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
         sums[MB_LOGP_R] += lo.rejected_logps[i];
     }
     for (size_t s = 0; s < 2 * B; s++) {
-        const dpoc_acts *a = &t->acts[s];
+        const dpoc_acts *a = &t->acts[actp[s]];
         const int rejected = s >= B;
-        for (size_t r = 0; r < a->R; r++) {
+        for (size_t r = offp[s]; r < offp[s] + seq[s].R; r++) {
             sums[MB_ENT] += a->entropy[r];
             sums[rejected ? MB_LOGIT_R : MB_LOGIT_C] += a->mean_logit[r];
             if (!rejected) sums[MB_TOP1] += a->is_top1[r];
         }
-        sums[rejected ? MB_TOK_R : MB_TOK_C] += (double)a->R;
+        sums[rejected ? MB_TOK_R : MB_TOK_C] += (double)seq[s].R;
     }
+views:
+    if (actp != act) free(actp);
+    if (offp != off) free(offp);
 out:
     free(seq);
     free(ls);

@@ -188,7 +188,7 @@ static double mb_metric(const dpoc_mb_metrics *m, size_t i) {
 }
 
 /* End to end through the trainer's micro-batch: loss and metrics of every case. */
-static void run_case_metrics(const char *model) {
+static void run_case_metrics_with(const char *model, int shared) {
     cJSON *j = batch_json(model);
     const cJSON *cs;
     cJSON_ArrayForEach(cs, cJSON_GetObjectItem(j, "cases")) {
@@ -196,9 +196,11 @@ static void run_case_metrics(const char *model) {
         dpoc_config c;
         base_config(&c, model);
         case_config(&c, cJSON_GetObjectItem(cs, "config"));
+        c.shared_prefix = shared;
         dpoc_err err;
         dpoc_trainer t;
         if (dpoc_trainer_init(&t, &c, NULL, &err)) fail_msg("%s", err.msg);
+        assert_int_equal(t.shared, shared); /* every fixture pair keeps its whole prompt */
         size_t pairs[BATCH] = {0, 1, 2, 3};
         dpoc_mb_metrics mb;
         double sums[DPOC_MB_N];
@@ -239,12 +241,14 @@ static void compare_with_safetensors(const dpoc_model *m, const float *block, co
 }
 
 /* The gradient of every parameter for the sigmoid loss on the first batch. */
-static void run_grads(const char *model) {
+static void run_grads_with(const char *model, int shared) {
     dpoc_config c;
     base_config(&c, model);
+    c.shared_prefix = shared;
     dpoc_err err;
     dpoc_trainer t;
     if (dpoc_trainer_init(&t, &c, NULL, &err)) fail_msg("%s", err.msg);
+    assert_int_equal(t.shared, shared);
     size_t pairs[BATCH] = {0, 1, 2, 3};
     double sums[DPOC_MB_N];
     memset(t.grads, 0, t.policy.numel * sizeof(float));
@@ -328,7 +332,7 @@ static void root_relative(char *field) {
 }
 
 /* Three optimizer steps (accumulation 2, warm-up, clipping, truncation) through the library. */
-static void run_train3(const char *model) {
+static void run_train3_with(const char *model, int shared) {
     dpoc_config c;
     dpoc_config_defaults(&c);
     dpoc_err err;
@@ -340,9 +344,11 @@ static void run_train3(const char *model) {
     root_relative(c.ref_model_name_or_path);
     root_relative(c.train_file);
     snprintf(c.output_dir, sizeof c.output_dir, "%s", make_temp_dir());
+    c.shared_prefix = shared;
     if (dpoc_config_finalize(&c, &err)) fail_msg("%s", err.msg);
     dpoc_trainer t;
     if (dpoc_trainer_init(&t, &c, NULL, &err)) fail_msg("%s", err.msg);
+    assert_int_equal(t.shared, shared);
     char buf[DPOC_PATH_MAX + 32];
     if (snprintf(buf, sizeof buf, "%s/metrics.jsonl", c.output_dir) >= (int)sizeof buf) fail_msg("path too long");
     dpoc_metrics_writer mw;
@@ -385,6 +391,20 @@ static void run_cli_train(const char *model) {
     }
     snprintf(metrics, sizeof metrics, "%s/out/metrics.jsonl", dir);
     compare_log_history(model, metrics);
+}
+
+/* the trainer's two paths: each pair's prompt computed once (the default), and not */
+static void run_case_metrics(const char *model) {
+    run_case_metrics_with(model, 1);
+    run_case_metrics_with(model, 0);
+}
+static void run_grads(const char *model) {
+    run_grads_with(model, 1);
+    run_grads_with(model, 0);
+}
+static void run_train3(const char *model) {
+    run_train3_with(model, 1);
+    run_train3_with(model, 0);
 }
 
 #define PER_MODEL(fn)                                    \
