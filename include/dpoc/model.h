@@ -13,6 +13,7 @@
 
 #include "dpoc/err.h"
 #include "dpoc/layers.h"
+#include "dpoc/prof.h"
 
 typedef enum { DPOC_ARCH_LLAMA, DPOC_ARCH_QWEN2 } dpoc_arch;
 
@@ -93,6 +94,7 @@ typedef struct {
     /* After dpoc_model_forward_shared, the rows are one prompt and two completions
      * (Tp, Ta, Tb > 0, see there); after dpoc_model_forward, Tp = Ta = Tb = 0. */
     size_t Tp, Ta, Tb;
+    dpoc_prof *prof; /* where the kernels' time goes (dpoc bench); NULL: not measured */
     float *block;      /* one allocation */
     dpoc_layer_acts *layers;
     float *x_out, *lnf, *rstdf; /* (T,C), (T,C), (T) */

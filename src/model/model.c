@@ -307,6 +307,14 @@ static void attention_rows_backward(const dpoc_acts *a, float *dq, float *dk, fl
 
 /* From the embedded rows in layers[0].x_in (T,C) to the final norm's lnf (T,C),
  * over a's layout (a->T, a->Tp.. and the rope tables set by the caller). */
+/* Adds the call's time to the activations' profile (dpoc bench) when one is attached. */
+#define TIMED(prof, kind, call)                          \
+    do {                                                 \
+        const double t0_ = dpoc_prof_start(prof);        \
+        call;                                            \
+        dpoc_prof_add(prof, kind, t0_);                  \
+    } while (0)
+
 static void forward_trunk(const dpoc_model *m, dpoc_acts *a) {
     const dpoc_model_config *cfg = &m->cfg;
     const size_t C = cfg->hidden_size, F = cfg->intermediate_size;
@@ -319,24 +327,24 @@ static void forward_trunk(const dpoc_model *m, dpoc_acts *a) {
         dpoc_layer_acts *la = &a->layers[l];
         float *x_next = l + 1 < cfg->n_layers ? a->layers[l + 1].x_in : a->x_out;
         // attention block: x_mid = x_in + o_proj(attn(rope(q), rope(k), v))
-        rmsnorm_forward(la->ln1, la->rstd1, la->x_in, W + o->attn_norm, T, C, cfg->rms_norm_eps);
-        matmul_forward(la->q, la->ln1, W + o->wq, PTR(W, o->bq), T, C, QD);
-        matmul_forward(la->k, la->ln1, W + o->wk, PTR(W, o->bk), T, C, KD);
-        matmul_forward(la->v, la->ln1, W + o->wv, PTR(W, o->bv), T, C, KD);
-        rope_rows(a, la->q, nh, hd, 0);
-        rope_rows(a, la->k, nkv, hd, 0);
-        attention_rows_forward(a, la->atty, la->att_lse, la->q, la->k, la->v, nh, nkv, hd);
-        matmul_forward(la->x_mid, la->atty, W + o->wo, NULL, T, QD, C);
-        add_inplace(la->x_mid, la->x_in, T * C);
+        TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_forward(la->ln1, la->rstd1, la->x_in, W + o->attn_norm, T, C, cfg->rms_norm_eps));
+        TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->q, la->ln1, W + o->wq, PTR(W, o->bq), T, C, QD));
+        TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->k, la->ln1, W + o->wk, PTR(W, o->bk), T, C, KD));
+        TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->v, la->ln1, W + o->wv, PTR(W, o->bv), T, C, KD));
+        TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, la->q, nh, hd, 0));
+        TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, la->k, nkv, hd, 0));
+        TIMED(a->prof, DPOC_PROF_ATTENTION, attention_rows_forward(a, la->atty, la->att_lse, la->q, la->k, la->v, nh, nkv, hd));
+        TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->x_mid, la->atty, W + o->wo, NULL, T, QD, C));
+        TIMED(a->prof, DPOC_PROF_POINTWISE, add_inplace(la->x_mid, la->x_in, T * C));
         // MLP block: x_next = x_mid + down(silu(gate(ln2)) * up(ln2))
-        rmsnorm_forward(la->ln2, la->rstd2, la->x_mid, W + o->mlp_norm, T, C, cfg->rms_norm_eps);
-        matmul_forward(la->gate, la->ln2, W + o->wgate, NULL, T, C, F);
-        matmul_forward(la->up, la->ln2, W + o->wup, NULL, T, C, F);
-        swiglu_forward(la->act, la->gate, la->up, T * F);
-        matmul_forward(x_next, la->act, W + o->wdown, NULL, T, F, C);
-        add_inplace(x_next, la->x_mid, T * C);
+        TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_forward(la->ln2, la->rstd2, la->x_mid, W + o->mlp_norm, T, C, cfg->rms_norm_eps));
+        TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->gate, la->ln2, W + o->wgate, NULL, T, C, F));
+        TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->up, la->ln2, W + o->wup, NULL, T, C, F));
+        TIMED(a->prof, DPOC_PROF_POINTWISE, swiglu_forward(la->act, la->gate, la->up, T * F));
+        TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(x_next, la->act, W + o->wdown, NULL, T, F, C));
+        TIMED(a->prof, DPOC_PROF_POINTWISE, add_inplace(x_next, la->x_mid, T * C));
     }
-    rmsnorm_forward(a->lnf, a->rstdf, a->x_out, W + m->off_final_norm, T, C, cfg->rms_norm_eps);
+    TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_forward(a->lnf, a->rstdf, a->x_out, W + m->off_final_norm, T, C, cfg->rms_norm_eps));
 }
 
 void dpoc_model_forward(const dpoc_model *m, dpoc_acts *a, const int32_t *tokens, size_t T, size_t row0,
@@ -348,12 +356,12 @@ void dpoc_model_forward(const dpoc_model *m, dpoc_acts *a, const int32_t *tokens
     a->row0 = row0;
     a->R = R;
     a->Tp = a->Ta = a->Tb = 0;
-    rope_tables(a->cos_t, a->sin_t, T, cfg->head_dim, cfg->rope_theta);
-    embedding_forward(a->layers[0].x_in, tokens, W + m->off_wte, T, C);
+    TIMED(a->prof, DPOC_PROF_POINTWISE, rope_tables(a->cos_t, a->sin_t, T, cfg->head_dim, cfg->rope_theta));
+    TIMED(a->prof, DPOC_PROF_POINTWISE, embedding_forward(a->layers[0].x_in, tokens, W + m->off_wte, T, C));
     forward_trunk(m, a);
     for (size_t r = 0; r < R; r++) a->labels[r] = tokens[row0 + r + 1];
     lmhead_out out = {a->logp, a->lse, a->entropy, a->mean_logit, a->log_sum_sq_probs, a->is_top1};
-    lmhead_forward(&out, a->lnf + row0 * C, W + m->off_lm_head, a->labels, R, C, V, a->logits_scratch);
+    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_forward(&out, a->lnf + row0 * C, W + m->off_lm_head, a->labels, R, C, V, a->logits_scratch));
 }
 
 /* Row of lnf (T,C) that head row r (of R = Ta + Tb, chosen first) reads in the
@@ -384,15 +392,15 @@ void dpoc_model_forward_shared(const dpoc_model *m, dpoc_acts *a, const int32_t 
     memcpy(a->tokens + Tp, chosen, na * sizeof *chosen);
     memcpy(a->tokens + Tp + na, rejected, nb * sizeof *rejected);
     /* positions 0 .. Tp + max(na, nb) - 1: the prompt's, then each completion's from Tp */
-    rope_tables(a->cos_t, a->sin_t, Tp + (na > nb ? na : nb), cfg->head_dim, cfg->rope_theta);
-    embedding_forward(a->layers[0].x_in, a->tokens, W + m->off_wte, T, C);
+    TIMED(a->prof, DPOC_PROF_POINTWISE, rope_tables(a->cos_t, a->sin_t, Tp + (na > nb ? na : nb), cfg->head_dim, cfg->rope_theta));
+    TIMED(a->prof, DPOC_PROF_POINTWISE, embedding_forward(a->layers[0].x_in, a->tokens, W + m->off_wte, T, C));
     forward_trunk(m, a);
     /* both completions in one head call: one pass over the (V,C) head weight */
     memcpy(a->labels, chosen, Ta * sizeof *chosen);
     memcpy(a->labels + Ta, rejected, Tb * sizeof *rejected);
     for (size_t r = 0; r < R; r++) memcpy(a->head_in + r * C, a->lnf + shared_head_row(a, r) * C, C * sizeof(float));
     lmhead_out out = {a->logp, a->lse, a->entropy, a->mean_logit, a->log_sum_sq_probs, a->is_top1};
-    lmhead_forward(&out, a->head_in, W + m->off_lm_head, a->labels, R, C, V, a->logits_scratch);
+    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_forward(&out, a->head_in, W + m->off_lm_head, a->labels, R, C, V, a->logits_scratch));
 }
 
 /* From s->dln = dLoss/dlnf (T,C) back to the embedding: the final norm, the
@@ -409,7 +417,7 @@ static void backward_trunk(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc
     float *G = grads;
 
     memset(s->dx, 0, T * C * sizeof(float));
-    rmsnorm_backward(s->dx, G + m->off_final_norm, s->dln, a->x_out, W + m->off_final_norm, a->rstdf, T, C);
+    TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_backward(s->dx, G + m->off_final_norm, s->dln, a->x_out, W + m->off_final_norm, a->rstdf, T, C));
     /* the final norm and an untied head sit at the end of the block; a tied head is the embedding */
     if (hook) hook->ready(hook->ctx, m->off_final_norm);
     for (size_t li = cfg->n_layers; li-- > 0;) {
@@ -417,33 +425,33 @@ static void backward_trunk(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc
         dpoc_layer_acts *la = &a->layers[li];
         // dx holds dLoss/d(layer output). MLP branch first; the residual passes dx through.
         memset(s->dact, 0, T * F * sizeof(float));
-        matmul_backward(s->dact, G + o->wdown, NULL, s->dx, la->act, W + o->wdown, T, F, C);
+        TIMED(a->prof, DPOC_PROF_GEMM, matmul_backward(s->dact, G + o->wdown, NULL, s->dx, la->act, W + o->wdown, T, F, C));
         memset(s->dgate, 0, T * F * sizeof(float));
         memset(s->dup, 0, T * F * sizeof(float));
-        swiglu_backward(s->dgate, s->dup, s->dact, la->gate, la->up, T * F);
+        TIMED(a->prof, DPOC_PROF_POINTWISE, swiglu_backward(s->dgate, s->dup, s->dact, la->gate, la->up, T * F));
         memset(s->dln, 0, T * C * sizeof(float));
-        matmul_backward(s->dln, G + o->wgate, NULL, s->dgate, la->ln2, W + o->wgate, T, C, F);
-        matmul_backward(s->dln, G + o->wup, NULL, s->dup, la->ln2, W + o->wup, T, C, F);
-        rmsnorm_backward(s->dx, G + o->mlp_norm, s->dln, la->x_mid, W + o->mlp_norm, la->rstd2, T, C);
+        TIMED(a->prof, DPOC_PROF_GEMM, matmul_backward(s->dln, G + o->wgate, NULL, s->dgate, la->ln2, W + o->wgate, T, C, F));
+        TIMED(a->prof, DPOC_PROF_GEMM, matmul_backward(s->dln, G + o->wup, NULL, s->dup, la->ln2, W + o->wup, T, C, F));
+        TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_backward(s->dx, G + o->mlp_norm, s->dln, la->x_mid, W + o->mlp_norm, la->rstd2, T, C));
         // dx now holds dLoss/d(x_mid); attention branch.
         memset(s->datty, 0, T * QD * sizeof(float));
-        matmul_backward(s->datty, G + o->wo, NULL, s->dx, la->atty, W + o->wo, T, QD, C);
+        TIMED(a->prof, DPOC_PROF_GEMM, matmul_backward(s->datty, G + o->wo, NULL, s->dx, la->atty, W + o->wo, T, QD, C));
         memset(s->dq, 0, T * QD * sizeof(float));
         memset(s->dk, 0, T * KD * sizeof(float));
         memset(s->dv, 0, T * KD * sizeof(float));
-        attention_rows_backward(a, s->dq, s->dk, s->dv, s->datty, la->q, la->k, la->v, la->atty, la->att_lse, nh, nkv,
-                                hd);
-        rope_rows(a, s->dq, nh, hd, 1);
-        rope_rows(a, s->dk, nkv, hd, 1);
+        TIMED(a->prof, DPOC_PROF_ATTENTION, attention_rows_backward(a, s->dq, s->dk, s->dv, s->datty, la->q, la->k, la->v, la->atty, la->att_lse, nh, nkv,
+                                hd));
+        TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, s->dq, nh, hd, 1));
+        TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, s->dk, nkv, hd, 1));
         memset(s->dln, 0, T * C * sizeof(float));
-        matmul_backward(s->dln, G + o->wq, PTR(G, o->bq), s->dq, la->ln1, W + o->wq, T, C, QD);
-        matmul_backward(s->dln, G + o->wk, PTR(G, o->bk), s->dk, la->ln1, W + o->wk, T, C, KD);
-        matmul_backward(s->dln, G + o->wv, PTR(G, o->bv), s->dv, la->ln1, W + o->wv, T, C, KD);
-        rmsnorm_backward(s->dx, G + o->attn_norm, s->dln, la->x_in, W + o->attn_norm, la->rstd1, T, C);
+        TIMED(a->prof, DPOC_PROF_GEMM, matmul_backward(s->dln, G + o->wq, PTR(G, o->bq), s->dq, la->ln1, W + o->wq, T, C, QD));
+        TIMED(a->prof, DPOC_PROF_GEMM, matmul_backward(s->dln, G + o->wk, PTR(G, o->bk), s->dk, la->ln1, W + o->wk, T, C, KD));
+        TIMED(a->prof, DPOC_PROF_GEMM, matmul_backward(s->dln, G + o->wv, PTR(G, o->bv), s->dv, la->ln1, W + o->wv, T, C, KD));
+        TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_backward(s->dx, G + o->attn_norm, s->dln, la->x_in, W + o->attn_norm, la->rstd1, T, C));
         /* layers are laid out in order, each starting with its input norm */
         if (hook) hook->ready(hook->ctx, o->attn_norm);
     }
-    embedding_backward(G + m->off_wte, s->dx, tokens, T, C);
+    TIMED(a->prof, DPOC_PROF_POINTWISE, embedding_backward(G + m->off_wte, s->dx, tokens, T, C));
     if (hook) hook->ready(hook->ctx, 0);
 }
 
@@ -452,8 +460,8 @@ void dpoc_model_backward(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_g
     const size_t C = m->cfg.hidden_size, V = m->cfg.vocab_size;
     assert(a->Tp == 0); /* a shared forward needs dpoc_model_backward_shared */
     memset(s->dln, 0, a->T * C * sizeof(float));
-    lmhead_backward(s->dln + a->row0 * C, grads + m->off_lm_head, dlogp, a->lnf + a->row0 * C,
-                    m->params + m->off_lm_head, a->labels, a->lse, a->R, C, V, a->logits_scratch);
+    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_backward(s->dln + a->row0 * C, grads + m->off_lm_head, dlogp, a->lnf + a->row0 * C,
+                    m->params + m->off_lm_head, a->labels, a->lse, a->R, C, V, a->logits_scratch));
     backward_trunk(m, grads, a, s, tokens, hook);
 }
 
@@ -467,8 +475,8 @@ void dpoc_model_backward_shared(const dpoc_model *m, float *grads, dpoc_acts *a,
      * last prompt row receives the first head row of both completions */
     float *dh = s->dx;
     memset(dh, 0, R * C * sizeof(float));
-    lmhead_backward(dh, grads + m->off_lm_head, dlogp, a->head_in, m->params + m->off_lm_head, a->labels, a->lse, R,
-                    C, V, a->logits_scratch);
+    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_backward(dh, grads + m->off_lm_head, dlogp, a->head_in, m->params + m->off_lm_head, a->labels, a->lse, R,
+                    C, V, a->logits_scratch));
     memset(s->dln, 0, T * C * sizeof(float));
     for (size_t r = 0; r < R; r++) add_inplace(s->dln + shared_head_row(a, r) * C, dh + r * C, C);
     backward_trunk(m, grads, a, s, a->tokens, hook);

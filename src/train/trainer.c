@@ -421,6 +421,8 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
         goto out;
     }
     memset(sums, 0, DPOC_MB_N * sizeof *sums);
+    for (size_t i = 0; i < t->n_acts; i++) t->acts[i].prof = t->prof;
+    t->ref_acts.prof = t->prof;
     /* sequence s: chosen of pair s for s < B, rejected of pair s-B otherwise (TRL's order) */
     for (size_t s = 0; s < 2 * B; s++) {
         const double t0 = dpoc_prof_start(t->prof);
