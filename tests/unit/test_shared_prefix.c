@@ -35,6 +35,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/rng.h"
 #include "testutil.h"
 
 #include "dpoc/layers.h"
@@ -54,12 +55,7 @@ typedef struct {
     uint64_t s;
 } rng_t;
 
-static uint64_t rng_next(rng_t *r) { /* splitmix64 */
-    uint64_t z = (r->s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
+static uint64_t rng_next(rng_t *r) { return dpoc_splitmix64(&r->s); }
 
 static float rng_uniform(rng_t *r, float lo, float hi) {
     return (float)(lo + (hi - lo) * ((double)(rng_next(r) >> 11) / (double)(1ull << 53)));
