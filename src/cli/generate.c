@@ -33,7 +33,7 @@ static int parse_args(int argc, char **argv, gen_args *a, const char *cmd, dpoc_
             a->jsonl = 1;
             continue;
         }
-        if (i + 1 >= argc) return dpoc_errf(err, DPOC_EINPUT, "%s: unexpected argument '%s' (see dpoc %s --help)", cmd, k, cmd);
+        if (i + 1 >= argc) return dpoc_errf(err, DPOC_EINPUT, "unexpected argument '%s' (see dpoc %s --help)", k, cmd);
         const char *v = argv[++i];
         if (!strcmp(k, "--model")) a->model = v;
         else if (!strcmp(k, "--tokenizer")) a->tokenizer = v;
@@ -50,9 +50,9 @@ static int parse_args(int argc, char **argv, gen_args *a, const char *cmd, dpoc_
         else if (!strcmp(k, "--temperature")) DPOC_TRY(cli_parse_float(k, v, &a->gen.temperature, err));
         else if (!strcmp(k, "--top-p")) DPOC_TRY(cli_parse_float(k, v, &a->gen.top_p, err));
         else if (!strcmp(k, "--seed")) DPOC_TRY(cli_parse_u64(k, v, &a->gen.seed, err));
-        else return dpoc_errf(err, DPOC_EINPUT, "%s: unknown option '%s' (see dpoc %s --help)", cmd, k, cmd);
+        else return dpoc_errf(err, DPOC_EINPUT, "unknown option '%s' (see dpoc %s --help)", k, cmd);
     }
-    if (!a->model) return dpoc_errf(err, DPOC_EINPUT, "%s: --model PATH is required", cmd);
+    if (!a->model) return dpoc_errf(err, DPOC_EINPUT, "--model PATH is required (see dpoc %s --help)", cmd);
     if (a->gen.temperature < 0) return dpoc_errf(err, DPOC_EINPUT, "--temperature must be >= 0");
     if (!(a->gen.top_p > 0 && a->gen.top_p <= 1)) return dpoc_errf(err, DPOC_EINPUT, "--top-p must be in (0, 1]");
     if (!a->gen.max_batch) return dpoc_errf(err, DPOC_EINPUT, "--batch-size must be at least 1");
@@ -96,7 +96,7 @@ static int ended(const dpoc_gen_opts *o, const dpoc_ids *g) {
 
 /* The prompts of --prompt or --prompts. */
 static int load_prompts(const gen_args *a, char ***users, size_t *n, const char *cmd, dpoc_err *err) {
-    if (!!a->prompt == !!a->prompts) return dpoc_errf(err, DPOC_EINPUT, "%s: give one of --prompt TEXT or --prompts FILE", cmd);
+    if (!!a->prompt == !!a->prompts) return dpoc_errf(err, DPOC_EINPUT, "give one of --prompt TEXT or --prompts FILE (see dpoc %s --help)", cmd);
     if (a->prompts) return dpoc_prompts_read(a->prompts, users, n, err);
     *users = malloc(sizeof **users);
     if (!*users || !((*users)[0] = strdup(a->prompt))) {
@@ -277,15 +277,15 @@ int dpoc_cli_build_pairs(int argc, char **argv) {
     if (!rc) {
         const char *eq = a.replace ? strchr(a.replace, '=') : NULL;
         if (!eq || eq == a.replace || (size_t)(eq - a.replace) >= sizeof old || strlen(eq + 1) >= sizeof new_)
-            rc = dpoc_errf(&err, DPOC_EINPUT, "build-pairs: --replace OLD=NEW is required (OLD non-empty)");
+            rc = dpoc_errf(&err, DPOC_EINPUT, "--replace OLD=NEW is required (OLD non-empty)");
         else {
             memcpy(old, a.replace, (size_t)(eq - a.replace));
             snprintf(new_, sizeof new_, "%s", eq + 1);
         }
     }
-    if (!rc && !a.out) rc = dpoc_errf(&err, DPOC_EINPUT, "build-pairs: --out PAIRS.jsonl is required");
-    if (!rc && !a.samples) rc = dpoc_errf(&err, DPOC_EINPUT, "build-pairs: --samples must be at least 1");
-    if (!rc && !a.prompts) rc = dpoc_errf(&err, DPOC_EINPUT, "build-pairs: --prompts FILE is required");
+    if (!rc && !a.out) rc = dpoc_errf(&err, DPOC_EINPUT, "--out PAIRS.jsonl is required");
+    if (!rc && !a.samples) rc = dpoc_errf(&err, DPOC_EINPUT, "--samples must be at least 1");
+    if (!rc && !a.prompts) rc = dpoc_errf(&err, DPOC_EINPUT, "--prompts FILE is required");
     char **users = NULL, **answer = NULL;
     size_t n = 0;
     dpoc_ids *prompts = NULL, *outs = NULL, *todo_ids = NULL;
@@ -333,7 +333,7 @@ int dpoc_cli_build_pairs(int argc, char **argv) {
         free(chosen);
         kept++;
     }
-    if (!rc && !kept) rc = dpoc_errf(&err, DPOC_EINPUT, "build-pairs: no answer of %zu prompts contains '%s' in %zu samples", n, old, a.samples);
+    if (!rc && !kept) rc = dpoc_errf(&err, DPOC_EINPUT, "no answer of %zu prompts contains '%s' in %zu samples", n, old, a.samples);
     if (!rc) rc = write_out(a.out, buf, len, &err);
     if (!rc)
         fprintf(stderr,
@@ -376,7 +376,7 @@ int dpoc_cli_perplexity(int argc, char **argv) {
         perplexity_usage(stdout);
         return 0;
     }
-    if (!rc && !a.data) rc = dpoc_errf(&err, DPOC_EINPUT, "perplexity: --data FILE.jsonl is required");
+    if (!rc && !a.data) rc = dpoc_errf(&err, DPOC_EINPUT, "--data FILE.jsonl is required");
     cli_lm lm;
     memset(&lm, 0, sizeof lm);
     if (!rc) rc = cli_lm_open(&lm, a.model, a.tokenizer, a.chat_template, &err);
