@@ -85,6 +85,8 @@ int dpoc_prompts_parse(const char *text, size_t len, const char *path, char ***p
                 else
                     rc = push_prompt(&v, &n, &cap, p->valuestring, strlen(p->valuestring), err);
                 cJSON_Delete(o);
+            } else if (b < e && memchr(text + b, '\0', e - b)) {
+                rc = dpoc_errf(err, DPOC_EINPUT, "%s:%zu: the line holds a NUL byte", path, lineno);
             } else if (b < e) {
                 rc = push_prompt(&v, &n, &cap, text + b, e - b, err);
             }

@@ -49,6 +49,12 @@ static void test_errors(void **state) {
     parse_err("[\"a\", 1]", "element 1");
     parse_err("[\"a\", \"\"]", "element 1");
     parse_err("[\"a\"", "not a JSON array");
+    char **p = NULL;
+    size_t n = 0;
+    dpoc_err err;
+    static const char nul_line[] = "ok\n\0x\n"; /* found by fuzz_prompts: a NUL made an empty prompt */
+    assert_int_equal(dpoc_prompts_parse(nul_line, sizeof nul_line - 1, "f.txt", &p, &n, &err), DPOC_EINPUT);
+    if (!strstr(err.msg, "f.txt:2: the line holds a NUL byte")) fail_msg("message '%s'", err.msg);
 }
 
 int main(void) {
