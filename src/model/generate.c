@@ -33,7 +33,7 @@ typedef struct {
     float *kcache, *vcache; /* (n_seq, L, cap, KD) each */
     float *cos_t, *sin_t;   /* (cap, hd/2) */
     /* step buffers, (max_rows, ...) */
-    float *x, *ln, *rstd, *q, *k, *v, *atty, *tmp, *gate, *up, *act, *scores;
+    float *x, *ln, *rstd, *q, *k, *v, *atty, *lse, *tmp, *gate, *up, *act;
     float *logits; /* (n_seq, V) */
 } gen_state;
 
@@ -53,7 +53,7 @@ static void gen_free(gen_state *s) {
     free(s->up);
     free(s->act);
     free(s->rstd);
-    free(s->scores);
+    free(s->lse);
     free(s->logits);
     memset(s, 0, sizeof *s);
 }
@@ -82,10 +82,10 @@ static int gen_alloc(gen_state *s, const dpoc_model *m, size_t n_seq, size_t cap
     s->up = dpoc_malloc(max_rows * s->F * sizeof(float), "generation buffers", err);
     s->act = dpoc_malloc(max_rows * s->F * sizeof(float), "generation buffers", err);
     s->rstd = dpoc_malloc(max_rows * sizeof(float), "generation buffers", err);
-    s->scores = dpoc_malloc(cap * sizeof(float), "generation buffers", err);
+    s->lse = dpoc_malloc(max_rows * s->nh * sizeof(float), "generation buffers", err); /* attention statistics */
     s->logits = dpoc_malloc(n_seq * s->V * sizeof(float), "generation buffers", err);
     if (!s->kcache || !s->vcache || !s->cos_t || !s->sin_t || !s->x || !s->ln || !s->q || !s->k || !s->v ||
-        !s->atty || !s->tmp || !s->gate || !s->up || !s->act || !s->rstd || !s->scores || !s->logits) {
+        !s->atty || !s->tmp || !s->gate || !s->up || !s->act || !s->rstd || !s->lse || !s->logits) {
         gen_free(s);
         return DPOC_ENOMEM;
     }
@@ -95,40 +95,6 @@ static int gen_alloc(gen_state *s, const dpoc_model *m, size_t n_seq, size_t cap
 
 static float *cache_at(const gen_state *s, float *base, size_t seq, size_t layer, size_t pos) {
     return base + ((seq * s->L + layer) * s->cap + pos) * s->KD;
-}
-
-/* One query row (nh, hd) against positions 0..pos of its sequence's cache in
- * one layer; out (nh, hd). Softmax in fp32 with the row maximum subtracted. */
-static void attend_row(const gen_state *s, float *out, const float *q, size_t seq, size_t layer, size_t pos) {
-    const size_t hd = s->hd, group = s->nh / s->nkv, n = pos + 1;
-    const float scale = 1.0f / sqrtf((float)hd);
-    const float *K = cache_at(s, s->kcache, seq, layer, 0), *Vc = cache_at(s, s->vcache, seq, layer, 0);
-    for (size_t h = 0; h < s->nh; h++) {
-        const size_t kvh = h / group;
-        const float *qh = q + h * hd;
-        float mx = -INFINITY;
-        for (size_t t = 0; t < n; t++) {
-            const float *kt = K + t * s->KD + kvh * hd;
-            float d = 0.0f;
-            for (size_t i = 0; i < hd; i++) d += qh[i] * kt[i];
-            d *= scale;
-            s->scores[t] = d;
-            if (d > mx) mx = d;
-        }
-        float sum = 0.0f;
-        for (size_t t = 0; t < n; t++) {
-            s->scores[t] = expf(s->scores[t] - mx);
-            sum += s->scores[t];
-        }
-        const float inv = 1.0f / sum;
-        float *oh = out + h * hd;
-        memset(oh, 0, hd * sizeof(float));
-        for (size_t t = 0; t < n; t++) {
-            const float p = s->scores[t] * inv;
-            const float *vt = Vc + t * s->KD + kvh * hd;
-            for (size_t i = 0; i < hd; i++) oh[i] += p * vt[i];
-        }
-    }
 }
 
 /* Runs N rows (tokens, their sequence and position) through the decoder and
@@ -155,7 +121,16 @@ static void gen_step(gen_state *s, const int32_t *tokens, const size_t *seq, con
             memcpy(cache_at(s, s->kcache, seq[r], l, pos[r]), s->k + r * KD, KD * sizeof(float));
             memcpy(cache_at(s, s->vcache, seq[r], l, pos[r]), s->v + r * KD, KD * sizeof(float));
         }
-        for (size_t r = 0; r < N; r++) attend_row(s, s->atty + r * QD, s->q + r * QD, seq[r], l, pos[r]);
+        /* consecutive rows of one sequence at consecutive positions attend together:
+         * the cache before them is their prefix, their own rows follow it */
+        for (size_t r0 = 0, r1; r0 < N; r0 = r1) {
+            for (r1 = r0 + 1; r1 < N && seq[r1] == seq[r0] && pos[r1] == pos[r1 - 1] + 1; r1++) {
+            }
+            const size_t p0 = pos[r0];
+            attention_prefix_forward(s->atty + r0 * QD, s->lse, s->q + r0 * QD, cache_at(s, s->kcache, seq[r0], l, 0),
+                                     cache_at(s, s->vcache, seq[r0], l, 0), p0, cache_at(s, s->kcache, seq[r0], l, p0),
+                                     cache_at(s, s->vcache, seq[r0], l, p0), r1 - r0, s->nh, s->nkv, hd);
+        }
         matmul_forward(s->tmp, s->atty, W + o->wo, NULL, N, QD, C);
         for (size_t i = 0; i < N * C; i++) s->x[i] += s->tmp[i];
         rmsnorm_forward(s->ln, rstd, s->x, W + o->mlp_norm, N, C, c->rms_norm_eps);
