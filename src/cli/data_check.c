@@ -10,6 +10,7 @@
 #include "dpoc/config.h"
 #include "dpoc/dataset.h"
 #include "dpoc/model.h"
+#include "dpoc/source.h"
 #include "dpoc/tokenizer.h"
 
 static int cmp_size(const void *a, const void *b) {
@@ -60,17 +61,12 @@ int dpoc_cli_data_check(int argc, char **argv) {
         else if (!strcmp(argv[i], "--config")) i++;
     if (!rc) rc = dpoc_config_finalize(&cfg, &err);
     dpoc_model_config mc;
-    char path[DPOC_PATH_MAX + 32];
-    if (!rc) rc = dpoc_path_join(path, sizeof path, cfg.model_name_or_path, "config.json", &err);
-    if (!rc) rc = dpoc_hf_config_read(&mc, path, &err);
+    /* the model's config and tokenizer as training reads them: a GGUF file or an HF directory */
+    if (!rc) rc = dpoc_source_model_config(cfg.model_name_or_path, &mc, &err);
     dpoc_tokenizer *tok = NULL;
     const char *tdir = cfg.tokenizer_name_or_path[0] ? cfg.tokenizer_name_or_path : cfg.model_name_or_path;
     int chat_kind = -1;
-    if (!rc && !dpoc_path_join(path, sizeof path, tdir, "tokenizer.json", &err)) {
-        FILE *probe = fopen(path, "rb");
-        if (probe) fclose(probe);
-        if (probe) rc = dpoc_tokenizer_load(&tok, tdir, &err);
-    }
+    if (!rc) rc = dpoc_source_load_tokenizer(&tok, tdir, &err);
     if (!rc && strcmp(cfg.chat_template, "auto") != 0) {
         chat_kind = dpoc_chat_kind_from_name(cfg.chat_template);
     } else if (!rc && tok && dpoc_tokenizer_chat_template(tok)) {
