@@ -244,8 +244,11 @@ static int generate_batch(gen_state *s, const dpoc_ids *prompts, size_t first, s
     size_t *active = dpoc_malloc(n * sizeof(size_t), "generation rows", err);
     size_t *len = dpoc_malloc(n * sizeof(size_t), "generation rows", err);
     uint64_t *rng = dpoc_malloc(n * sizeof(uint64_t), "generation rows", err);
+    /* per prefill chunk: the rows whose logits are needed (chunk-local) and their prompts */
+    size_t *lo = dpoc_malloc(n * sizeof(size_t), "generation rows", err);
+    size_t *which = dpoc_malloc(n * sizeof(size_t), "generation rows", err);
     int rc = 0;
-    if (!tokens || !seq || !pos || !out_rows || !active || !len || !rng) {
+    if (!tokens || !seq || !pos || !out_rows || !active || !len || !rng || !lo || !which) {
         rc = DPOC_ENOMEM;
         goto done;
     }
@@ -267,27 +270,14 @@ static int generate_batch(gen_state *s, const dpoc_ids *prompts, size_t first, s
          * boundary inside a prompt is fine: its rows are cached before the next chunk runs */
         size_t n_out = 0;
         for (size_t i = 0; i < n; i++)
-            if (out_rows[i] >= done_rows && out_rows[i] < done_rows + take) n_out++;
-        size_t *lo = dpoc_malloc((n_out ? n_out : 1) * sizeof(size_t), "generation rows", err);
-        size_t *which = dpoc_malloc((n_out ? n_out : 1) * sizeof(size_t), "generation rows", err);
-        if (!lo || !which) {
-            free(lo);
-            free(which);
-            rc = DPOC_ENOMEM;
-            goto done;
-        }
-        size_t k = 0;
-        for (size_t i = 0; i < n; i++)
             if (out_rows[i] >= done_rows && out_rows[i] < done_rows + take)
-                lo[k] = out_rows[i] - done_rows, which[k++] = i;
+                lo[n_out] = out_rows[i] - done_rows, which[n_out++] = i;
         gen_step(s, tokens + done_rows, seq + done_rows, pos + done_rows, take, lo, n_out);
         for (size_t j = 0; j < n_out; j++) {
             const size_t i = which[j];
             int32_t id = sample(s->logits + j * s->V, s->V, o, &rng[i], sorted);
             if ((rc = dpoc_ids_push(&out[first + i], id, err))) break;
         }
-        free(lo);
-        free(which);
         if (rc) goto done;
         done_rows += take;
     }
@@ -320,6 +310,8 @@ done:
     free(active);
     free(len);
     free(rng);
+    free(lo);
+    free(which);
     return rc;
 }
 

@@ -280,7 +280,27 @@ void dpoc_trainer_free(dpoc_trainer *t) {
     memset(t, 0, sizeof *t);
 }
 
-/* ---- precomputed reference log-probs ---- */
+/* ---- reference log-probs ---- */
+
+/* out[0], out[1]: the chosen and rejected reference log-probs of a collated pair
+ * (ids and seq of each), as the loss takes them (LD-DPO weighting included): one
+ * prompt-shared forward, or one forward per sequence. Uses t->ref_acts. */
+static void pair_ref_logps(dpoc_trainer *t, const dpoc_model *ref, const int32_t *const ids[2], const dpoc_seq seq[2],
+                           double out[2]) {
+    const dpoc_loss_cfg *lc = &t->cfg.loss;
+    const size_t shared = seq[0].R < seq[1].R ? seq[0].R : seq[1].R;
+    if (t->shared) {
+        const size_t Tp = seq[0].comp_start;
+        dpoc_model_forward_shared(ref, &t->ref_acts, ids[0], Tp, ids[0] + Tp, seq[0].R, ids[1] + Tp, seq[1].R);
+        out[0] = dpoc_ld_logp(t->ref_acts.logp, seq[0].R, shared, lc);
+        out[1] = dpoc_ld_logp(t->ref_acts.logp + seq[0].R, seq[1].R, shared, lc);
+        return;
+    }
+    for (int r = 0; r < 2; r++) {
+        dpoc_model_forward(ref, &t->ref_acts, ids[r], seq[r].T, seq[r].row0, seq[r].R);
+        out[r] = dpoc_ld_logp(t->ref_acts.logp, seq[r].R, shared, lc);
+    }
+}
 
 uint64_t dpoc_trainer_ref_logps_key(const dpoc_trainer *t) {
     const dpoc_config *c = &t->cfg;
@@ -310,25 +330,12 @@ int dpoc_trainer_compute_ref_logps(dpoc_trainer *t, dpoc_err *err) {
     double *v = dpoc_calloc(2 * n + 1, sizeof(double), "reference log-probs", err);
     if (!v) return DPOC_ENOMEM;
     dpoc_seq seq[2];
+    const int32_t *const ids[2] = {t->seq_buf, t->seq_buf + t->max_T};
     for (size_t i = rank; i < n; i += world) {
         for (int r = 0; r < 2; r++)
-            dpoc_dataset_collate(&t->data, i, r, cfg->max_length, cfg->truncation_keep_end,
-                                 t->seq_buf + (size_t)r * t->max_T, &seq[r]);
-        const size_t shared = seq[0].R < seq[1].R ? seq[0].R : seq[1].R;
-        if (t->shared) {
-            const int32_t *c = t->seq_buf, *rj = t->seq_buf + t->max_T;
-            const size_t Tp = seq[0].comp_start;
-            dpoc_model_forward_shared(ref, &t->ref_acts, c, Tp, c + Tp, seq[0].R, rj + Tp, seq[1].R);
-            v[2 * i] = dpoc_ld_logp(t->ref_acts.logp, seq[0].R, shared, &cfg->loss);
-            v[2 * i + 1] = dpoc_ld_logp(t->ref_acts.logp + seq[0].R, seq[1].R, shared, &cfg->loss);
-            t->progress_time = dpoc_now_s();
-            continue;
-        }
-        for (int r = 0; r < 2; r++) {
-            dpoc_model_forward(ref, &t->ref_acts, t->seq_buf + (size_t)r * t->max_T, seq[r].T, seq[r].row0,
-                               seq[r].R);
-            v[2 * i + (size_t)r] = dpoc_ld_logp(t->ref_acts.logp, seq[r].R, shared, &cfg->loss);
-        }
+            dpoc_dataset_collate(&t->data, i, r, cfg->max_length, cfg->truncation_keep_end, t->seq_buf + (size_t)r * t->max_T,
+                                 &seq[r]);
+        pair_ref_logps(t, ref, ids, seq, &v[2 * i]);
         t->progress_time = dpoc_now_s();
     }
     /* every pair was computed by exactly one rank, the others hold 0: the sum gathers them */
@@ -375,8 +382,6 @@ int dpoc_trainer_check_replicas(dpoc_trainer *t, dpoc_err *err) {
 
 /* ---- one micro-batch ---- */
 
-/* micro-batches up to this many pairs keep their sequence views on the stack */
-#define DPOC_MAX_MICRO_BATCH_VIEW 64
 
 typedef struct {
     dpoc_trainer *t;
@@ -415,8 +420,11 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
     dpoc_loss_seq *ls = dpoc_malloc(2 * B * sizeof *ls, "loss inputs", err);
     float **dtok = dpoc_malloc(2 * B * sizeof *dtok, "loss gradients", err);
     double *logps = dpoc_malloc(2 * B * sizeof *logps, "log-probs", err);
+    /* where sequence s's head outputs are: acts[actp[s]] rows [offp[s], offp[s] + R) */
+    size_t *actp = dpoc_malloc(2 * B * sizeof *actp, "sequence views", err);
+    size_t *offp = dpoc_malloc(2 * B * sizeof *offp, "sequence views", err);
     int rc = 0;
-    if (!seq || !ls || !dtok || !logps) {
+    if (!seq || !ls || !dtok || !logps || !actp || !offp) {
         rc = DPOC_ENOMEM;
         goto out;
     }
@@ -430,16 +438,6 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
                              t->seq_buf + s * t->max_T, &seq[s]);
         dpoc_prof_add(t->prof, DPOC_PROF_DATA, t0);
         sums[MB_NUM_TOKENS] += (double)seq[s].T;
-    }
-    /* where sequence s's head outputs are: acts[act[s]] rows [off[s], off[s] + R) */
-    size_t act[2 * DPOC_MAX_MICRO_BATCH_VIEW], off[2 * DPOC_MAX_MICRO_BATCH_VIEW];
-    size_t *actp = B <= DPOC_MAX_MICRO_BATCH_VIEW ? act : dpoc_malloc(2 * B * sizeof *actp, "views", err);
-    size_t *offp = B <= DPOC_MAX_MICRO_BATCH_VIEW ? off : dpoc_malloc(2 * B * sizeof *offp, "views", err);
-    if (!actp || !offp) {
-        if (actp != act) free(actp);
-        if (offp != off) free(offp);
-        rc = DPOC_ENOMEM;
-        goto out;
     }
     const double ref_factor = t->ref_logps ? 0.0 : 1.0;
     if (t->shared) {
@@ -464,11 +462,9 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
     }
     if (!t->ref_logps && !t->ref.params) {
         rc = dpoc_errf(err, DPOC_EINTERNAL, "precomputed reference log-probs are missing");
-        goto views;
+        goto out;
     }
     for (size_t s = 0; s < 2 * B; s++) {
-        const size_t partner = s < B ? s + B : s - B;
-        const size_t shared = seq[s].R < seq[partner].R ? seq[s].R : seq[partner].R;
         const dpoc_acts *a = &t->acts[actp[s]];
         ls[s].n_tok = seq[s].R;
         ls[s].n_completion = seq[s].T - seq[s].comp_start;
@@ -476,27 +472,22 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
         ls[s].log_sum_sq_probs = a->log_sum_sq_probs + offp[s];
         /* dLoss/dlogp of a pair's two sequences side by side, as backward_shared takes them */
         dtok[s] = t->tok_buf + (t->shared ? 2 * (s % B) * t->max_T + offp[s] : s * t->max_T);
-        if (t->ref_logps) {
-            ls[s].ref_logp = t->ref_logps[2 * pairs[s % B] + (s >= B)];
-        } else if (t->shared) {
-            if (s < B) { /* one reference pass per pair gives both sequences' values */
-                const int32_t *c = t->seq_buf + s * t->max_T, *r = t->seq_buf + (B + s) * t->max_T;
-                const size_t Tp = seq[s].comp_start, Ta = seq[s].R, Tb = seq[B + s].R;
-                dpoc_model_forward_shared(&t->ref, &t->ref_acts, c, Tp, c + Tp, Ta, r + Tp, Tb);
-                ls[s].ref_logp = dpoc_ld_logp(t->ref_acts.logp, Ta, shared, &cfg->loss);
-                ls[B + s].ref_logp = dpoc_ld_logp(t->ref_acts.logp + Ta, Tb, shared, &cfg->loss);
-            }
-        } else {
-            dpoc_model_forward(&t->ref, &t->ref_acts, t->seq_buf + s * t->max_T, seq[s].T, seq[s].row0, seq[s].R);
-            ls[s].ref_logp = dpoc_ld_logp(t->ref_acts.logp, seq[s].R, shared, &cfg->loss);
-        }
+        if (t->ref_logps) ls[s].ref_logp = t->ref_logps[2 * pairs[s % B] + (s >= B)];
+    }
+    for (size_t b = 0; !t->ref_logps && b < B; b++) {
+        const int32_t *const ids[2] = {t->seq_buf + b * t->max_T, t->seq_buf + (B + b) * t->max_T};
+        const dpoc_seq pair_seq[2] = {seq[b], seq[B + b]};
+        double v[2];
+        pair_ref_logps(t, &t->ref, ids, pair_seq, v);
+        ls[b].ref_logp = v[0];
+        ls[B + b].ref_logp = v[1];
     }
     t->progress_time = dpoc_now_s();
     dpoc_loss_out lo = {0, logps, logps + B};
     const double t_loss = dpoc_prof_start(t->prof);
     rc = dpoc_loss_compute(&cfg->loss, B, ls, ls + B, grad_scale, dtok, dtok + B, &lo, err);
     dpoc_prof_add(t->prof, DPOC_PROF_LOSS, t_loss);
-    if (rc) goto views;
+    if (rc) goto out;
     sync_ctx sc = {t, 0, err};
     const dpoc_backward_hook hook = {on_grads_ready, &sc};
     /* a gradient is final once the last sequence of the last micro-batch has passed its layer */
@@ -514,7 +505,7 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
             t->progress_time = dpoc_now_s();
         }
     }
-    if ((rc = sc.rc)) goto views;
+    if ((rc = sc.rc)) goto out;
 
     /* metric sums, as TRL computes them for one micro-batch */
     const double beta = cfg->loss.beta;
@@ -541,14 +532,13 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
         }
         sums[rejected ? MB_TOK_R : MB_TOK_C] += (double)seq[s].R;
     }
-views:
-    if (actp != act) free(actp);
-    if (offp != off) free(offp);
 out:
     free(seq);
     free(ls);
     free(dtok);
     free(logps);
+    free(actp);
+    free(offp);
     return rc;
 }
 
