@@ -48,7 +48,9 @@ typedef struct {
     int logging_first_step;
     unsigned long long seed;
     int shuffle; /* train_sampling_strategy: "random" (1) or "sequential" (0) */
+    int balance_batches;          /* global batch split over ranks by cost (dpoc/balance.h) */
     int shared_prefix;            /* a pair's prompt computed once for both completions */
+    int gradient_checkpointing;   /* per-layer recomputation in backward (dpoc_acts_mode RECOMPUTE) */
     int precompute_ref_log_probs; /* one reference pass before training, kept in output_dir/ref_logps.h5 */
 
     /* checkpoints */

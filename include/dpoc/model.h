@@ -95,6 +95,8 @@ typedef struct {
      * (Tp, Ta, Tb > 0, see there); after dpoc_model_forward, Tp = Ta = Tb = 0. */
     size_t Tp, Ta, Tb;
     dpoc_prof *prof; /* where the kernels' time goes (dpoc bench); NULL: not measured */
+    int recompute;   /* DPOC_ACTS_RECOMPUTE: layers share their inner arrays (see dpoc_acts_mode) */
+    float *recompute_out; /* (T,C) where a recomputed layer's output goes (recompute only) */
     float *block;      /* one allocation */
     dpoc_layer_acts *layers;
     float *x_out, *lnf, *rstdf; /* (T,C), (T,C), (T) */
@@ -108,7 +110,19 @@ typedef struct {
     uint8_t *is_top1;
 } dpoc_acts;
 
+/* How much of a sequence's activations forward keeps:
+ * KEEP: every layer's (backward reads them; the fastest).
+ * RECOMPUTE: each layer's input only, plus one set of inner arrays that every
+ *   layer's forward overwrites; backward recomputes a layer's forward from its
+ *   input just before its backward (TRL's gradient_checkpointing: about one
+ *   more forward of the layers, ~(C + 2) floats per token per layer instead of
+ *   ~(4C + 2QD + 2KD + 3F + nh + 2)). Also the layout for forward-only use. */
+typedef enum { DPOC_ACTS_KEEP, DPOC_ACTS_RECOMPUTE } dpoc_acts_mode;
+
+/* dpoc_acts_alloc_mode with DPOC_ACTS_KEEP. */
 int dpoc_acts_alloc(dpoc_acts *a, const dpoc_model_config *cfg, size_t max_T, dpoc_err *err);
+int dpoc_acts_alloc_mode(dpoc_acts *a, const dpoc_model_config *cfg, size_t max_T, dpoc_acts_mode mode,
+                         dpoc_err *err);
 void dpoc_acts_free(dpoc_acts *a);
 
 /* Scratch for backward, sized for max_T. */

@@ -81,6 +81,9 @@ typedef struct {
     int shared;         /* pairs run with their prompt computed once (shared_prefix, every pair allows it) */
     size_t act_T;       /* rows each activation set holds: max_T, or the longest pair when shared */
     size_t n_acts;      /* activation sets: one per sequence (2 * batch size), or one per pair when shared */
+    int balance;        /* split each global batch over the ranks by cost (dpoc/balance.h) */
+    double *bal_cost;   /* (ranks x batch size) scratch of the split */
+    size_t *bal_pairs, *bal_rank, *bal_order;
     dpoc_acts *acts;
     dpoc_acts ref_acts; /* reused for every reference forward */
     dpoc_grad_scratch scratch;

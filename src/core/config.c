@@ -279,6 +279,8 @@ static const key_def KEYS[] = {
     {"seed", K_LONG, OFF(seed), 0, 9e15, 0, 0, "random seed (data order)"},
     {"train_sampling_strategy", K_CUSTOM, 0, 0, 0, set_sampling, get_sampling,
      "random (shuffled every epoch) or sequential (file order)"},
+    {"balance_batches", K_BOOL, OFF(balance_batches), 0, 0, 0, 0,
+     "MPI: split each global batch over the ranks by cost (same pairs per rank; not for aot, sft, WPO weighting)"},
     {"shared_prefix", K_BOOL, OFF(shared_prefix), 0, 0, 0, 0,
      "dpoc: compute each pair's prompt once, both completions attend to it (equal results within 1e-5; "
      "used when every pair keeps its whole prompt)"},
@@ -300,7 +302,8 @@ static const key_def KEYS[] = {
     /* accepted for portability of TRL configs; they do not change dpoc's numbers */
     {"report_to", K_CUSTOM, 0, 0, 0, set_ignored, 0, "accepted and ignored"},
     {"run_name", K_CUSTOM, 0, 0, 0, set_ignored, 0, "accepted and ignored"},
-    {"gradient_checkpointing", K_CUSTOM, 0, 0, 0, set_ignored, 0, "accepted; dpoc keeps activations"},
+    {"gradient_checkpointing", K_BOOL, OFF(gradient_checkpointing), 0, 0, 0, 0,
+     "keep only each layer's input; recompute a layer's forward in backward (less memory, ~1/3 more compute)"},
     {"use_cpu", K_CUSTOM, 0, 0, 0, set_ignored, 0, "accepted and ignored"},
     {"bf16", K_CUSTOM, 0, 0, 0, set_must_be_false, 0, "must be false"},
     {"fp16", K_CUSTOM, 0, 0, 0, set_must_be_false, 0, "must be false"},
@@ -338,6 +341,7 @@ void dpoc_config_defaults(dpoc_config *c) {
     c->seed = 42;
     c->shuffle = 1;
     c->shared_prefix = 1;
+    c->balance_batches = 1;
     c->replica_check_steps = 100;
     c->save_steps = 500;
     c->bucket_size_mb = 25.0;

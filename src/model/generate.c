@@ -374,7 +374,7 @@ int dpoc_completion_nll(const dpoc_model *m, const int32_t *prompt, size_t n_pro
             return dpoc_errf(err, DPOC_EINPUT, "token id %d is outside the vocabulary (%zu)", bad, m->cfg.vocab_size);
         }
     dpoc_acts a;
-    int rc = dpoc_acts_alloc(&a, &m->cfg, T, err);
+    int rc = dpoc_acts_alloc_mode(&a, &m->cfg, T, DPOC_ACTS_RECOMPUTE, err); /* forward only */
     if (!rc) {
         dpoc_model_forward(m, &a, tokens, T, n_prompt - 1, n_completion);
         double s = 0.0;

@@ -131,14 +131,25 @@ fail:
 /* ---- activations ---- */
 
 int dpoc_acts_alloc(dpoc_acts *a, const dpoc_model_config *cfg, size_t max_T, dpoc_err *err) {
+    return dpoc_acts_alloc_mode(a, cfg, max_T, DPOC_ACTS_KEEP, err);
+}
+
+int dpoc_acts_alloc_mode(dpoc_acts *a, const dpoc_model_config *cfg, size_t max_T, dpoc_acts_mode mode,
+                         dpoc_err *err) {
     memset(a, 0, sizeof *a);
     const size_t T = max_T, C = cfg->hidden_size, F = cfg->intermediate_size, L = cfg->n_layers;
     const size_t QD = cfg->n_heads * cfg->head_dim, KD = cfg->n_kv_heads * cfg->head_dim;
     const size_t chunk = cfg->vocab_size < LMHEAD_CHUNK ? cfg->vocab_size : LMHEAD_CHUNK;
-    const size_t per_layer = T * C * 4 + T * 2 + T * QD * 2 + T * KD * 2 + cfg->n_heads * T + T * F * 3;
+    /* everything a layer keeps for backward except its input x_in (T,C) */
+    const size_t inner = T * C * 3 + T * 2 + T * QD * 2 + T * KD * 2 + cfg->n_heads * T + T * F * 3;
+    const int recompute = mode == DPOC_ACTS_RECOMPUTE;
+    /* recompute: every layer keeps only x_in; one set of inner arrays is shared by
+     * all layers, plus a (T,C) sink for the recomputed layer's output */
+    const size_t layers_size = recompute ? T * C * L + inner + T * C : (T * C + inner) * L;
     const size_t tail = T * C * 3 + T + T * cfg->head_dim /* cos+sin */ + T * chunk + T * 5;
     a->max_T = max_T;
-    a->block = dpoc_malloc((per_layer * L + tail) * sizeof(float), "activations", err);
+    a->recompute = recompute;
+    a->block = dpoc_malloc((layers_size + tail) * sizeof(float), "activations", err);
     a->layers = dpoc_calloc(L, sizeof *a->layers, "activation table", err);
     a->labels = dpoc_malloc(T * sizeof(int32_t), "labels", err);
     a->tokens = dpoc_malloc(T * sizeof(int32_t), "token ids", err);
@@ -152,6 +163,7 @@ int dpoc_acts_alloc(dpoc_acts *a, const dpoc_model_config *cfg, size_t max_T, dp
     for (size_t l = 0; l < L; l++) {
         dpoc_layer_acts *la = &a->layers[l];
         TAKE(la->x_in, T * C);
+        if (recompute && l > 0) continue; /* takes layer 0's inner arrays below */
         TAKE(la->ln1, T * C);
         TAKE(la->rstd1, T);
         TAKE(la->q, T * QD);
@@ -166,6 +178,14 @@ int dpoc_acts_alloc(dpoc_acts *a, const dpoc_model_config *cfg, size_t max_T, dp
         TAKE(la->up, T * F);
         TAKE(la->act, T * F);
     }
+    if (recompute) {
+        for (size_t l = 1; l < L; l++) {
+            float *x_in = a->layers[l].x_in;
+            a->layers[l] = a->layers[0];
+            a->layers[l].x_in = x_in;
+        }
+        TAKE(a->recompute_out, T * C);
+    }
     TAKE(a->x_out, T * C);
     TAKE(a->lnf, T * C);
     TAKE(a->rstdf, T);
@@ -179,6 +199,7 @@ int dpoc_acts_alloc(dpoc_acts *a, const dpoc_model_config *cfg, size_t max_T, dp
     TAKE(a->mean_logit, T);
     TAKE(a->log_sum_sq_probs, T);
 #undef TAKE
+    assert((size_t)(p - a->block) == layers_size + tail);
     return 0;
 }
 
@@ -305,8 +326,6 @@ static void attention_rows_backward(const dpoc_acts *a, float *dq, float *dk, fl
 
 /* ---- forward / backward ---- */
 
-/* From the embedded rows in layers[0].x_in (T,C) to the final norm's lnf (T,C),
- * over a's layout (a->T, a->Tp.. and the rope tables set by the caller). */
 /* Adds the call's time to the activations' profile (dpoc bench) when one is attached. */
 #define TIMED(prof, kind, call)                          \
     do {                                                 \
@@ -315,36 +334,44 @@ static void attention_rows_backward(const dpoc_acts *a, float *dq, float *dk, fl
         dpoc_prof_add(prof, kind, t0_);                  \
     } while (0)
 
-static void forward_trunk(const dpoc_model *m, dpoc_acts *a) {
+/* Layer l from a->layers[l].x_in to x_next (T,C), keeping what its backward
+ * needs in a->layers[l] (over a's layout and rope tables). */
+static void layer_forward(const dpoc_model *m, dpoc_acts *a, size_t l, float *x_next) {
     const dpoc_model_config *cfg = &m->cfg;
     const size_t C = cfg->hidden_size, F = cfg->intermediate_size;
     const size_t nh = cfg->n_heads, nkv = cfg->n_kv_heads, hd = cfg->head_dim;
     const size_t QD = nh * hd, KD = nkv * hd;
     const size_t T = a->T;
     const float *W = m->params;
-    for (size_t l = 0; l < cfg->n_layers; l++) {
-        const dpoc_layer_offsets *o = &m->layers[l];
-        dpoc_layer_acts *la = &a->layers[l];
-        float *x_next = l + 1 < cfg->n_layers ? a->layers[l + 1].x_in : a->x_out;
-        // attention block: x_mid = x_in + o_proj(attn(rope(q), rope(k), v))
-        TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_forward(la->ln1, la->rstd1, la->x_in, W + o->attn_norm, T, C, cfg->rms_norm_eps));
-        TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->q, la->ln1, W + o->wq, PTR(W, o->bq), T, C, QD));
-        TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->k, la->ln1, W + o->wk, PTR(W, o->bk), T, C, KD));
-        TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->v, la->ln1, W + o->wv, PTR(W, o->bv), T, C, KD));
-        TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, la->q, nh, hd, 0));
-        TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, la->k, nkv, hd, 0));
-        TIMED(a->prof, DPOC_PROF_ATTENTION, attention_rows_forward(a, la->atty, la->att_lse, la->q, la->k, la->v, nh, nkv, hd));
-        TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->x_mid, la->atty, W + o->wo, NULL, T, QD, C));
-        TIMED(a->prof, DPOC_PROF_POINTWISE, add_inplace(la->x_mid, la->x_in, T * C));
-        // MLP block: x_next = x_mid + down(silu(gate(ln2)) * up(ln2))
-        TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_forward(la->ln2, la->rstd2, la->x_mid, W + o->mlp_norm, T, C, cfg->rms_norm_eps));
-        TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->gate, la->ln2, W + o->wgate, NULL, T, C, F));
-        TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->up, la->ln2, W + o->wup, NULL, T, C, F));
-        TIMED(a->prof, DPOC_PROF_POINTWISE, swiglu_forward(la->act, la->gate, la->up, T * F));
-        TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(x_next, la->act, W + o->wdown, NULL, T, F, C));
-        TIMED(a->prof, DPOC_PROF_POINTWISE, add_inplace(x_next, la->x_mid, T * C));
-    }
-    TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_forward(a->lnf, a->rstdf, a->x_out, W + m->off_final_norm, T, C, cfg->rms_norm_eps));
+    const dpoc_layer_offsets *o = &m->layers[l];
+    dpoc_layer_acts *la = &a->layers[l];
+    // attention block: x_mid = x_in + o_proj(attn(rope(q), rope(k), v))
+    TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_forward(la->ln1, la->rstd1, la->x_in, W + o->attn_norm, T, C, cfg->rms_norm_eps));
+    TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->q, la->ln1, W + o->wq, PTR(W, o->bq), T, C, QD));
+    TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->k, la->ln1, W + o->wk, PTR(W, o->bk), T, C, KD));
+    TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->v, la->ln1, W + o->wv, PTR(W, o->bv), T, C, KD));
+    TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, la->q, nh, hd, 0));
+    TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, la->k, nkv, hd, 0));
+    TIMED(a->prof, DPOC_PROF_ATTENTION, attention_rows_forward(a, la->atty, la->att_lse, la->q, la->k, la->v, nh, nkv, hd));
+    TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->x_mid, la->atty, W + o->wo, NULL, T, QD, C));
+    TIMED(a->prof, DPOC_PROF_POINTWISE, add_inplace(la->x_mid, la->x_in, T * C));
+    // MLP block: x_next = x_mid + down(silu(gate(ln2)) * up(ln2))
+    TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_forward(la->ln2, la->rstd2, la->x_mid, W + o->mlp_norm, T, C, cfg->rms_norm_eps));
+    TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->gate, la->ln2, W + o->wgate, NULL, T, C, F));
+    TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->up, la->ln2, W + o->wup, NULL, T, C, F));
+    TIMED(a->prof, DPOC_PROF_POINTWISE, swiglu_forward(la->act, la->gate, la->up, T * F));
+    TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(x_next, la->act, W + o->wdown, NULL, T, F, C));
+    TIMED(a->prof, DPOC_PROF_POINTWISE, add_inplace(x_next, la->x_mid, T * C));
+}
+
+/* From the embedded rows in layers[0].x_in (T,C) to the final norm's lnf (T,C),
+ * over a's layout (a->T, a->Tp.. and the rope tables set by the caller). */
+static void forward_trunk(const dpoc_model *m, dpoc_acts *a) {
+    const dpoc_model_config *cfg = &m->cfg;
+    for (size_t l = 0; l < cfg->n_layers; l++)
+        layer_forward(m, a, l, l + 1 < cfg->n_layers ? a->layers[l + 1].x_in : a->x_out);
+    TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_forward(a->lnf, a->rstdf, a->x_out, m->params + m->off_final_norm, a->T,
+                                                        cfg->hidden_size, cfg->rms_norm_eps));
 }
 
 void dpoc_model_forward(const dpoc_model *m, dpoc_acts *a, const int32_t *tokens, size_t T, size_t row0,
@@ -423,6 +450,9 @@ static void backward_trunk(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc
     for (size_t li = cfg->n_layers; li-- > 0;) {
         const dpoc_layer_offsets *o = &m->layers[li];
         dpoc_layer_acts *la = &a->layers[li];
+        /* gradient checkpointing: rebuild this layer's inner activations from its
+         * kept input (same kernels, same inputs: the same bits as the first time) */
+        if (a->recompute) layer_forward(m, a, li, a->recompute_out);
         // dx holds dLoss/d(layer output). MLP branch first; the residual passes dx through.
         memset(s->dact, 0, T * F * sizeof(float));
         TIMED(a->prof, DPOC_PROF_GEMM, matmul_backward(s->dact, G + o->wdown, NULL, s->dx, la->act, W + o->wdown, T, F, C));

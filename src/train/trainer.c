@@ -29,6 +29,7 @@
 
 #include "core/fileutil.h"
 #include "core/rng.h"
+#include "dpoc/balance.h"
 #include "dpoc/chat.h"
 #include "dpoc/flops.h"
 #include "dpoc/loss.h"
@@ -179,6 +180,30 @@ static double shared_forward_flops(const dpoc_model_config *c, size_t Tp, size_t
     return dpoc_flops_forward(c, rows, pairs, Ta + Tb);
 }
 
+/* Losses that look across the micro-batch (aot sorts it, sft averages over all
+ * of its chosen tokens, WPO weights are normalised over it) depend on which
+ * pairs share a rank's micro-batch: those keep TRL's contiguous split. */
+static int loss_is_per_pair(const dpoc_loss_cfg *l) {
+    if (l->use_weighting) return 0;
+    for (size_t i = 0; i < l->n_types; i++)
+        if (l->types[i] == DPOC_LOSS_AOT || l->types[i] == DPOC_LOSS_AOT_UNPAIRED || l->types[i] == DPOC_LOSS_SFT)
+            return 0;
+    return 1;
+}
+
+/* The forward FLOPs of a pair as the trainer runs it (dpoc/balance.h's cost);
+ * buf holds 2 * max_T ids. */
+static double pair_cost(const dpoc_trainer *t, size_t pair, int32_t *buf) {
+    const dpoc_config *cfg = &t->cfg;
+    dpoc_seq s[2];
+    for (int k = 0; k < 2; k++)
+        dpoc_dataset_collate(&t->data, pair, k, cfg->max_length, cfg->truncation_keep_end, buf + k * t->max_T, &s[k]);
+    if (t->shared) return shared_forward_flops(&t->policy.cfg, s[0].comp_start, s[0].R, s[1].R);
+    double f = 0.0;
+    for (int k = 0; k < 2; k++) f += dpoc_flops_forward(&t->policy.cfg, s[k].T, dpoc_flops_causal_pairs(s[k].T), s[k].R);
+    return f;
+}
+
 int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, dpoc_err *err) {
     memset(t, 0, sizeof *t);
     t->cfg = *cfg;
@@ -226,13 +251,28 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
     t->order = dpoc_malloc(t->data.n_pairs * sizeof(size_t), "data order", err);
     t->mb_pairs = dpoc_malloc(bs * sizeof(size_t), "micro-batch", err);
     t->step_sums = dpoc_calloc(ga * DPOC_MB_N, sizeof(double), "metric sums", err);
+    t->balance = cfg->balance_batches && world_of(t) > 1 && loss_is_per_pair(&cfg->loss);
+    if (t->balance) {
+        const size_t gb = bs * (size_t)world_of(t);
+        t->bal_cost = dpoc_malloc(gb * sizeof *t->bal_cost, "batch balancing", err);
+        t->bal_pairs = dpoc_malloc(gb * sizeof *t->bal_pairs, "batch balancing", err);
+        t->bal_rank = dpoc_malloc(gb * sizeof *t->bal_rank, "batch balancing", err);
+        t->bal_order = dpoc_malloc(gb * sizeof *t->bal_order, "batch balancing", err);
+        if (!t->bal_cost || !t->bal_pairs || !t->bal_rank || !t->bal_order) {
+            rc = DPOC_ENOMEM;
+            goto fail;
+        }
+    }
     if (!t->grads || !t->acts || !t->seq_buf || !t->tok_buf || !t->order || !t->mb_pairs || !t->step_sums) {
         rc = DPOC_ENOMEM;
         goto fail;
     }
     for (size_t s = 0; s < t->n_acts; s++)
-        if ((rc = dpoc_acts_alloc(&t->acts[s], &t->policy.cfg, t->act_T, err))) goto fail;
-    if ((rc = dpoc_acts_alloc(&t->ref_acts, &t->policy.cfg, t->act_T, err))) goto fail;
+        if ((rc = dpoc_acts_alloc_mode(&t->acts[s], &t->policy.cfg, t->act_T,
+                                       cfg->gradient_checkpointing ? DPOC_ACTS_RECOMPUTE : DPOC_ACTS_KEEP, err)))
+            goto fail;
+    /* the reference only runs forward: its layers need not keep anything */
+    if ((rc = dpoc_acts_alloc_mode(&t->ref_acts, &t->policy.cfg, t->act_T, DPOC_ACTS_RECOMPUTE, err))) goto fail;
     if ((rc = dpoc_grad_scratch_alloc(&t->scratch, &t->policy.cfg, t->act_T, err))) goto fail;
     if ((rc = init_optimizer(t, err))) goto fail;
     if ((rc = dpoc_grad_sync_init(&t->sync, dist, t->grads, t->policy.numel,
@@ -272,6 +312,10 @@ void dpoc_trainer_free(dpoc_trainer *t) {
     free(t->order);
     free(t->mb_pairs);
     free(t->step_sums);
+    free(t->bal_cost);
+    free(t->bal_pairs);
+    free(t->bal_rank);
+    free(t->bal_order);
     dpoc_dataset_free(&t->data);
     dpoc_tokenizer_free(t->tok);
     dpoc_model_free(&t->policy);
@@ -626,7 +670,18 @@ int dpoc_trainer_step(dpoc_trainer *t, dpoc_err *err) {
     memset(t->grads, 0, t->policy.numel * sizeof(float));
     for (size_t m = mb_first; m < mb_end; m++) {
         size_t B = 0;
-        for (size_t j = 0; j < bs; j++) {
+        if (t->balance) {
+            /* the global micro-batch (wrapped as accelerate's even_batches), split by cost */
+            const size_t gb = W * bs;
+            for (size_t k = 0; k < gb; k++) {
+                t->bal_pairs[k] = t->order[(m * W * bs + k) % N];
+                t->bal_cost[k] = pair_cost(t, t->bal_pairs[k], t->seq_buf);
+            }
+            dpoc_balance_ranks(t->bal_cost, gb, W, bs, t->bal_rank, t->bal_order);
+            for (size_t k = 0; k < gb; k++)
+                if (t->bal_rank[k] == r) t->mb_pairs[B++] = t->bal_pairs[k];
+        }
+        for (size_t j = 0; !t->balance && j < bs; j++) {
             size_t pos = (m * W + r) * bs + j;
             if (pos >= N) {
                 if (W == 1) break; /* HF: the last micro-batch is smaller */

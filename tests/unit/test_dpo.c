@@ -241,10 +241,11 @@ static void compare_with_safetensors(const dpoc_model *m, const float *block, co
 }
 
 /* The gradient of every parameter for the sigmoid loss on the first batch. */
-static void run_grads_with(const char *model, int shared) {
+static void run_grads_with(const char *model, int shared, int gc) {
     dpoc_config c;
     base_config(&c, model);
     c.shared_prefix = shared;
+    c.gradient_checkpointing = gc;
     dpoc_err err;
     dpoc_trainer t;
     if (dpoc_trainer_init(&t, &c, NULL, &err)) fail_msg("%s", err.msg);
@@ -332,7 +333,7 @@ static void root_relative(char *field) {
 }
 
 /* Three optimizer steps (accumulation 2, warm-up, clipping, truncation) through the library. */
-static void run_train3_with(const char *model, int shared) {
+static void run_train3_with(const char *model, int shared, int gc) {
     dpoc_config c;
     dpoc_config_defaults(&c);
     dpoc_err err;
@@ -345,6 +346,7 @@ static void run_train3_with(const char *model, int shared) {
     root_relative(c.train_file);
     snprintf(c.output_dir, sizeof c.output_dir, "%s", make_temp_dir());
     c.shared_prefix = shared;
+    c.gradient_checkpointing = gc;
     if (dpoc_config_finalize(&c, &err)) fail_msg("%s", err.msg);
     dpoc_trainer t;
     if (dpoc_trainer_init(&t, &c, NULL, &err)) fail_msg("%s", err.msg);
@@ -393,18 +395,22 @@ static void run_cli_train(const char *model) {
     compare_log_history(model, metrics);
 }
 
-/* the trainer's two paths: each pair's prompt computed once (the default), and not */
+/* the trainer's two paths: each pair's prompt computed once (the default), and
+ * not; and both with gradient checkpointing (layers recomputed in backward) */
 static void run_case_metrics(const char *model) {
     run_case_metrics_with(model, 1);
     run_case_metrics_with(model, 0);
 }
 static void run_grads(const char *model) {
-    run_grads_with(model, 1);
-    run_grads_with(model, 0);
+    run_grads_with(model, 1, 0);
+    run_grads_with(model, 0, 0);
+    run_grads_with(model, 1, 1);
+    run_grads_with(model, 0, 1);
 }
 static void run_train3(const char *model) {
-    run_train3_with(model, 1);
-    run_train3_with(model, 0);
+    run_train3_with(model, 1, 0);
+    run_train3_with(model, 0, 0);
+    run_train3_with(model, 1, 1);
 }
 
 #define PER_MODEL(fn)                                    \

@@ -28,7 +28,8 @@
  * The backward hook's calls must match the plain path's (the final norm, then
  * each layer's first offset, then 0) and every call's promise must hold:
  * grads[ready_from, numel) at the call equals the final block bit for bit.
- * Everything runs at each SIMD level this CPU supports. */
+ * Gradient checkpointing (DPOC_ACTS_RECOMPUTE) must give both paths' gradients
+ * bit for bit. Everything runs at each SIMD level this CPU supports. */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -309,6 +310,35 @@ static void check_pair(const dpoc_model *m, pair_shape ps, uint64_t seed) {
     assert_int_equal(a2.Tp, 0);
     snprintf(what, sizeof what, "plain logp after a shared forward %s", label);
     check_close(a2.logp, ref.v[0] + Ta, Tb, 0.0, what);
+
+    /* gradient checkpointing: with DPOC_ACTS_RECOMPUTE each layer's forward runs
+     * again in backward from its kept input, through the same kernels on the
+     * same inputs, so both paths must give the KEEP gradients bit for bit */
+    for (int shared = 0; shared < 2; shared++) {
+        dpoc_acts ar;
+        const size_t Tr = shared ? Tp + Ta + Tb : T1;
+        if (dpoc_acts_alloc_mode(&ar, &m->cfg, Tr, DPOC_ACTS_RECOMPUTE, &err)) fail_msg("%s", err.msg);
+        dpoc_grad_scratch *sr = shared ? &s2 : &s1;
+        float *gr = fzeros(N);
+        if (shared) {
+            dpoc_model_forward_shared(m, &ar, seq_c, Tp, seq_c + Tp, Ta, seq_r + Tp, Tb);
+            if (memcmp(ar.logp, got.v[0], R * sizeof(float)) != 0) fail_msg("recompute: shared logp differ %s", label);
+            dpoc_model_backward_shared(m, gr, &ar, sr, dlogp, NULL);
+        } else {
+            dpoc_model_forward(m, &ar, seq_c, Tp + Ta, Tp - 1, Ta);
+            if (memcmp(ar.logp, ref.v[0], Ta * sizeof(float)) != 0) fail_msg("recompute: plain logp differ %s", label);
+            dpoc_model_backward(m, gr, &ar, sr, seq_c, dlogp, NULL);
+            dpoc_model_forward(m, &ar, seq_r, Tp + Tb, Tp - 1, Tb);
+            dpoc_model_backward(m, gr, &ar, sr, seq_r, dlogp + Ta, NULL);
+        }
+        const float *want = shared ? g : g_ref;
+        for (size_t j = 0; j < N; j++)
+            if (memcmp(&gr[j], &want[j], sizeof(float)) != 0)
+                fail_msg("recompute (%s path) %s: gradient [%zu] = %.9g, keeping activations gives %.9g",
+                         shared ? "shared" : "plain", label, j, (double)gr[j], (double)want[j]);
+        free(gr);
+        dpoc_acts_free(&ar);
+    }
 
     hook_free(&hl), hook_free(&hl_ref);
     head_free(&ref), head_free(&got);
