@@ -501,12 +501,23 @@ def dpoc_config(a, data_file, work):
     }
 
 
-def run_dpoc(a, cfg_path, precompute, ranks, threads, log_path):
+# dpoc layouts: "RxT" = R ranks x T threads; "+gc" adds gradient_checkpointing (memory for compute)
+DPOC_LAYOUTS = ["1x2", "2x1", "1x2+gc"]
+
+
+def parse_layout(layout):
+    shape, _, opt = layout.partition("+")
+    ranks, threads = map(int, shape.split("x"))
+    return ranks, threads, opt == "gc"
+
+
+def run_dpoc(a, cfg_path, precompute, ranks, threads, log_path, gc=False):
     # The global batch stays a.batch * a.grad_accum pairs per step: two ranks take half of each micro-batch
     assert a.batch % ranks == 0, "--batch must be divisible by the number of ranks"
     args = ["bench", "--config", str(cfg_path), "--steps", str(a.steps), "--warmup", str(a.warmup), "--json",
             "--set", f"precompute_ref_log_probs={'true' if precompute else 'false'}",
-            "--set", f"num_threads={threads}", "--set", f"per_device_train_batch_size={a.batch // ranks}"]
+            "--set", f"num_threads={threads}", "--set", f"per_device_train_batch_size={a.batch // ranks}",
+            "--set", f"gradient_checkpointing={'true' if gc else 'false'}"]
     shutil.rmtree(json.loads(cfg_path.read_text())["output_dir"], ignore_errors=True)  # no cached ref log-probs
     t0 = time.perf_counter()
     p = subprocess.run(dpoc_cmd(a.dpoc, ranks, args), text=True, capture_output=True, env=mpi_env())
@@ -514,7 +525,7 @@ def run_dpoc(a, cfg_path, precompute, ranks, threads, log_path):
     if p.returncode != 0:
         raise RuntimeError(f"dpoc bench failed (exit {p.returncode}), see {log_path}")
     r = json.loads([l for l in p.stdout.splitlines() if l.startswith("{")][-1])
-    r.update(side="dpoc", ranks=ranks, threads=threads, process_wall_s=time.perf_counter() - t0,
+    r.update(side="dpoc", ranks=ranks, threads=threads, gc=gc, process_wall_s=time.perf_counter() - t0,
              timed_tokens=round(r["tokens_per_second"] * r["step_time_s"] * a.steps))
     r["peak_rss_bytes_rank0"] = r["peak_rss_bytes"]
     r["peak_rss_bytes"] = r["peak_rss_bytes_total"]  # per machine, like TRL's single process
@@ -577,6 +588,9 @@ def cmd_run(a):
     if not a.resume:
         res.data["runs"] = []
         res.save()
+    elif a.redo_dpoc:  # a new dpoc build against the TRL runs already measured
+        res.data["runs"] = [r for r in res.data["runs"] if r.get("side") != "dpoc"]
+        res.save()
 
     cfgs = {}
     for s in sets:
@@ -588,7 +602,7 @@ def cmd_run(a):
     # only adds recomputation, so it is the least likely to be TRL's fastest)
     grid = [(s, pre) for s in sets for pre in (False, True)]
     jobs = [(s, pre, side, lay) for s, pre in grid
-            for side, lay in (("trl", LOSS_REFERENCE_VARIANT), ("dpoc", "1x2"), ("dpoc", "2x1"))]
+            for side, lay in [("trl", LOSS_REFERENCE_VARIANT)] + [("dpoc", d) for d in DPOC_LAYOUTS]]
     for v in TRL_VARIANTS:
         if v[0] != LOSS_REFERENCE_VARIANT:
             jobs += [(s, pre, "trl", v[0]) for s, pre in grid]
@@ -609,8 +623,8 @@ def cmd_run(a):
         logp = logs / (key.replace("/", "_") + ".log")
         try:
             if side == "dpoc":
-                ranks, threads = map(int, variant.split("x"))
-                r = run_dpoc(a, cfgs[s], pre, ranks, threads, logp)
+                ranks, threads, gc = parse_layout(variant)
+                r = run_dpoc(a, cfgs[s], pre, ranks, threads, logp, gc)
             else:
                 bf16, gc = next((v[1], v[2]) for v in TRL_VARIANTS if v[0] == variant)
                 r = run_trl(a, Path(stats[s]["file"]), pre, variant, bf16, gc, logp, work)
@@ -654,7 +668,8 @@ def table(data, md_path):
                 rows.append([s, pre_s, f"TRL {best['layout']} ({best['threads']} thr)", f"{best['tokens_per_second']:.1f}",
                              mib(best["peak_rss_bytes"]), f"{ref['loss']:.6f} (fp32)" if ref else "-", "", "", ""])
             for r in sorted((r for r in sel if r["side"] == "dpoc"), key=lambda r: r["layout"]):
-                lay = f"dpoc {r['ranks']} rank{'s' if r['ranks'] > 1 else ''} x {r['threads']} thr"
+                lay = (f"dpoc {r['ranks']} rank{'s' if r['ranks'] > 1 else ''} x {r['threads']} thr"
+                       + (" +gc" if r.get("gc") else ""))
                 rows.append([s, pre_s, lay, f"{r['tokens_per_second']:.1f}", mib(r["peak_rss_bytes"]), f"{r['loss']:.6f}",
                              f"{r['tokens_per_second'] / best['tokens_per_second']:.2f}x" if best else "-",
                              f"{r['peak_rss_bytes'] / best['peak_rss_bytes']:.2f}" if best else "-",
@@ -765,6 +780,7 @@ def main():
     q.add_argument("--sets", default="", help="comma-separated subset of: " + ",".join(DATA_SETS))
     q.add_argument("--trl-variants", default="", help="comma-separated subset of: " + ",".join(v[0] for v in TRL_VARIANTS))
     q.add_argument("--resume", action="store_true", help="keep runs of results.json measured with the same settings")
+    q.add_argument("--redo-dpoc", action="store_true", help="with --resume: measure every dpoc layout again")
     q.add_argument("--deadline", default="", help="HH:MM (UTC): start no new run after it")
     q.add_argument("--no-machine", action="store_true", help="skip the sgemm peak measurements")
 
