@@ -88,12 +88,20 @@ typedef struct {
     float *x_in, *ln1, *rstd1, *q, *k, *v, *att_lse, *atty, *x_mid, *ln2, *rstd2, *gate, *up, *act;
 } dpoc_layer_acts;
 
+/* Where one preference pair sits in a pairs layout: its rows [row0, row0 + Tp +
+ * Ta + Tb - 2) and its head rows [head0, head0 + Ta + Tb), chosen first. */
+typedef struct {
+    size_t row0, Tp, Ta, Tb, head0;
+} dpoc_pair_span;
+
 typedef struct {
     size_t max_T;
     size_t T, row0, R; /* the current sequence: rows row0..row0+R-1 are scored */
-    /* After dpoc_model_forward_shared, the rows are one prompt and two completions
-     * (Tp, Ta, Tb > 0, see there); after dpoc_model_forward, Tp = Ta = Tb = 0. */
-    size_t Tp, Ta, Tb;
+    /* After dpoc_model_forward_pairs, the rows are n_pairs pairs of one prompt and
+     * two completions each (see there); after dpoc_model_forward, n_pairs = 0. */
+    size_t n_pairs;
+    dpoc_pair_span *pairs; /* (n_pairs), room for max_T */
+    size_t *head_src;      /* (R) the row of lnf each head row reads (pairs layout) */
     dpoc_prof *prof; /* where the kernels' time goes (dpoc bench); NULL: not measured */
     int recompute;   /* DPOC_ACTS_RECOMPUTE: layers share their inner arrays (see dpoc_acts_mode) */
     float *recompute_out; /* (T,C) where a recomputed layer's output goes (recompute only) */
@@ -180,6 +188,24 @@ void dpoc_model_backward(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_g
 void dpoc_model_forward_shared(const dpoc_model *m, dpoc_acts *a, const int32_t *prompt, size_t Tp,
                                const int32_t *chosen, size_t Ta, const int32_t *rejected, size_t Tb);
 
+/* The token ids of one pair for dpoc_model_forward_pairs. */
+typedef struct {
+    const int32_t *prompt;
+    size_t Tp;
+    const int32_t *chosen;
+    size_t Ta;
+    const int32_t *rejected;
+    size_t Tb;
+} dpoc_pair_tokens;
+
+/* n pairs at once, each as dpoc_model_forward_shared lays one out, one after the
+ * other (a->pairs[i]: pair i's rows and head rows): every row-wise op and GEMM
+ * runs once over all pairs' rows (taller matrices, each weight read once per
+ * micro-batch), attention and RoPE per pair. The head rows are pair 0's chosen,
+ * pair 0's rejected, pair 1's chosen, ... Requires the rows (sum of Tp + Ta +
+ * Tb - 2) and the head rows (sum of Ta + Tb) each <= a->max_T. */
+void dpoc_model_forward_pairs(const dpoc_model *m, dpoc_acts *a, const dpoc_pair_tokens *pairs, size_t n);
+
 /* Backward of the pair last forwarded into a by dpoc_model_forward_shared:
  * dlogp (Ta+Tb) = dLoss/dlogp of each head row, in a's order. Accumulates into
  * grads the sum of both unshared backwards (the prompt's rows receive the
@@ -187,5 +213,8 @@ void dpoc_model_forward_shared(const dpoc_model *m, dpoc_acts *a, const int32_t 
  * The hook is called as by dpoc_model_backward; hook may be NULL. */
 void dpoc_model_backward_shared(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_grad_scratch *s,
                                 const float *dlogp, const dpoc_backward_hook *hook);
+/* Backward of dpoc_model_forward_pairs (or _shared): dlogp (a->R) in a's head-row order. */
+void dpoc_model_backward_pairs(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_grad_scratch *s,
+                               const float *dlogp, const dpoc_backward_hook *hook);
 
 #endif

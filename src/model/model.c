@@ -154,7 +154,10 @@ int dpoc_acts_alloc_mode(dpoc_acts *a, const dpoc_model_config *cfg, size_t max_
     a->labels = dpoc_malloc(T * sizeof(int32_t), "labels", err);
     a->tokens = dpoc_malloc(T * sizeof(int32_t), "token ids", err);
     a->is_top1 = dpoc_malloc(T, "top-1 flags", err);
-    if (!a->block || !a->layers || !a->labels || !a->tokens || !a->is_top1) {
+    /* a pair has at least one row, so at most max_T pairs */
+    a->pairs = dpoc_malloc(T * sizeof *a->pairs, "pair table", err);
+    a->head_src = dpoc_malloc(T * sizeof *a->head_src, "head rows", err);
+    if (!a->block || !a->layers || !a->labels || !a->tokens || !a->is_top1 || !a->pairs || !a->head_src) {
         dpoc_acts_free(a);
         return DPOC_ENOMEM;
     }
@@ -209,6 +212,8 @@ void dpoc_acts_free(dpoc_acts *a) {
     free(a->labels);
     free(a->tokens);
     free(a->is_top1);
+    free(a->pairs);
+    free(a->head_src);
     memset(a, 0, sizeof *a);
 }
 
@@ -247,80 +252,94 @@ static void add_inplace(float *restrict y, const float *restrict x, size_t n) {
     for (size_t i = 0; i < n; i++) y[i] += x[i];
 }
 
-/* ---- the row layout: one causal sequence, or a shared prompt and two completions ----
+/* ---- the row layout: one causal sequence, or preference pairs with shared prompts ----
  *
  * Only RoPE and attention care which rows are which; every other op is
- * row-wise and runs on all T rows at once. In the shared layout (a->Tp > 0) the
- * rows are [prompt (Tp); chosen trunk (Ta-1); rejected trunk (Tb-1)]. */
+ * row-wise and runs on all T rows at once. In the pairs layout (a->n_pairs > 0)
+ * pair p's rows start at pairs[p].row0 and are [prompt (Tp); chosen trunk
+ * (Ta-1); rejected trunk (Tb-1)]; the pairs follow one another. */
 
 typedef struct {
     size_t row0, n; /* the branch's rows [row0, row0 + n) */
 } branch_rows;
 
-/* The two completions' rows of the shared layout. */
-static void shared_branches(const dpoc_acts *a, branch_rows br[2]) {
-    br[0] = (branch_rows){a->Tp, a->Ta - 1};
-    br[1] = (branch_rows){a->Tp + a->Ta - 1, a->Tb - 1};
+/* The two completions' rows of pair p. */
+static void pair_branches(const dpoc_pair_span *p, branch_rows br[2]) {
+    br[0] = (branch_rows){p->row0 + p->Tp, p->Ta - 1};
+    br[1] = (branch_rows){p->row0 + p->Tp + p->Ta - 1, p->Tb - 1};
 }
 
-/* RoPE (or its transpose) on x (T, nheads, hd): a completion's rows continue the
- * prompt's positions, so they start at table row Tp. */
+/* RoPE (or its transpose) on x (T, nheads, hd): a prompt's rows take positions
+ * 0..Tp-1 and a completion's rows continue them, from table row Tp. */
 static void rope_rows(const dpoc_acts *a, float *x, size_t nheads, size_t hd, int backward) {
     void (*rope)(float *, const float *, const float *, size_t, size_t, size_t) =
         backward ? rope_backward : rope_forward;
-    if (!a->Tp) {
+    if (!a->n_pairs) {
         rope(x, a->cos_t, a->sin_t, a->T, nheads, hd);
         return;
     }
     const size_t half = hd / 2, stride = nheads * hd;
-    rope(x, a->cos_t, a->sin_t, a->Tp, nheads, hd);
-    branch_rows br[2];
-    shared_branches(a, br);
-    for (int c = 0; c < 2; c++)
-        if (br[c].n)
-            rope(x + br[c].row0 * stride, a->cos_t + a->Tp * half, a->sin_t + a->Tp * half, br[c].n, nheads, hd);
+    for (size_t i = 0; i < a->n_pairs; i++) {
+        const dpoc_pair_span *p = &a->pairs[i];
+        rope(x + p->row0 * stride, a->cos_t, a->sin_t, p->Tp, nheads, hd);
+        branch_rows br[2];
+        pair_branches(p, br);
+        for (int c = 0; c < 2; c++)
+            if (br[c].n)
+                rope(x + br[c].row0 * stride, a->cos_t + p->Tp * half, a->sin_t + p->Tp * half, br[c].n, nheads, hd);
+    }
 }
 
 /* out (T, nh, hd), lse (nh * T, as (nh, rows) per part); q (T, nh, hd), k and v (T, nkv, hd).
- * Shared layout: the prompt is causal attention over its Tp rows (lse (nh, Tp)
- * at lse), each completion the prefix form over the prompt's K/V and its own
- * (lse (nh, n) at lse + nh * row0: the parts tile the (nh * T) array). */
+ * Pairs layout: each prompt is causal attention over its Tp rows (lse (nh, Tp)
+ * at lse + nh * row0), each completion the prefix form over its prompt's K/V and
+ * its own (lse (nh, n) at lse + nh * its row0: the parts tile the (nh * T) array). */
 static void attention_rows_forward(const dpoc_acts *a, float *out, float *lse, const float *q, const float *k,
                                    const float *v, size_t nh, size_t nkv, size_t hd) {
-    if (!a->Tp) {
+    if (!a->n_pairs) {
         attention_forward(out, lse, q, k, v, a->T, nh, nkv, hd);
         return;
     }
     const size_t QD = nh * hd, KD = nkv * hd;
-    attention_forward(out, lse, q, k, v, a->Tp, nh, nkv, hd);
-    branch_rows br[2];
-    shared_branches(a, br);
-    for (int c = 0; c < 2; c++) {
-        const size_t r0 = br[c].row0, n = br[c].n;
-        if (n)
-            attention_prefix_forward(out + r0 * QD, lse + nh * r0, q + r0 * QD, k, v, a->Tp, k + r0 * KD, v + r0 * KD,
-                                     n, nh, nkv, hd);
+    for (size_t i = 0; i < a->n_pairs; i++) {
+        const dpoc_pair_span *p = &a->pairs[i];
+        const size_t P = p->row0;
+        attention_forward(out + P * QD, lse + nh * P, q + P * QD, k + P * KD, v + P * KD, p->Tp, nh, nkv, hd);
+        branch_rows br[2];
+        pair_branches(p, br);
+        for (int c = 0; c < 2; c++) {
+            const size_t r0 = br[c].row0, n = br[c].n;
+            if (n)
+                attention_prefix_forward(out + r0 * QD, lse + nh * r0, q + r0 * QD, k + P * KD, v + P * KD, p->Tp,
+                                         k + r0 * KD, v + r0 * KD, n, nh, nkv, hd);
+        }
     }
 }
 
-/* dq (T, nh, hd), dk and dv (T, nkv, hd) += ...: the prompt's dk/dv rows
+/* dq (T, nh, hd), dk and dv (T, nkv, hd) += ...: a prompt's dk/dv rows
  * accumulate from its own rows and from both completions. */
 static void attention_rows_backward(const dpoc_acts *a, float *dq, float *dk, float *dv, const float *dout,
                                     const float *q, const float *k, const float *v, const float *out, const float *lse,
                                     size_t nh, size_t nkv, size_t hd) {
-    if (!a->Tp) {
+    if (!a->n_pairs) {
         attention_backward(dq, dk, dv, dout, q, k, v, out, lse, a->T, nh, nkv, hd);
         return;
     }
     const size_t QD = nh * hd, KD = nkv * hd;
-    attention_backward(dq, dk, dv, dout, q, k, v, out, lse, a->Tp, nh, nkv, hd);
-    branch_rows br[2];
-    shared_branches(a, br);
-    for (int c = 0; c < 2; c++) {
-        const size_t r0 = br[c].row0, n = br[c].n;
-        if (n)
-            attention_prefix_backward(dq + r0 * QD, dk, dv, dk + r0 * KD, dv + r0 * KD, dout + r0 * QD, q + r0 * QD, k,
-                                      v, a->Tp, k + r0 * KD, v + r0 * KD, out + r0 * QD, lse + nh * r0, n, nh, nkv, hd);
+    for (size_t i = 0; i < a->n_pairs; i++) {
+        const dpoc_pair_span *p = &a->pairs[i];
+        const size_t P = p->row0;
+        attention_backward(dq + P * QD, dk + P * KD, dv + P * KD, dout + P * QD, q + P * QD, k + P * KD, v + P * KD,
+                           out + P * QD, lse + nh * P, p->Tp, nh, nkv, hd);
+        branch_rows br[2];
+        pair_branches(p, br);
+        for (int c = 0; c < 2; c++) {
+            const size_t r0 = br[c].row0, n = br[c].n;
+            if (n)
+                attention_prefix_backward(dq + r0 * QD, dk + P * KD, dv + P * KD, dk + r0 * KD, dv + r0 * KD,
+                                          dout + r0 * QD, q + r0 * QD, k + P * KD, v + P * KD, p->Tp, k + r0 * KD,
+                                          v + r0 * KD, out + r0 * QD, lse + nh * r0, n, nh, nkv, hd);
+        }
     }
 }
 
@@ -365,7 +384,7 @@ static void layer_forward(const dpoc_model *m, dpoc_acts *a, size_t l, float *x_
 }
 
 /* From the embedded rows in layers[0].x_in (T,C) to the final norm's lnf (T,C),
- * over a's layout (a->T, a->Tp.. and the rope tables set by the caller). */
+ * over a's layout (a->T, a->pairs.. and the rope tables set by the caller). */
 static void forward_trunk(const dpoc_model *m, dpoc_acts *a) {
     const dpoc_model_config *cfg = &m->cfg;
     for (size_t l = 0; l < cfg->n_layers; l++)
@@ -382,7 +401,7 @@ void dpoc_model_forward(const dpoc_model *m, dpoc_acts *a, const int32_t *tokens
     a->T = T;
     a->row0 = row0;
     a->R = R;
-    a->Tp = a->Ta = a->Tb = 0;
+    a->n_pairs = 0;
     TIMED(a->prof, DPOC_PROF_POINTWISE, rope_tables(a->cos_t, a->sin_t, T, cfg->head_dim, cfg->rope_theta));
     TIMED(a->prof, DPOC_PROF_POINTWISE, embedding_forward(a->layers[0].x_in, tokens, W + m->off_wte, T, C));
     forward_trunk(m, a);
@@ -391,43 +410,53 @@ void dpoc_model_forward(const dpoc_model *m, dpoc_acts *a, const int32_t *tokens
     TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_forward(&out, a->lnf + row0 * C, W + m->off_lm_head, a->labels, R, C, V, a->logits_scratch));
 }
 
-/* Row of lnf (T,C) that head row r (of R = Ta + Tb, chosen first) reads in the
- * shared layout: a completion's first label is predicted from the last prompt
- * row, its later ones from its own rows. */
-static size_t shared_head_row(const dpoc_acts *a, size_t r) {
-    const size_t Tp = a->Tp, Ta = a->Ta;
-    if (r < Ta) return Tp - 1 + r;                     /* chosen: rows Tp-1 .. Tp+Ta-2 */
-    return r == Ta ? Tp - 1 : Tp + Ta - 1 + (r - Ta - 1); /* rejected: Tp-1, then its own rows */
+void dpoc_model_forward_pairs(const dpoc_model *m, dpoc_acts *a, const dpoc_pair_tokens *pairs, size_t n) {
+    const dpoc_model_config *cfg = &m->cfg;
+    const size_t C = cfg->hidden_size, V = cfg->vocab_size;
+    const float *W = m->params;
+    assert(n >= 1 && n <= a->max_T);
+    size_t T = 0, R = 0, max_pos = 0;
+    for (size_t i = 0; i < n; i++) {
+        const dpoc_pair_tokens *pt = &pairs[i];
+        assert(pt->Tp >= 1 && pt->Ta >= 1 && pt->Tb >= 1);
+        const size_t na = pt->Ta - 1, nb = pt->Tb - 1; /* rows of each completion (its last token is only a label) */
+        assert(T + pt->Tp + na + nb <= a->max_T && R + pt->Ta + pt->Tb <= a->max_T);
+        dpoc_pair_span *p = &a->pairs[i];
+        *p = (dpoc_pair_span){T, pt->Tp, pt->Ta, pt->Tb, R};
+        memcpy(a->tokens + T, pt->prompt, pt->Tp * sizeof *pt->prompt);
+        memcpy(a->tokens + T + pt->Tp, pt->chosen, na * sizeof *pt->chosen);
+        memcpy(a->tokens + T + pt->Tp + na, pt->rejected, nb * sizeof *pt->rejected);
+        memcpy(a->labels + R, pt->chosen, pt->Ta * sizeof *pt->chosen);
+        memcpy(a->labels + R + pt->Ta, pt->rejected, pt->Tb * sizeof *pt->rejected);
+        /* head rows: a completion's first label is predicted from the last
+         * prompt row, its later ones from its own rows */
+        const size_t last_prompt = T + pt->Tp - 1;
+        for (size_t r = 0; r < pt->Ta; r++) a->head_src[R + r] = last_prompt + r;
+        a->head_src[R + pt->Ta] = last_prompt;
+        for (size_t r = 1; r < pt->Tb; r++) a->head_src[R + pt->Ta + r] = last_prompt + na + r;
+        const size_t pos = pt->Tp + (na > nb ? na : nb);
+        if (pos > max_pos) max_pos = pos;
+        T += pt->Tp + na + nb;
+        R += pt->Ta + pt->Tb;
+    }
+    a->T = T;
+    a->row0 = 0;
+    a->R = R;
+    a->n_pairs = n;
+    /* positions 0 .. Tp + max(na, nb) - 1 of the longest pair: prompts', then completions' from Tp */
+    TIMED(a->prof, DPOC_PROF_POINTWISE, rope_tables(a->cos_t, a->sin_t, max_pos, cfg->head_dim, cfg->rope_theta));
+    TIMED(a->prof, DPOC_PROF_POINTWISE, embedding_forward(a->layers[0].x_in, a->tokens, W + m->off_wte, T, C));
+    forward_trunk(m, a);
+    /* every pair's completions in one head call: one pass over the (V,C) head weight */
+    for (size_t r = 0; r < R; r++) memcpy(a->head_in + r * C, a->lnf + a->head_src[r] * C, C * sizeof(float));
+    lmhead_out out = {a->logp, a->lse, a->entropy, a->mean_logit, a->log_sum_sq_probs, a->is_top1};
+    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_forward(&out, a->head_in, W + m->off_lm_head, a->labels, R, C, V, a->logits_scratch));
 }
 
 void dpoc_model_forward_shared(const dpoc_model *m, dpoc_acts *a, const int32_t *prompt, size_t Tp,
                                const int32_t *chosen, size_t Ta, const int32_t *rejected, size_t Tb) {
-    const dpoc_model_config *cfg = &m->cfg;
-    const size_t C = cfg->hidden_size, V = cfg->vocab_size;
-    const float *W = m->params;
-    assert(Tp >= 1 && Ta >= 1 && Tb >= 1);
-    const size_t na = Ta - 1, nb = Tb - 1; /* rows of each completion (its last token is only a label) */
-    const size_t T = Tp + na + nb, R = Ta + Tb;
-    assert(T <= a->max_T && R <= a->max_T);
-    a->T = T;
-    a->row0 = Tp - 1;
-    a->R = R;
-    a->Tp = Tp;
-    a->Ta = Ta;
-    a->Tb = Tb;
-    memcpy(a->tokens, prompt, Tp * sizeof *prompt);
-    memcpy(a->tokens + Tp, chosen, na * sizeof *chosen);
-    memcpy(a->tokens + Tp + na, rejected, nb * sizeof *rejected);
-    /* positions 0 .. Tp + max(na, nb) - 1: the prompt's, then each completion's from Tp */
-    TIMED(a->prof, DPOC_PROF_POINTWISE, rope_tables(a->cos_t, a->sin_t, Tp + (na > nb ? na : nb), cfg->head_dim, cfg->rope_theta));
-    TIMED(a->prof, DPOC_PROF_POINTWISE, embedding_forward(a->layers[0].x_in, a->tokens, W + m->off_wte, T, C));
-    forward_trunk(m, a);
-    /* both completions in one head call: one pass over the (V,C) head weight */
-    memcpy(a->labels, chosen, Ta * sizeof *chosen);
-    memcpy(a->labels + Ta, rejected, Tb * sizeof *rejected);
-    for (size_t r = 0; r < R; r++) memcpy(a->head_in + r * C, a->lnf + shared_head_row(a, r) * C, C * sizeof(float));
-    lmhead_out out = {a->logp, a->lse, a->entropy, a->mean_logit, a->log_sum_sq_probs, a->is_top1};
-    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_forward(&out, a->head_in, W + m->off_lm_head, a->labels, R, C, V, a->logits_scratch));
+    const dpoc_pair_tokens p = {prompt, Tp, chosen, Ta, rejected, Tb};
+    dpoc_model_forward_pairs(m, a, &p, 1);
 }
 
 /* From s->dln = dLoss/dlnf (T,C) back to the embedding: the final norm, the
@@ -488,26 +517,31 @@ static void backward_trunk(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc
 void dpoc_model_backward(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_grad_scratch *s,
                          const int32_t *tokens, const float *dlogp, const dpoc_backward_hook *hook) {
     const size_t C = m->cfg.hidden_size, V = m->cfg.vocab_size;
-    assert(a->Tp == 0); /* a shared forward needs dpoc_model_backward_shared */
+    assert(a->n_pairs == 0); /* a pairs forward needs dpoc_model_backward_pairs */
     memset(s->dln, 0, a->T * C * sizeof(float));
     TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_backward(s->dln + a->row0 * C, grads + m->off_lm_head, dlogp, a->lnf + a->row0 * C,
                     m->params + m->off_lm_head, a->labels, a->lse, a->R, C, V, a->logits_scratch));
     backward_trunk(m, grads, a, s, tokens, hook);
 }
 
-void dpoc_model_backward_shared(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_grad_scratch *s,
-                                const float *dlogp, const dpoc_backward_hook *hook) {
+void dpoc_model_backward_pairs(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_grad_scratch *s,
+                               const float *dlogp, const dpoc_backward_hook *hook) {
     const size_t C = m->cfg.hidden_size, V = m->cfg.vocab_size;
     const size_t T = a->T, R = a->R;
-    assert(a->Tp > 0 && T <= s->max_T && R <= s->max_T);
+    assert(a->n_pairs > 0 && T <= s->max_T && R <= s->max_T);
     /* dh (R,C) of the gathered head rows goes to dx, free until the final norm's
-     * backward; then it is scattered onto the rows of lnf it came from, where the
-     * last prompt row receives the first head row of both completions */
+     * backward; then it is scattered onto the rows of lnf it came from, where a
+     * pair's last prompt row receives the first head row of both completions */
     float *dh = s->dx;
     memset(dh, 0, R * C * sizeof(float));
     TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_backward(dh, grads + m->off_lm_head, dlogp, a->head_in, m->params + m->off_lm_head, a->labels, a->lse, R,
                     C, V, a->logits_scratch));
     memset(s->dln, 0, T * C * sizeof(float));
-    for (size_t r = 0; r < R; r++) add_inplace(s->dln + shared_head_row(a, r) * C, dh + r * C, C);
+    for (size_t r = 0; r < R; r++) add_inplace(s->dln + a->head_src[r] * C, dh + r * C, C);
     backward_trunk(m, grads, a, s, a->tokens, hook);
+}
+
+void dpoc_model_backward_shared(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_grad_scratch *s,
+                                const float *dlogp, const dpoc_backward_hook *hook) {
+    dpoc_model_backward_pairs(m, grads, a, s, dlogp, hook);
 }

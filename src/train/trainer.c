@@ -243,8 +243,9 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
     if (t->seq_buf) {
         size_t pair_T = 0;
         t->shared = cfg->shared_prefix && all_pairs_share_prompt(t, &pair_T);
-        t->act_T = t->shared ? pair_T : t->max_T;
-        t->n_acts = t->shared ? bs : n_seq;
+        /* shared: one activation set holds the whole micro-batch's pairs (GEMMs over all their rows) */
+        t->act_T = t->shared ? bs * pair_T : t->max_T;
+        t->n_acts = t->shared ? 1 : n_seq;
     }
     t->acts = dpoc_calloc(n_seq, sizeof *t->acts, "activation sets", err);
     t->tok_buf = dpoc_malloc(n_seq * t->max_T * sizeof(float), "token buffers", err);
@@ -467,8 +468,9 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
     /* where sequence s's head outputs are: acts[actp[s]] rows [offp[s], offp[s] + R) */
     size_t *actp = dpoc_malloc(2 * B * sizeof *actp, "sequence views", err);
     size_t *offp = dpoc_malloc(2 * B * sizeof *offp, "sequence views", err);
+    dpoc_pair_tokens *ptok = dpoc_malloc(B * sizeof *ptok, "pair views", err);
     int rc = 0;
-    if (!seq || !ls || !dtok || !logps || !actp || !offp) {
+    if (!seq || !ls || !dtok || !logps || !actp || !offp || !ptok) {
         rc = DPOC_ENOMEM;
         goto out;
     }
@@ -485,15 +487,19 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
     }
     const double ref_factor = t->ref_logps ? 0.0 : 1.0;
     if (t->shared) {
+        /* the whole micro-batch in one pairs layout; head rows pair by pair, chosen first */
+        size_t head = 0;
         for (size_t b = 0; b < B; b++) {
             const int32_t *c = t->seq_buf + b * t->max_T, *r = t->seq_buf + (B + b) * t->max_T;
             const size_t Tp = seq[b].comp_start, Ta = seq[b].R, Tb = seq[B + b].R;
             t->flops += shared_forward_flops(&t->policy.cfg, Tp, Ta, Tb) * (DPOC_FLOPS_TRAIN_FACTOR + ref_factor);
-            dpoc_model_forward_shared(&t->policy, &t->acts[b], c, Tp, c + Tp, Ta, r + Tp, Tb);
-            actp[b] = actp[B + b] = b;
-            offp[b] = 0, offp[B + b] = Ta;
-            t->progress_time = dpoc_now_s();
+            ptok[b] = (dpoc_pair_tokens){c, Tp, c + Tp, Ta, r + Tp, Tb};
+            actp[b] = actp[B + b] = 0;
+            offp[b] = head, offp[B + b] = head + Ta;
+            head += Ta + Tb;
         }
+        dpoc_model_forward_pairs(&t->policy, &t->acts[0], ptok, B);
+        t->progress_time = dpoc_now_s();
     } else {
         for (size_t s = 0; s < 2 * B; s++) {
             const double fwd =
@@ -514,11 +520,20 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
         ls[s].n_completion = seq[s].T - seq[s].comp_start;
         ls[s].policy_tok_logp = a->logp + offp[s];
         ls[s].log_sum_sq_probs = a->log_sum_sq_probs + offp[s];
-        /* dLoss/dlogp of a pair's two sequences side by side, as backward_shared takes them */
-        dtok[s] = t->tok_buf + (t->shared ? 2 * (s % B) * t->max_T + offp[s] : s * t->max_T);
+        /* dLoss/dlogp in the head-row order backward_pairs takes, or per sequence */
+        dtok[s] = t->tok_buf + (t->shared ? offp[s] : s * t->max_T);
         if (t->ref_logps) ls[s].ref_logp = t->ref_logps[2 * pairs[s % B] + (s >= B)];
     }
-    for (size_t b = 0; !t->ref_logps && b < B; b++) {
+    if (!t->ref_logps && t->shared) {
+        /* the reference over the same pairs layout, in one forward */
+        dpoc_model_forward_pairs(&t->ref, &t->ref_acts, ptok, B);
+        for (size_t b = 0; b < B; b++) {
+            const size_t Ta = seq[b].R, Tb = seq[B + b].R, common = Ta < Tb ? Ta : Tb;
+            ls[b].ref_logp = dpoc_ld_logp(t->ref_acts.logp + offp[b], Ta, common, &cfg->loss);
+            ls[B + b].ref_logp = dpoc_ld_logp(t->ref_acts.logp + offp[B + b], Tb, common, &cfg->loss);
+        }
+    }
+    for (size_t b = 0; !t->ref_logps && !t->shared && b < B; b++) {
         const int32_t *const ids[2] = {t->seq_buf + b * t->max_T, t->seq_buf + (B + b) * t->max_T};
         const dpoc_seq pair_seq[2] = {seq[b], seq[B + b]};
         double v[2];
@@ -536,11 +551,8 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
     const dpoc_backward_hook hook = {on_grads_ready, &sc};
     /* a gradient is final once the last sequence of the last micro-batch has passed its layer */
     if (t->shared) {
-        for (size_t b = 0; b < B; b++) {
-            const int last = sync_tail && b == B - 1;
-            dpoc_model_backward_shared(&t->policy, t->grads, &t->acts[b], &t->scratch, dtok[b], last ? &hook : NULL);
-            t->progress_time = dpoc_now_s();
-        }
+        dpoc_model_backward_pairs(&t->policy, t->grads, &t->acts[0], &t->scratch, t->tok_buf, sync_tail ? &hook : NULL);
+        t->progress_time = dpoc_now_s();
     } else {
         for (size_t s = 0; s < 2 * B; s++) {
             const int last = sync_tail && s == 2 * B - 1;
@@ -583,6 +595,7 @@ out:
     free(logps);
     free(actp);
     free(offp);
+    free(ptok);
     return rc;
 }
 

@@ -29,7 +29,8 @@
  * each layer's first offset, then 0) and every call's promise must hold:
  * grads[ready_from, numel) at the call equals the final block bit for bit.
  * Gradient checkpointing (DPOC_ACTS_RECOMPUTE) must give both paths' gradients
- * bit for bit. Everything runs at each SIMD level this CPU supports. */
+ * bit for bit. Several pairs packed into one layout (dpoc_model_forward_pairs)
+ * must equal the pairs one at a time, within TOL. Everything runs at each SIMD level this CPU supports. */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -307,7 +308,7 @@ static void check_pair(const dpoc_model *m, pair_shape ps, uint64_t seed) {
 
     /* the same acts serve a plain forward afterwards (the layout resets) */
     dpoc_model_forward(m, &a2, seq_r, Tp + Tb, Tp - 1, Tb);
-    assert_int_equal(a2.Tp, 0);
+    assert_int_equal(a2.n_pairs, 0);
     snprintf(what, sizeof what, "plain logp after a shared forward %s", label);
     check_close(a2.logp, ref.v[0] + Ta, Tb, 0.0, what);
 
@@ -360,10 +361,111 @@ static const pair_shape pairs[] = {
     {64, 65, 64}, /* tile-sized parts */
 };
 
+/* ---------------------------------------------------------------------- */
+/* several pairs in one pairs layout */
+
+/* dpoc_model_forward_pairs / backward_pairs on n pairs against one
+ * forward_shared + backward_shared per pair (gradients accumulated): head
+ * outputs in order, every tensor's gradient (TOL, as above: the same sums in
+ * another order), the hook's calls; and RECOMPUTE vs KEEP bit for bit. */
+static void check_packed(const dpoc_model *m, const pair_shape *shapes, size_t n, uint64_t seed) {
+    const size_t V = m->cfg.vocab_size, N = m->numel;
+    char what[256], label[64];
+    snprintf(label, sizeof label, "%s, %zu pairs packed", m->cfg.arch == DPOC_ARCH_QWEN2 ? "qwen2" : "llama", n);
+    rng_t rng = {seed};
+    dpoc_pair_tokens *pt = calloc(n, sizeof *pt);
+    int32_t **ids = calloc(n, sizeof *ids);
+    assert_true(pt && ids);
+    size_t rows = 0, R = 0, maxT = 0;
+    for (size_t i = 0; i < n; i++) {
+        const size_t Tp = shapes[i].Tp, Ta = shapes[i].Ta, Tb = shapes[i].Tb;
+        ids[i] = malloc((Tp + Ta + Tb) * sizeof(int32_t));
+        assert_non_null(ids[i]);
+        for (size_t t = 0; t < Tp + Ta + Tb; t++) ids[i][t] = (int32_t)(rng_next(&rng) % V);
+        pt[i] = (dpoc_pair_tokens){ids[i], Tp, ids[i] + Tp, Ta, ids[i] + Tp + Ta, Tb};
+        rows += Tp + Ta + Tb;
+        R += Ta + Tb;
+        if (Tp + Ta + Tb > maxT) maxT = Tp + Ta + Tb;
+    }
+    float *dlogp = fzeros(R);
+    for (size_t i = 0, r = 0; i < n; i++)
+        for (size_t k = 0; k < shapes[i].Ta + shapes[i].Tb; k++, r++)
+            dlogp[r] = (k < shapes[i].Ta ? -1.0f : 1.0f) * rng_uniform(&rng, 0.2f, 1.0f);
+    dpoc_err err;
+    /* one pair at a time */
+    dpoc_acts a1;
+    dpoc_grad_scratch s1;
+    if (dpoc_acts_alloc(&a1, &m->cfg, maxT, &err) || dpoc_grad_scratch_alloc(&s1, &m->cfg, maxT, &err))
+        fail_msg("%s", err.msg);
+    float *g_ref = fzeros(N);
+    head_rows ref;
+    head_alloc(&ref, R);
+    for (size_t i = 0, r = 0; i < n; i++) {
+        dpoc_model_forward_pairs(m, &a1, &pt[i], 1);
+        head_copy(&ref, r, &a1, a1.R);
+        dpoc_model_backward_pairs(m, g_ref, &a1, &s1, dlogp + r, NULL);
+        r += a1.R;
+    }
+    /* all at once, in both activation modes */
+    float *g_keep = NULL;
+    for (int mode = 0; mode < 2; mode++) {
+        dpoc_acts a2;
+        dpoc_grad_scratch s2;
+        if (dpoc_acts_alloc_mode(&a2, &m->cfg, rows, mode ? DPOC_ACTS_RECOMPUTE : DPOC_ACTS_KEEP, &err) ||
+            dpoc_grad_scratch_alloc(&s2, &m->cfg, rows, &err))
+            fail_msg("%s", err.msg);
+        float *g = fzeros(N);
+        hook_log hl = {.grads = g, .numel = N};
+        const dpoc_backward_hook hook = {hook_record, &hl};
+        dpoc_model_forward_pairs(m, &a2, pt, n);
+        assert_int_equal(a2.R, R);
+        assert_int_equal(a2.n_pairs, n);
+        head_rows got;
+        head_alloc(&got, R);
+        head_copy(&got, 0, &a2, R);
+        for (int i = 0; i < 5; i++) {
+            snprintf(what, sizeof what, "%s %s", head_names[i], label);
+            check_vs_plain(got.v[i], ref.v[i], R, what);
+        }
+        for (size_t r = 0; r < R; r++)
+            if (got.top1[r] != ref.top1[r]) fail_msg("is_top1 row %zu %s differs", r, label);
+        dpoc_model_backward_pairs(m, g, &a2, &s2, dlogp, &hook);
+        for (size_t i = 0; i < m->n_tensors; i++) {
+            const dpoc_param_info *p = &m->info[i];
+            snprintf(what, sizeof what, "d %s %s", p->name, label);
+            check_vs_plain(g + p->offset, g_ref + p->offset, p->numel, what);
+        }
+        assert_int_equal(hl.n, m->cfg.n_layers + 2);
+        for (size_t c = 0; c < hl.n; c++)
+            if (memcmp(hl.tail[c], g + hl.from[c], (N - hl.from[c]) * sizeof(float)) != 0)
+                fail_msg("%s: grads[%zu, %zu) changed after hook call %zu", label, hl.from[c], N, c);
+        if (mode == 0) {
+            g_keep = g;
+        } else {
+            if (memcmp(g, g_keep, N * sizeof(float)) != 0) fail_msg("%s: RECOMPUTE gradients differ from KEEP", label);
+            free(g);
+        }
+        hook_free(&hl);
+        head_free(&got);
+        dpoc_acts_free(&a2);
+        dpoc_grad_scratch_free(&s2);
+    }
+    free(g_keep), free(g_ref), free(dlogp);
+    head_free(&ref);
+    dpoc_acts_free(&a1);
+    dpoc_grad_scratch_free(&s1);
+    for (size_t i = 0; i < n; i++) free(ids[i]);
+    free(ids), free(pt);
+}
+
 static void run_pairs(const dpoc_model_config *cfg, uint64_t seed) {
     dpoc_model m;
     random_model(&m, cfg, seed);
     for (size_t i = 0; i < sizeof pairs / sizeof *pairs; i++) check_pair(&m, pairs[i], seed * 1000 + i);
+    /* packed: a few mixed shapes, 1-token parts and multi-tile pairs among them */
+    check_packed(&m, pairs, 4, seed * 1000 + 100);
+    check_packed(&m, pairs + 2, 5, seed * 1000 + 101);
+    check_packed(&m, pairs + 7, 3, seed * 1000 + 102);
     dpoc_model_free(&m);
 }
 
