@@ -106,7 +106,8 @@ void lmhead_backward(float *dh, float *dw, const float *dlogp, const float *h, c
                      const int32_t *labels, const float *lse, size_t R, size_t C, size_t V,
                      float *scratch);
 
-/* SIMD level of rmsnorm_*, rope_*, swiglu_*, attention_* and the AdamW step.
+/* SIMD level of rmsnorm_*, rope_*, swiglu_*, attention_*, the pointwise part of
+ * lmhead_* and the AdamW step.
  * The level is chosen once, at the first kernel call: the environment variable
  * DPOC_SIMD (scalar, avx2 or avx512) when set and supported, else the best the
  * CPU has (AVX-512 F/BW/DQ/VL, else AVX2+FMA, else the portable scalar code).

@@ -1,6 +1,6 @@
 /* Internal: the SIMD levels of the element-wise and attention kernels and the
- * one dispatch table that layers.h's rmsnorm/rope/swiglu/attention functions
- * and the AdamW step go through.
+ * one dispatch table that layers.h's rmsnorm/rope/swiglu/attention functions,
+ * the LM head's per-chunk pointwise loops and the AdamW step go through.
  *
  * Every kernel exists as a portable scalar twin (kernels_scalar.c: the plain
  * loops that define the semantics, the reference of the tests and the only
@@ -32,6 +32,18 @@ typedef struct {
     float eps;
 } dpoc_adamw_coeffs;
 
+/* The softmax statistics of one row of LM-head logits l (n), one vocabulary
+ * chunk of it (lmhead_forward in layers.c merges the chunks of a row). With
+ * e = exp(l - max), all relative to the chunk's own max so that no e overflows: */
+typedef struct {
+    float max;         /* largest logit; -inf when no logit is larger than -inf (NaN never counts) */
+    size_t argmax;     /* first index holding max (torch.argmax), 0 when max is -inf */
+    double sum_logits; /* sum l */
+    double sum_exp;    /* s = sum e */
+    double sum_exp_d;  /* a = sum e (l - max) */
+    double sum_exp_sq; /* q = sum e^2 */
+} dpoc_lmhead_chunk_stats;
+
 /* One level's kernels; the arguments are those of the same-named functions in
  * layers.h. adamw_update does, for i < n (torch.optim.AdamW, foreach=False):
  *   p *= decay; m += (g - m) * (1 - b1); v = v * b2 + (1 - b2) * g * g;
@@ -62,6 +74,11 @@ typedef struct {
                                       size_t nkv, size_t hd);
     void (*adamw_update)(float *params, const float *grads, float *m, float *v, size_t n,
                          const dpoc_adamw_coeffs *c);
+    /* The pointwise part of the LM head, one row of a vocabulary chunk l (n) at a
+     * time: its statistics (above), and, in the backward, l[j] = -g exp(l[j] - lse)
+     * in place (dlogits without the label's one-hot term). */
+    void (*lmhead_chunk_stats)(dpoc_lmhead_chunk_stats *st, const float *l, size_t n);
+    void (*lmhead_chunk_dlogits)(float *l, size_t n, float g, float lse);
 } dpoc_kernel_table;
 
 extern const dpoc_kernel_table dpoc_kernels_scalar;

@@ -6,7 +6,8 @@
  * (sizes not a multiple of 8) uses vmaskmov, which never touches the
  * masked-out memory but is slow as a store on AMD cores.
  *
- * Where the scalar twin accumulates in double (the RMSNorm sums) so do these;
+ * Where the scalar twin accumulates in double (the RMSNorm sums, the LM head's
+ * softmax statistics) so do these;
  * elsewhere they differ from it only by rounding: fused multiply-adds, another
  * summation order, and exp from exp8 below instead of libm's expf. */
 #include "model/kernels.h"
@@ -234,6 +235,77 @@ AVX2 static void adamw_update_avx2(float *restrict params, const float *restrict
     }
 }
 
+/* ---- LM head ---- */
+
+/* The bit mask of the lanes of an 8-wide step with `left` elements to go. */
+static inline unsigned lane_bits8(size_t left) { return left >= 8 ? 0xFFu : (1u << left) - 1u; }
+
+/* As lmhead_chunk_stats_avx512: the max (NaN skipped: max_ps returns its second
+ * operand, the accumulator, when the logit is NaN) and the double sum of the
+ * logits, a short scan for the first logit equal to the max (the index the
+ * twin's strict > keeps), then exp8 of l - max with s, a, q summed in double
+ * lanes (e d and e e are exact in double, so only the additions round). The
+ * tail's lanes read 0 and are cleared (d and e both 0) before they are summed. */
+/* The low and high 4 lanes of x widened to double. */
+AVX2 static inline __m256d lo_pd(__m256 x) { return _mm256_cvtps_pd(_mm256_castps256_ps128(x)); }
+AVX2 static inline __m256d hi_pd(__m256 x) { return _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)); }
+
+AVX2 static void lmhead_chunk_stats_avx2(dpoc_lmhead_chunk_stats *st, const float *restrict l, size_t n) {
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    __m256 mx = ninf;
+    __m256d ls0 = _mm256_setzero_pd(), ls1 = _mm256_setzero_pd();
+    for (size_t i = 0; i < n; i += 8) {
+        const size_t left = n - i;
+        const __m256 x = ld8(l + i, left); /* the tail's lanes read 0: nothing added to the sum */
+        ls0 = _mm256_add_pd(ls0, lo_pd(x));
+        ls1 = _mm256_add_pd(ls1, hi_pd(x));
+        mx = _mm256_max_ps(left < 8 ? _mm256_blendv_ps(ninf, x, _mm256_castsi256_ps(tail8(left))) : x, mx);
+    }
+    const float cmax = hmax8(mx);
+    const __m256 cm = _mm256_set1_ps(cmax);
+    size_t carg = 0;
+    if (cmax > -INFINITY) { /* else the twin never moves its index from 0 */
+        for (size_t i = 0; i < n; i += 8) {
+            const size_t left = n - i;
+            const unsigned hit =
+                (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(ld8(l + i, left), cm, _CMP_EQ_OQ)) & lane_bits8(left);
+            if (hit) {
+                carg = i + (size_t)__builtin_ctz(hit);
+                break;
+            }
+        }
+    }
+    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd(), a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+    __m256d q0 = _mm256_setzero_pd(), q1 = _mm256_setzero_pd();
+    for (size_t i = 0; i < n; i += 8) {
+        const size_t left = n - i;
+        __m256 d = _mm256_sub_ps(ld8(l + i, left), cm);
+        __m256 e = exp8(d);
+        if (left < 8) {
+            const __m256 keep = _mm256_castsi256_ps(tail8(left));
+            d = _mm256_and_ps(d, keep), e = _mm256_and_ps(e, keep);
+        }
+        const __m256d dlo = lo_pd(d), dhi = hi_pd(d), elo = lo_pd(e), ehi = hi_pd(e);
+        s0 = _mm256_add_pd(s0, elo), s1 = _mm256_add_pd(s1, ehi);
+        a0 = _mm256_fmadd_pd(elo, dlo, a0), a1 = _mm256_fmadd_pd(ehi, dhi, a1);
+        q0 = _mm256_fmadd_pd(elo, elo, q0), q1 = _mm256_fmadd_pd(ehi, ehi, q1);
+    }
+    *st = (dpoc_lmhead_chunk_stats){.max = cmax,
+                                    .argmax = carg,
+                                    .sum_logits = hsum4d(_mm256_add_pd(ls0, ls1)),
+                                    .sum_exp = hsum4d(_mm256_add_pd(s0, s1)),
+                                    .sum_exp_d = hsum4d(_mm256_add_pd(a0, a1)),
+                                    .sum_exp_sq = hsum4d(_mm256_add_pd(q0, q1))};
+}
+
+AVX2 static void lmhead_chunk_dlogits_avx2(float *restrict l, size_t n, float g, float lse) {
+    const __m256 ng = _mm256_set1_ps(-g), m = _mm256_set1_ps(lse);
+    for (size_t i = 0; i < n; i += 8) {
+        const size_t left = n - i;
+        st8(l + i, left, _mm256_mul_ps(ng, exp8(_mm256_sub_ps(ld8(l + i, left), m))));
+    }
+}
+
 /* ---- attention row operations (kernels_attention.c) ---- */
 
 AVX2 static float row_max_avx2(const float *x, size_t n) {
@@ -326,6 +398,8 @@ const dpoc_kernel_table dpoc_kernels_avx2 = {
     .attention_prefix_forward = attention_prefix_forward_avx2,
     .attention_prefix_backward = attention_prefix_backward_avx2,
     .adamw_update = adamw_update_avx2,
+    .lmhead_chunk_stats = lmhead_chunk_stats_avx2,
+    .lmhead_chunk_dlogits = lmhead_chunk_dlogits_avx2,
 };
 
 #endif /* __x86_64__ */

@@ -5,7 +5,8 @@
  * support it. Tails (sizes not a multiple of 16) use masked loads and stores,
  * which never touch the masked-out memory.
  *
- * Where the scalar twin accumulates in double (the RMSNorm sums) so do these;
+ * Where the scalar twin accumulates in double (the RMSNorm sums, the LM head's
+ * softmax statistics) so do these;
  * elsewhere they differ from it only by rounding: fused multiply-adds, another
  * summation order, and exp from exp16 below instead of libm's expf. */
 #include "model/kernels.h"
@@ -202,6 +203,75 @@ AVX512 static void adamw_update_avx512(float *restrict params, const float *rest
     }
 }
 
+/* ---- LM head ---- */
+
+/* Two passes over the row, as the scalar twin: the max (NaN skipped: max_ps
+ * returns its second operand, the accumulator, when the logit is NaN) and the
+ * double sum of the logits, then exp16 of l - max with s, a, q summed in double
+ * lanes (16 floats widened to two 8-lane halves; e d and e e are exact in
+ * double, so only the additions round, and only their order differs from the
+ * twin). The first maximal index is found by a third, short scan for the first
+ * logit equal to the max: that is the index the twin's strict > keeps. */
+/* The low and high 8 lanes of x widened to double. */
+AVX512 static inline __m512d lo_pd(__m512 x) { return _mm512_cvtps_pd(_mm512_castps512_ps256(x)); }
+AVX512 static inline __m512d hi_pd(__m512 x) { return _mm512_cvtps_pd(_mm512_extractf32x8_ps(x, 1)); }
+
+AVX512 static void lmhead_chunk_stats_avx512(dpoc_lmhead_chunk_stats *st, const float *restrict l, size_t n) {
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    __m512 mx = ninf;
+    __m512d ls0 = _mm512_setzero_pd(), ls1 = _mm512_setzero_pd();
+    for (size_t i = 0; i < n; i += 16) {
+        const __mmask16 mk = lanes16(n - i);
+        const __m512 x = _mm512_mask_loadu_ps(ninf, mk, l + i);
+        mx = _mm512_max_ps(x, mx);
+        ls0 = _mm512_mask_add_pd(ls0, (__mmask8)mk, ls0, lo_pd(x));
+        ls1 = _mm512_mask_add_pd(ls1, (__mmask8)(mk >> 8), ls1, hi_pd(x));
+    }
+    const float cmax = _mm512_reduce_max_ps(mx);
+    size_t carg = 0;
+    if (cmax > -INFINITY) { /* else the twin never moves its index from 0 */
+        const __m512 cm = _mm512_set1_ps(cmax);
+        for (size_t i = 0; i < n; i += 16) {
+            const __mmask16 mk = lanes16(n - i);
+            const __mmask16 hit = _mm512_mask_cmp_ps_mask(mk, _mm512_maskz_loadu_ps(mk, l + i), cm, _CMP_EQ_OQ);
+            if (hit) {
+                carg = i + (size_t)__builtin_ctz(hit);
+                break;
+            }
+        }
+    }
+    const __m512 cm = _mm512_set1_ps(cmax);
+    __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd(), a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd();
+    __m512d q0 = _mm512_setzero_pd(), q1 = _mm512_setzero_pd();
+    for (size_t i = 0; i < n; i += 16) {
+        const __mmask16 mk = lanes16(n - i);
+        const __mmask8 mlo = (__mmask8)mk, mhi = (__mmask8)(mk >> 8);
+        const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, l + i), cm);
+        const __m512 e = exp16(d);
+        const __m512d dlo = lo_pd(d), dhi = hi_pd(d), elo = lo_pd(e), ehi = hi_pd(e);
+        s0 = _mm512_mask_add_pd(s0, mlo, s0, elo);
+        s1 = _mm512_mask_add_pd(s1, mhi, s1, ehi);
+        a0 = _mm512_mask3_fmadd_pd(elo, dlo, a0, mlo);
+        a1 = _mm512_mask3_fmadd_pd(ehi, dhi, a1, mhi);
+        q0 = _mm512_mask3_fmadd_pd(elo, elo, q0, mlo);
+        q1 = _mm512_mask3_fmadd_pd(ehi, ehi, q1, mhi);
+    }
+    *st = (dpoc_lmhead_chunk_stats){.max = cmax,
+                                    .argmax = carg,
+                                    .sum_logits = _mm512_reduce_add_pd(_mm512_add_pd(ls0, ls1)),
+                                    .sum_exp = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1)),
+                                    .sum_exp_d = _mm512_reduce_add_pd(_mm512_add_pd(a0, a1)),
+                                    .sum_exp_sq = _mm512_reduce_add_pd(_mm512_add_pd(q0, q1))};
+}
+
+AVX512 static void lmhead_chunk_dlogits_avx512(float *restrict l, size_t n, float g, float lse) {
+    const __m512 ng = _mm512_set1_ps(-g), m = _mm512_set1_ps(lse);
+    for (size_t i = 0; i < n; i += 16) {
+        const __mmask16 mk = lanes16(n - i);
+        _mm512_mask_storeu_ps(l + i, mk, _mm512_mul_ps(ng, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, l + i), m))));
+    }
+}
+
 /* ---- attention row operations (kernels_attention.c) ---- */
 
 AVX512 static float row_max_avx512(const float *x, size_t n) {
@@ -299,6 +369,8 @@ const dpoc_kernel_table dpoc_kernels_avx512 = {
     .attention_prefix_forward = attention_prefix_forward_avx512,
     .attention_prefix_backward = attention_prefix_backward_avx512,
     .adamw_update = adamw_update_avx512,
+    .lmhead_chunk_stats = lmhead_chunk_stats_avx512,
+    .lmhead_chunk_dlogits = lmhead_chunk_dlogits_avx512,
 };
 
 #endif /* __x86_64__ */

@@ -282,6 +282,37 @@ static void adamw_update_scalar(float *restrict params, const float *restrict gr
     }
 }
 
+/* ------------------------------------------------------------------------ */
+/* LM head, the pointwise work on one row of a vocabulary chunk of logits */
+
+/* st = the statistics of l (n) (see kernels.h): a pass for the max, its first
+ * index and the sum, then a pass for the exponentials; e rounds to fp32, every
+ * sum accumulates in double (e d and e e are exact in double). */
+static void lmhead_chunk_stats_scalar(dpoc_lmhead_chunk_stats *st, const float *restrict l, size_t n) {
+    float cmax = -INFINITY;
+    size_t carg = 0;
+    double lsum = 0.0;
+    for (size_t j = 0; j < n; j++) {
+        if (l[j] > cmax) cmax = l[j], carg = j; /* strict: the first maximal index wins */
+        lsum += l[j];
+    }
+    double s = 0.0, a = 0.0, q = 0.0;
+    for (size_t j = 0; j < n; j++) {
+        const float d = l[j] - cmax;
+        const float e = expf(d);
+        s += e;
+        a += (double)e * (double)d;
+        q += (double)e * (double)e;
+    }
+    *st = (dpoc_lmhead_chunk_stats){
+        .max = cmax, .argmax = carg, .sum_logits = lsum, .sum_exp = s, .sum_exp_d = a, .sum_exp_sq = q};
+}
+
+/* l (n) in place: l = -g exp(l - lse), the softmax term of dlogits = g (onehot - p). */
+static void lmhead_chunk_dlogits_scalar(float *restrict l, size_t n, float g, float lse) {
+    for (size_t j = 0; j < n; j++) l[j] = -g * expf(l[j] - lse);
+}
+
 const dpoc_kernel_table dpoc_kernels_scalar = {
     .level = DPOC_SIMD_SCALAR,
     .rmsnorm_forward = rmsnorm_forward_scalar,
@@ -295,4 +326,6 @@ const dpoc_kernel_table dpoc_kernels_scalar = {
     .attention_prefix_forward = attention_prefix_forward_scalar,
     .attention_prefix_backward = attention_prefix_backward_scalar,
     .adamw_update = adamw_update_scalar,
+    .lmhead_chunk_stats = lmhead_chunk_stats_scalar,
+    .lmhead_chunk_dlogits = lmhead_chunk_dlogits_scalar,
 };

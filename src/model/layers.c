@@ -11,9 +11,10 @@
  *    the in-place RoPE;
  *  - the large products go through OpenBLAS cblas_sgemm; long reductions
  *    (RMS mean, softmax and logsumexp sums) accumulate in double and round once;
- *  - RMSNorm, RoPE, attention and SwiGLU are dispatched to a scalar, AVX2 or
- *    AVX-512 implementation chosen at run time (src/model/kernels*.c); this
- *    file keeps the embedding, the linear layers, the RoPE tables and the LM head.
+ *  - RMSNorm, RoPE, attention, SwiGLU and the LM head's per-chunk pointwise
+ *    work are dispatched to a scalar, AVX2 or AVX-512 implementation chosen at
+ *    run time (src/model/kernels*.c); this file keeps the embedding, the linear
+ *    layers, the RoPE tables and the LM head's chunking, sgemms and merging.
  * Callers guarantee the shape invariants (hd even, nh a multiple of nkv, token
  * ids and labels in [0, V)); they are checked with assert() in debug builds. */
 #include "dpoc/layers.h"
@@ -254,6 +255,7 @@ static void lmhead_merge(lmhead_row_state *st, float cmax, double s, double a, d
 void lmhead_forward_chunked(lmhead_out *o, const float *h, const float *w, const int32_t *labels, size_t R,
                             size_t C, size_t V, float *scratch, size_t chunk) {
     assert(chunk > 0 && V > 0 && C > 0);
+    const dpoc_kernel_table *kt = dpoc_kernels();
     lmhead_row_state st[LMHEAD_ROW_BLOCK];
     for (size_t r0 = 0; r0 < R; r0 += LMHEAD_ROW_BLOCK) {
         const size_t rb = min_size(LMHEAD_ROW_BLOCK, R - r0);
@@ -267,27 +269,14 @@ void lmhead_forward_chunked(lmhead_out *o, const float *h, const float *w, const
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_dim(rb), blas_dim(n), blas_dim(C), 1.0f,
                         h + r0 * C, blas_dim(C), w + v0 * C, blas_dim(C), 0.0f, scratch, blas_dim(n));
             for (size_t r = 0; r < rb; r++) {
-                const float *restrict l = scratch + r * n;
-                float cmax = -INFINITY;
-                size_t carg = 0;
-                double lsum = 0.0;
-                for (size_t j = 0; j < n; j++) {
-                    if (l[j] > cmax) cmax = l[j], carg = j; /* strict: the first maximal index wins */
-                    lsum += l[j];
-                }
-                double s = 0.0, a = 0.0, q = 0.0;
-                for (size_t j = 0; j < n; j++) {
-                    const float d = l[j] - cmax;
-                    const float e = expf(d);
-                    s += e;
-                    a += (double)e * (double)d;
-                    q += (double)e * (double)e;
-                }
+                const float *l = scratch + r * n;
+                dpoc_lmhead_chunk_stats cs;
+                kt->lmhead_chunk_stats(&cs, l, n);
                 lmhead_row_state *rs = &st[r];
                 /* chunks come in increasing index order: a later chunk takes the argmax only if strictly larger */
-                if (rs->sum_exp == 0.0 || cmax > rs->max) rs->argmax = v0 + carg;
-                rs->sum_logits += lsum;
-                lmhead_merge(rs, cmax, s, a, q);
+                if (rs->sum_exp == 0.0 || cs.max > rs->max) rs->argmax = v0 + cs.argmax;
+                rs->sum_logits += cs.sum_logits;
+                lmhead_merge(rs, cs.max, cs.sum_exp, cs.sum_exp_d, cs.sum_exp_sq);
                 const size_t label = (size_t)labels[r0 + r];
                 if (label >= v0 && label < v0 + n) rs->label_logit = l[label - v0];
             }
@@ -321,17 +310,18 @@ void lmhead_backward_chunked(float *dh, float *dw, const float *dlogp, const flo
                              float *scratch, size_t chunk) {
     assert(chunk > 0);
     if (R == 0 || C == 0 || (!dh && !dw)) return;
+    const dpoc_kernel_table *kt = dpoc_kernels();
     for (size_t v0 = 0; v0 < V; v0 += chunk) {
         const size_t n = min_size(chunk, V - v0);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_dim(R), blas_dim(n), blas_dim(C), 1.0f, h,
                     blas_dim(C), w + v0 * C, blas_dim(C), 0.0f, scratch, blas_dim(n));
         for (size_t r = 0; r < R; r++) {
-            float *restrict l = scratch + r * n;
+            float *l = scratch + r * n;
             const float g = dlogp[r], m = lse[r];
             const size_t label = (size_t)labels[r];
             const int has_label = label >= v0 && label < v0 + n;
             const float p_label = has_label ? expf(l[label - v0] - m) : 0.0f;
-            for (size_t j = 0; j < n; j++) l[j] = -g * expf(l[j] - m);
+            kt->lmhead_chunk_dlogits(l, n, g, m);
             if (has_label) l[label - v0] = g * (1.0f - p_label);
         }
         /* dh (R,C) += dlogits (R,n) @ w_chunk (n,C) */

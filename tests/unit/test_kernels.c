@@ -6,7 +6,10 @@
  * Every kernel runs at each SIMD level on fixed awkward shapes (sizes 1, a
  * vector width - 1, + 1, tails of every length, T = 1, more rows than one
  * attention tile) and on random shapes, from the same inputs as the scalar
- * twin, and must agree with it within the tolerances below. The attention
+ * twin, and must agree with it within the tolerances below. The LM head's
+ * per-chunk kernels are checked the same way (with ties for the argmax and
+ * logits whose exp underflows), then the whole head at each level against the
+ * head at the scalar level. The attention
  * after a prefix (a shared prompt) is checked the same way, and its scalar twin
  * bit for bit against the causal one on the concatenated sequence. A level this CPU
  * lacks is reported as skipped. Then: the dispatch (forcing a level, the
@@ -48,6 +51,32 @@
  * dS = P (dP - D) with P = 1 and dP = D), where both sides are rounding noise. */
 #define ATT_GRAD_FLOOR 0.1
 #define ATOL_TINY 1e-30    /* absolute floor for element-wise comparisons of ~0 */
+/* LM head, the statistics of one chunk row (lmhead_chunk_stats): the max and
+ * its first index are compared exactly (comparisons only, no rounding). The sum
+ * of the logits is a double sum of the same terms in another order: within
+ * n 2^-53 sum |l| (< 1e-12 sum |l| for the n <= 5000 here). For s = sum e,
+ * a = sum e d and q = sum e^2 (e = exp(d), d = l - max bit for bit the twin's):
+ * each e is within ~2 ulp of the twin's (SIMD exp vs libm's expf, both within
+ * 1 ulp), e d and e e are exact in double, and the terms of a sum all have one
+ * sign, so a sum's relative error is at most its terms' (~2.4e-7, ~4.8e-7 for
+ * e^2). Except where e is a denormal (d below about -87): there both exps carry
+ * an absolute error of up to 2^-149, which a term e d multiplies by |d| <= 104
+ * (exp is 0 below that). */
+#define TOL_LMHEAD_SUM_ORDER 1e-12       /* relative to sum |l|: the sum of the logits */
+#define TOL_LMHEAD_EXP_SUM 1e-6          /* relative: s, a, q */
+#define ATOL_LMHEAD_DENORMAL_TERM 1e-42  /* per term of a: > 104 * 2^-149 = 1.5e-43 */
+/* The whole LM head at a SIMD level against the head at the scalar level. The
+ * logits come from the same sgemm calls, bit for bit, so the outputs differ
+ * only by the statistics above: lse, logp, entropy and log sum p^2 are logs and
+ * quotients of s, a, q (an error of s by a factor 1 + x moves log s by x), the
+ * mean logit a double sum; all held to 1e-6 relative max-abs with a floor of 1
+ * (they are O(1) to O(log V), and an absolute 1e-6 where they are near 0).
+ * top-1 exactly (the argmax is exact). dh and dw are sgemm sums of dlogits each
+ * within ~2 ulp of the twin's: relative max-abs like the other gradients. The
+ * worst cases seen use a tenth of these or less, and a third for dw
+ * (DPOC_KERNELS_REPORT=1). */
+#define TOL_LMHEAD_HEAD 1e-6
+#define LMHEAD_LOG_FLOOR 1.0
 
 static int report; /* DPOC_KERNELS_REPORT set: print the largest errors */
 
@@ -569,6 +598,211 @@ static void test_adamw(void **state) {
 }
 
 /* ---------------------------------------------------------------------- */
+/* LM head: the per-chunk pointwise kernels, then the whole head */
+
+/* The head with an explicit vocabulary chunk width (src/model/layers.c). */
+void lmhead_forward_chunked(lmhead_out *o, const float *h, const float *w, const int32_t *labels, size_t R,
+                            size_t C, size_t V, float *scratch, size_t chunk);
+void lmhead_backward_chunked(float *dh, float *dw, const float *dlogp, const float *h, const float *w,
+                             const int32_t *labels, const float *lse, size_t R, size_t C, size_t V,
+                             float *scratch, size_t chunk);
+
+/* |got - want| <= tol, a NaN matching only a NaN. */
+static void check_close(double got, double want, double tol, const char *what, const char *field) {
+    const double d = fabs(got - want);
+    if (isnan(want) ? !isnan(got) : !(d <= tol))
+        fail_msg("%s: %s is %.17g, scalar twin %.17g (difference %.3g > %.3g)", what, field, got, want, d, tol);
+    if (report && !isnan(want))
+        print_message("  %-44s %-10s worst %.3g (tol %.3g)\n", what, field, d, tol);
+}
+
+static void check_lmhead_stats(const dpoc_kernel_table *kt, const float *l, size_t n, const char *label) {
+    char what[96];
+    snprintf(what, sizeof what, "lmhead stats %s n=%zu", label, n);
+    dpoc_lmhead_chunk_stats got, want;
+    kt->lmhead_chunk_stats(&got, l, n);
+    scalar->lmhead_chunk_stats(&want, l, n);
+    if (!(got.max == want.max)) fail_msg("%s: max %.9g, scalar twin %.9g", what, got.max, want.max);
+    if (got.argmax != want.argmax) fail_msg("%s: argmax %zu, scalar twin %zu", what, got.argmax, want.argmax);
+    double mag = 0.0;
+    for (size_t j = 0; j < n; j++)
+        if (!isnan(l[j])) mag += fabs((double)l[j]);
+    check_close(got.sum_logits, want.sum_logits, TOL_LMHEAD_SUM_ORDER * mag, what, "sum l");
+    check_close(got.sum_exp, want.sum_exp, TOL_LMHEAD_EXP_SUM * fabs(want.sum_exp), what, "s");
+    check_close(got.sum_exp_d, want.sum_exp_d,
+                TOL_LMHEAD_EXP_SUM * fabs(want.sum_exp_d) + (double)n * ATOL_LMHEAD_DENORMAL_TERM, what, "a");
+    check_close(got.sum_exp_sq, want.sum_exp_sq, TOL_LMHEAD_EXP_SUM * fabs(want.sum_exp_sq), what, "q");
+}
+
+/* Guard floats after the row: the masked tails must not write past n. */
+#define LMHEAD_GUARD 17
+#define GUARD_VALUE 7.5f
+
+static void check_lmhead_dlogits(const dpoc_kernel_table *kt, const float *l, size_t n, float g, float lse,
+                                 const char *label) {
+    char what[96];
+    float *got = malloc((n + LMHEAD_GUARD) * sizeof *got), *want = malloc((n + LMHEAD_GUARD) * sizeof *want);
+    assert_true(got && want);
+    memcpy(got, l, n * sizeof *l);
+    memcpy(want, l, n * sizeof *l);
+    for (size_t i = n; i < n + LMHEAD_GUARD; i++) got[i] = want[i] = GUARD_VALUE;
+    kt->lmhead_chunk_dlogits(got, n, g, lse);
+    scalar->lmhead_chunk_dlogits(want, n, g, lse);
+    snprintf(what, sizeof what, "lmhead dlogits %s n=%zu g=%.3g", label, n, g);
+    check_elem(got, want, n, TOL_EXP_ELEM, what);
+    snprintf(what, sizeof what, "lmhead dlogits guard %s n=%zu", label, n);
+    check_same(got + n, want + n, LMHEAD_GUARD, what);
+    free(got), free(want);
+}
+
+/* logsumexp in double, rounded to fp32 as lmhead_forward stores it */
+static float logsumexp(const float *l, size_t n) {
+    double m = -INFINITY, s = 0.0;
+    for (size_t j = 0; j < n; j++)
+        if (l[j] > m) m = l[j];
+    for (size_t j = 0; j < n; j++) s += exp((double)l[j] - m);
+    return (float)(m + log(s));
+}
+
+/* A row's two kernels: the statistics, and dlogits around its logsumexp, around
+ * a value 90 above it (every exp a denormal or 0) and with g = 0. */
+static void check_lmhead_row(const dpoc_kernel_table *kt, const float *l, size_t n, rng_t *rng, const char *label) {
+    check_lmhead_stats(kt, l, n, label);
+    const float g = rng_uniform(rng, -2, 2);
+    check_lmhead_dlogits(kt, l, n, g, logsumexp(l, n), label);
+    check_lmhead_dlogits(kt, l, n, g, logsumexp(l, n) + 90.0f, label);
+    check_lmhead_dlogits(kt, l, n, 0.0f, logsumexp(l, n), label);
+}
+
+#define LMHEAD_TIE 25.0f /* above every random logit below */
+
+static void test_lmhead_chunk(void **state) {
+    const dpoc_kernel_table *kt = level_table(state);
+    rng_t rng = {109};
+    /* below, at and above the vector widths, tails of many lengths, a whole LMHEAD_CHUNK */
+    static const size_t ns[] = {1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 100, 1000, 4095, LMHEAD_CHUNK, 4097};
+    for (size_t k = 0; k < sizeof ns / sizeof *ns; k++) {
+        const size_t n = ns[k];
+        float *l = frand(&rng, n, -20, 20), *t = fcopy(l, n);
+        check_lmhead_row(kt, l, n, &rng, "random");
+        /* ties: the max at 1 to 4 random positions, the first of them must win */
+        for (int rep = 0; rep < 4; rep++) {
+            memcpy(t, l, n * sizeof *l);
+            const size_t ties = rng_size(&rng, 1, 4);
+            for (size_t i = 0; i < ties; i++) t[rng_size(&rng, 0, n - 1)] = LMHEAD_TIE;
+            check_lmhead_row(kt, t, n, &rng, "ties");
+        }
+        /* the max only in the last lanes (the tail of a SIMD step), and at
+         * lanes 0 of two consecutive steps */
+        memcpy(t, l, n * sizeof *l);
+        t[n - 1] = LMHEAD_TIE;
+        if (n > 1) t[n - 2] = LMHEAD_TIE;
+        check_lmhead_row(kt, t, n, &rng, "ties at the end");
+        memcpy(t, l, n * sizeof *l);
+        for (size_t i = 16; i < n && i <= 32; i += 8) t[i] = LMHEAD_TIE;
+        check_lmhead_row(kt, t, n, &rng, "ties across steps");
+        /* every logit equal: index 0 */
+        for (size_t i = 0; i < n; i++) t[i] = -3.25f;
+        check_lmhead_row(kt, t, n, &rng, "all equal");
+        /* signed zeros as the max: the first zero wins, whatever its sign */
+        for (size_t i = 0; i < n; i++) t[i] = -fabsf(l[i]) - 1.0f;
+        t[n / 2] = -0.0f;
+        t[n - 1] = 0.0f;
+        check_lmhead_row(kt, t, n, &rng, "signed zeros");
+        /* very negative logits: exp(l - max) underflows to denormals and 0 */
+        for (size_t i = 0; i < n; i++) t[i] = rng_uniform(&rng, -200, -80);
+        t[rng_size(&rng, 0, n - 1)] = 0.0f;
+        check_lmhead_row(kt, t, n, &rng, "very negative");
+        for (size_t i = 0; i < n; i++) t[i] = rng_uniform(&rng, -1e4f, -60);
+        t[n - 1] = rng_uniform(&rng, -5, 5);
+        check_lmhead_row(kt, t, n, &rng, "very negative 2");
+        /* a NaN logit never counts as the max (the twin's > is false); the sums are NaN */
+        memcpy(t, l, n * sizeof *l);
+        t[rng_size(&rng, 0, n - 1)] = NAN;
+        check_lmhead_stats(kt, t, n, "a NaN");
+        free(l), free(t);
+    }
+    for (int r = 0; r < 30; r++) {
+        const size_t n = rng_size(&rng, 1, 5000);
+        const float range = rng_uniform(&rng, 0.1f, 60.0f);
+        float *l = frand(&rng, n, -range, range);
+        check_lmhead_row(kt, l, n, &rng, "random");
+        free(l);
+    }
+}
+
+/* The whole head, forward and backward, at the level of kt against the scalar
+ * level (lmhead_* dispatch through the active table, so each run forces its
+ * level). Row 0's hidden state points along its label's weight row, so that
+ * label is the top-1; `scale` grows the logits (a max that moves across chunks). */
+static void check_lmhead_head(const dpoc_kernel_table *kt, size_t R, size_t C, size_t V, size_t chunk, float scale,
+                              rng_t *rng) {
+    char what[128], shape[64];
+    snprintf(shape, sizeof shape, "R=%zu C=%zu V=%zu chunk=%zu x%g", R, C, V, chunk, scale);
+    dpoc_err err;
+    const dpoc_simd_level before = dpoc_kernels_level();
+    float *h = frand(rng, R * C, -scale, scale), *w = frand(rng, V * C, -1, 1);
+    int32_t *labels = malloc(R * sizeof *labels);
+    assert_non_null(labels);
+    for (size_t r = 0; r < R; r++) labels[r] = (int32_t)rng_size(rng, 0, V - 1);
+    for (size_t i = 0; i < C; i++) h[i] = 4.0f * w[(size_t)labels[0] * C + i];
+    float *scratch = malloc(R * (chunk < V ? chunk : V) * sizeof *scratch);
+    enum { NOUT = 5 };
+    float *outs[2][NOUT];
+    uint8_t *top1[2];
+    for (int k = 0; k < 2; k++) {
+        for (int i = 0; i < NOUT; i++) outs[k][i] = frand(rng, R, 7, 8); /* garbage: overwritten */
+        top1[k] = malloc(R);
+        assert_non_null(top1[k]);
+    }
+    assert_non_null(scratch);
+    static const char *const names[NOUT] = {"logp", "lse", "entropy", "mean_logit", "log_sum_sq_probs"};
+    const dpoc_simd_level levels[2] = {kt->level, DPOC_SIMD_SCALAR};
+    for (int k = 0; k < 2; k++) {
+        assert_int_equal(dpoc_kernels_force(levels[k], &err), 0);
+        lmhead_out o = {outs[k][0], outs[k][1], outs[k][2], outs[k][3], outs[k][4], top1[k]};
+        lmhead_forward_chunked(&o, h, w, labels, R, C, V, scratch, chunk);
+    }
+    for (int i = 0; i < NOUT; i++) {
+        snprintf(what, sizeof what, "lmhead %s %s", names[i], shape);
+        check_maxabs_floor(outs[0][i], outs[1][i], R, TOL_LMHEAD_HEAD, LMHEAD_LOG_FLOOR, what);
+    }
+    assert_memory_equal(top1[0], top1[1], R);
+    assert_int_equal(top1[1][0], 1);
+
+    /* backward from the scalar forward's lse, accumulating into nonzero gradients */
+    const float *lse = outs[1][1];
+    float *dlogp = frand(rng, R, -1, 1), *dh0 = frand(rng, R * C, -1, 1), *dw0 = frand(rng, V * C, -1, 1);
+    float *dh[2] = {fcopy(dh0, R * C), fcopy(dh0, R * C)}, *dw[2] = {fcopy(dw0, V * C), fcopy(dw0, V * C)};
+    for (int k = 0; k < 2; k++) {
+        assert_int_equal(dpoc_kernels_force(levels[k], &err), 0);
+        lmhead_backward_chunked(dh[k], dw[k], dlogp, h, w, labels, lse, R, C, V, scratch, chunk);
+        /* compare the increments, not increment + a large initial value */
+        for (size_t i = 0; i < R * C; i++) dh[k][i] -= dh0[i];
+        for (size_t i = 0; i < V * C; i++) dw[k][i] -= dw0[i];
+    }
+    snprintf(what, sizeof what, "lmhead dh %s", shape);
+    check_maxabs(dh[0], dh[1], R * C, TOL_LMHEAD_HEAD, what);
+    snprintf(what, sizeof what, "lmhead dw %s", shape);
+    check_maxabs(dw[0], dw[1], V * C, TOL_LMHEAD_HEAD, what);
+    assert_int_equal(dpoc_kernels_force(before, &err), 0);
+    for (int k = 0; k < 2; k++) {
+        for (int i = 0; i < NOUT; i++) free(outs[k][i]);
+        free(top1[k]), free(dh[k]), free(dw[k]);
+    }
+    free(h), free(w), free(labels), free(scratch), free(dlogp), free(dh0), free(dw0);
+}
+
+static void test_lmhead_head(void **state) {
+    const dpoc_kernel_table *kt = level_table(state);
+    rng_t rng = {110};
+    check_lmhead_head(kt, 5, 33, 1000, 256, 1.0f, &rng);   /* chunks of 256, 256, 256, 232 */
+    check_lmhead_head(kt, 5, 33, 1000, 256, 8.0f, &rng);   /* logits of +-50 */
+    check_lmhead_head(kt, 3, 17, 1001, 1001, 1.0f, &rng);  /* one chunk, an odd width */
+    check_lmhead_head(kt, 7, 64, 700, 100, 0.25f, &rng);   /* flat distributions */
+}
+
+/* ---------------------------------------------------------------------- */
 /* Dispatch */
 
 /* The public functions of layers.h run the forced level: bit for bit its table's result. */
@@ -675,7 +909,9 @@ int main(int argc, char **argv) {
         PER_LEVEL(test_attention, AVX2), PER_LEVEL(test_attention, AVX512),
         PER_LEVEL(test_attention_prefix, AVX2), PER_LEVEL(test_attention_prefix, AVX512),
         cmocka_unit_test(test_attention_prefix_is_causal_suffix), PER_LEVEL(test_adamw, AVX2),
-        PER_LEVEL(test_adamw, AVX512),   cmocka_unit_test(test_force),    cmocka_unit_test(test_parse),
+        PER_LEVEL(test_adamw, AVX512),   PER_LEVEL(test_lmhead_chunk, AVX2), PER_LEVEL(test_lmhead_chunk, AVX512),
+        PER_LEVEL(test_lmhead_head, AVX2), PER_LEVEL(test_lmhead_head, AVX512),
+        cmocka_unit_test(test_force),    cmocka_unit_test(test_parse),
         cmocka_unit_test(test_env),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
