@@ -29,12 +29,16 @@ typedef struct {
 int dpoc_adamw_init(dpoc_adamw *o, size_t n, const dpoc_config *c, size_t n_tensors, const size_t *offset,
                     const size_t *count, const int *decay, dpoc_err *err);
 void dpoc_adamw_free(dpoc_adamw *o);
-/* One step at learning rate lr: params -= ... using grads. */
-void dpoc_adamw_step(dpoc_adamw *o, float *params, const float *grads, double lr);
+/* One step at learning rate lr: params -= ... using grads * grad_scale (the
+ * clipping factor of dpoc_clip_coef, fused: the same floats as clipping the
+ * block in place first, without another pass over it). */
+void dpoc_adamw_step(dpoc_adamw *o, float *params, const float *grads, float grad_scale, double lr);
 
 /* L2 norm of the whole gradient block (accumulated in double). */
 double dpoc_grad_norm(const float *grads, size_t n);
-/* clip_grad_norm_: scales grads by min(1, max_norm / (norm + 1e-6)). */
+/* clip_grad_norm_'s factor: min(1, max_norm / (norm + 1e-6)) as a float (1: no clipping). */
+float dpoc_clip_coef(double norm, double max_norm);
+/* clip_grad_norm_: scales grads by dpoc_clip_coef in place. */
 void dpoc_clip_grads(float *grads, size_t n, double norm, double max_norm);
 
 /* Warm-up steps as transformers computes them for num_training_steps. */

@@ -23,6 +23,7 @@
 
 /* The per-step constants of one AdamW range (see dpoc_adamw_step). */
 typedef struct {
+    float grad_scale;   /* the gradient clipping factor (1: none), applied as g = grads[i] * grad_scale */
     float decay;        /* 1 - lr * weight_decay, or 1 for a range without decay */
     float one_minus_b1; /* 1 - beta1 */
     float b2;           /* beta2 */
@@ -45,7 +46,8 @@ typedef struct {
 } dpoc_lmhead_chunk_stats;
 
 /* One level's kernels; the arguments are those of the same-named functions in
- * layers.h. adamw_update does, for i < n (torch.optim.AdamW, foreach=False):
+ * layers.h. adamw_update does, for i < n (torch.optim.AdamW, foreach=False),
+ * with g = grads[i] * grad_scale (clip_grad_norm_'s in-place scaling, fused):
  *   p *= decay; m += (g - m) * (1 - b1); v = v * b2 + (1 - b2) * g * g;
  *   p -= step_size * m / (sqrt(v) / bc2_sqrt + eps) */
 typedef struct {
@@ -79,6 +81,8 @@ typedef struct {
      * in place (dlogits without the label's one-hot term). */
     void (*lmhead_chunk_stats)(dpoc_lmhead_chunk_stats *st, const float *l, size_t n);
     void (*lmhead_chunk_dlogits)(float *l, size_t n, float g, float lse);
+    /* sum of x[i]^2 in double (the gradient norm); the twin adds in index order */
+    double (*sum_squares)(const float *x, size_t n);
 } dpoc_kernel_table;
 
 extern const dpoc_kernel_table dpoc_kernels_scalar;

@@ -219,9 +219,10 @@ AVX2 static void adamw_update_avx2(float *restrict params, const float *restrict
     const __m256 decay = _mm256_set1_ps(c->decay), omb1 = _mm256_set1_ps(c->one_minus_b1);
     const __m256 b2 = _mm256_set1_ps(c->b2), omb2 = _mm256_set1_ps(c->one_minus_b2);
     const __m256 step = _mm256_set1_ps(c->step_size), bc2 = _mm256_set1_ps(c->bc2_sqrt), eps = _mm256_set1_ps(c->eps);
+    const __m256 gs = _mm256_set1_ps(c->grad_scale);
     for (size_t i = 0; i < n; i += 8) {
         const size_t left = n - i;
-        const __m256 g = ld8(grads + i, left);
+        const __m256 g = _mm256_mul_ps(ld8(grads + i, left), gs);
         __m256 p = _mm256_mul_ps(ld8(params + i, left), decay);
         __m256 mv = ld8(m + i, left);
         mv = _mm256_add_ps(mv, _mm256_mul_ps(_mm256_sub_ps(g, mv), omb1));
@@ -233,6 +234,24 @@ AVX2 static void adamw_update_avx2(float *restrict params, const float *restrict
         st8(m + i, left, mv);
         st8(v + i, left, vv);
     }
+}
+
+/* ---- gradient norm ---- */
+
+/* As sum_squares_avx512: four double accumulators, squares exact in double. */
+AVX2 static double sum_squares_avx2(const float *restrict x, size_t n) {
+    __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd(), a2 = _mm256_setzero_pd(), a3 = _mm256_setzero_pd();
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256 u = _mm256_loadu_ps(x + i), w = _mm256_loadu_ps(x + i + 8);
+        fma_pd8(u, u, &a0, &a1);
+        fma_pd8(w, w, &a2, &a3);
+    }
+    for (; i < n; i += 8) {
+        const __m256 u = ld8(x + i, n - i);
+        fma_pd8(u, u, &a0, &a1);
+    }
+    return hsum4d(_mm256_add_pd(_mm256_add_pd(a0, a1), _mm256_add_pd(a2, a3)));
 }
 
 /* ---- LM head ---- */
@@ -398,6 +417,7 @@ const dpoc_kernel_table dpoc_kernels_avx2 = {
     .attention_prefix_forward = attention_prefix_forward_avx2,
     .attention_prefix_backward = attention_prefix_backward_avx2,
     .adamw_update = adamw_update_avx2,
+    .sum_squares = sum_squares_avx2,
     .lmhead_chunk_stats = lmhead_chunk_stats_avx2,
     .lmhead_chunk_dlogits = lmhead_chunk_dlogits_avx2,
 };

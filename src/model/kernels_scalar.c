@@ -273,13 +273,20 @@ static void swiglu_backward_scalar(float *restrict dgate, float *restrict dup, c
 static void adamw_update_scalar(float *restrict params, const float *restrict grads, float *restrict m,
                                 float *restrict v, size_t n, const dpoc_adamw_coeffs *c) {
     for (size_t i = 0; i < n; i++) {
-        const float g = grads[i];
+        const float g = grads[i] * c->grad_scale;
         params[i] *= c->decay;
         m[i] += (g - m[i]) * c->one_minus_b1;
         v[i] = v[i] * c->b2 + c->one_minus_b2 * g * g;
         const float denom = sqrtf(v[i]) / c->bc2_sqrt + c->eps;
         params[i] -= c->step_size * m[i] / denom;
     }
+}
+
+/* sum of squares in double, in index order (each square is exact in double) */
+static double sum_squares_scalar(const float *restrict x, size_t n) {
+    double s = 0.0;
+    for (size_t i = 0; i < n; i++) s += (double)x[i] * (double)x[i];
+    return s;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -326,6 +333,7 @@ const dpoc_kernel_table dpoc_kernels_scalar = {
     .attention_prefix_forward = attention_prefix_forward_scalar,
     .attention_prefix_backward = attention_prefix_backward_scalar,
     .adamw_update = adamw_update_scalar,
+    .sum_squares = sum_squares_scalar,
     .lmhead_chunk_stats = lmhead_chunk_stats_scalar,
     .lmhead_chunk_dlogits = lmhead_chunk_dlogits_scalar,
 };

@@ -51,7 +51,8 @@ void dpoc_adamw_free(dpoc_adamw *o) {
     memset(o, 0, sizeof *o);
 }
 
-void dpoc_adamw_step(dpoc_adamw *o, float *restrict params, const float *restrict grads, double lr) {
+void dpoc_adamw_step(dpoc_adamw *o, float *restrict params, const float *restrict grads, float grad_scale,
+                     double lr) {
     o->step++;
     const float b1 = (float)o->beta1, b2 = (float)o->beta2;
     const double bc1 = 1.0 - pow(o->beta1, (double)o->step);
@@ -61,6 +62,7 @@ void dpoc_adamw_step(dpoc_adamw *o, float *restrict params, const float *restric
     const float step_size = (float)(lr / bc1);
     const float bc2_sqrt = (float)sqrt(bc2);
     dpoc_adamw_coeffs c = {
+        .grad_scale = grad_scale,
         .one_minus_b1 = 1.0f - b1,
         .b2 = b2,
         .one_minus_b2 = 1.0f - b2,
@@ -77,17 +79,17 @@ void dpoc_adamw_step(dpoc_adamw *o, float *restrict params, const float *restric
     }
 }
 
-double dpoc_grad_norm(const float *grads, size_t n) {
-    double s = 0.0;
-    for (size_t i = 0; i < n; i++) s += (double)grads[i] * (double)grads[i];
-    return sqrt(s);
+double dpoc_grad_norm(const float *grads, size_t n) { return sqrt(dpoc_kernels()->sum_squares(grads, n)); }
+
+float dpoc_clip_coef(double norm, double max_norm) {
+    if (!(max_norm > 0)) return 1.0f;
+    const double coef = max_norm / (norm + CLIP_NORM_EPS);
+    return coef >= 1.0 ? 1.0f : (float)coef;
 }
 
 void dpoc_clip_grads(float *grads, size_t n, double norm, double max_norm) {
-    if (!(max_norm > 0)) return;
-    double coef = max_norm / (norm + CLIP_NORM_EPS);
-    if (coef >= 1.0) return;
-    const float c = (float)coef;
+    const float c = dpoc_clip_coef(norm, max_norm);
+    if (c == 1.0f) return;
     for (size_t i = 0; i < n; i++) grads[i] *= c;
 }
 

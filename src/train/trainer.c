@@ -718,9 +718,9 @@ int dpoc_trainer_step(dpoc_trainer *t, dpoc_err *err) {
     if (!isfinite(grad_norm))
         return dpoc_errf(err, DPOC_EINPUT, "step %ld: the gradient norm is not finite", t->global_step + 1);
     t->last_grad_norm = grad_norm;
-    dpoc_clip_grads(t->grads, t->policy.numel, grad_norm, cfg->max_grad_norm);
+    const float clip = dpoc_clip_coef(grad_norm, cfg->max_grad_norm); /* applied inside the AdamW pass */
     const double lr = cfg->learning_rate * dpoc_lr_lambda(cfg, t->global_step, t->warmup_steps, t->total_steps);
-    dpoc_adamw_step(&t->opt, t->policy.params, t->grads, lr);
+    dpoc_adamw_step(&t->opt, t->policy.params, t->grads, clip, lr);
     dpoc_prof_add(t->prof, DPOC_PROF_OPTIMIZER, t_opt);
     t->global_step++;
     t->progress_time = dpoc_now_s();

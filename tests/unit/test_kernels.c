@@ -566,6 +566,7 @@ static void check_adamw(const dpoc_kernel_table *kt, size_t n, rng_t *rng) {
         if (n > 1) g[1] = 0.0f;
         const double lr = 1e-3, b1 = 0.9, b2 = 0.999;
         const dpoc_adamw_coeffs c = {
+            .grad_scale = step == 3 ? 0.37f : 1.0f, /* clipping on the last step */
             .decay = step == 2 ? 1.0f : (float)(1.0 - lr * 0.01),
             .one_minus_b1 = (float)(1.0 - b1),
             .b2 = (float)b2,
@@ -587,6 +588,23 @@ static void check_adamw(const dpoc_kernel_table *kt, size_t n, rng_t *rng) {
     snprintf(what, sizeof what, "adamw second moments n=%zu", n);
     check_elem(v, v_s, n, TOL_ELEM, what);
     free(p), free(m), free(v), free(p_s), free(m_s), free(v_s);
+}
+
+/* sum of squares in double: the squares are exact, only the order of the
+ * additions differs (relative error ~ n * 2^-53 at worst; 1e-12 leaves room) */
+static void test_sum_squares(void **state) {
+    const dpoc_kernel_table *kt = level_table(state);
+    rng_t rng = {106};
+    static const size_t ns[] = {0, 1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 1000, 4099, 100003};
+    for (size_t i = 0; i < sizeof ns / sizeof *ns + 10; i++) {
+        const size_t n = i < sizeof ns / sizeof *ns ? ns[i] : rng_size(&rng, 1, 20000);
+        float *x = frand(&rng, n ? n : 1, -3, 3);
+        if (n > 3) x[n - 1] = 1e-20f, x[n / 2] = 4e3f; /* magnitudes far apart */
+        const double got = kt->sum_squares(x, n), want = scalar->sum_squares(x, n);
+        if (!(fabs(got - want) <= 1e-12 * want))
+            fail_msg("sum_squares n=%zu: %.17g, scalar %.17g", n, got, want);
+        free(x);
+    }
 }
 
 static void test_adamw(void **state) {
@@ -909,7 +927,8 @@ int main(int argc, char **argv) {
         PER_LEVEL(test_attention, AVX2), PER_LEVEL(test_attention, AVX512),
         PER_LEVEL(test_attention_prefix, AVX2), PER_LEVEL(test_attention_prefix, AVX512),
         cmocka_unit_test(test_attention_prefix_is_causal_suffix), PER_LEVEL(test_adamw, AVX2),
-        PER_LEVEL(test_adamw, AVX512),   PER_LEVEL(test_lmhead_chunk, AVX2), PER_LEVEL(test_lmhead_chunk, AVX512),
+        PER_LEVEL(test_adamw, AVX512),   PER_LEVEL(test_sum_squares, AVX2), PER_LEVEL(test_sum_squares, AVX512),
+        PER_LEVEL(test_lmhead_chunk, AVX2), PER_LEVEL(test_lmhead_chunk, AVX512),
         PER_LEVEL(test_lmhead_head, AVX2), PER_LEVEL(test_lmhead_head, AVX512),
         cmocka_unit_test(test_force),    cmocka_unit_test(test_parse),
         cmocka_unit_test(test_env),

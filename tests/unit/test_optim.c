@@ -81,7 +81,7 @@ static void test_adamw_matches_torch(void **state) {
     for (size_t k = 0; k < steps; k++) {
         size_t m;
         float *g = to_floats(cJSON_GetArrayItem(cJSON_GetObjectItem(j, "grads"), (int)k), &m);
-        dpoc_adamw_step(&o, p, g, lrs[k]);
+        dpoc_adamw_step(&o, p, g, 1.0f, lrs[k]);
         float *want = to_floats(cJSON_GetArrayItem(cJSON_GetObjectItem(j, "params_after_each_step"), (int)k), &m);
         double e = rel_maxabs_err(p, want, n, 1e-12);
         if (e > TOL_PARAM) fail_msg("AdamW step %zu: relative max-abs error %.3g", k + 1, e);
@@ -94,8 +94,31 @@ static void test_adamw_matches_torch(void **state) {
     float *want = to_floats(cJSON_GetObjectItem(clip, "clipped"), &m);
     double norm = dpoc_grad_norm(g, m);
     assert_close(norm, cJSON_GetObjectItem(clip, "norm")->valuedouble, 1e-6, 0, "grad norm");
-    dpoc_clip_grads(g, m, norm, cJSON_GetObjectItem(clip, "max_norm")->valuedouble);
+    const double max_norm = cJSON_GetObjectItem(clip, "max_norm")->valuedouble;
+    float *g0 = malloc(m * sizeof *g0);
+    assert_non_null(g0);
+    memcpy(g0, g, m * sizeof *g0);
+    dpoc_clip_grads(g, m, norm, max_norm);
     assert_true(rel_maxabs_err(g, want, m, 1e-12) < 1e-6);
+    /* the trainer's fused form: AdamW scaling the unclipped block by dpoc_clip_coef
+     * gives the same bits as clipping in place, then a step with scale 1 */
+    const float coef = dpoc_clip_coef(norm, max_norm);
+    assert_true(coef < 1.0f);
+    dpoc_adamw a1, a2;
+    const size_t off0 = 0;
+    assert_int_equal(dpoc_adamw_init(&a1, m, &c, 1, &off0, &m, &decay, &err), 0);
+    assert_int_equal(dpoc_adamw_init(&a2, m, &c, 1, &off0, &m, &decay, &err), 0);
+    float *p1 = calloc(m, sizeof *p1), *p2 = calloc(m, sizeof *p2);
+    assert_true(p1 && p2);
+    for (size_t i = 0; i < m; i++) p1[i] = p2[i] = 0.5f - 0.01f * (float)i;
+    dpoc_adamw_step(&a1, p1, g, 1.0f, 1e-3);
+    dpoc_adamw_step(&a2, p2, g0, coef, 1e-3);
+    assert_memory_equal(p1, p2, m * sizeof *p1);
+    assert_memory_equal(a1.m, a2.m, m * sizeof *p1);
+    assert_memory_equal(a1.v, a2.v, m * sizeof *p1);
+    assert_true(dpoc_clip_coef(norm, 0.0) == 1.0f && dpoc_clip_coef(norm, 2.0 * norm + 1.0) == 1.0f);
+    dpoc_adamw_free(&a1), dpoc_adamw_free(&a2);
+    free(p1), free(p2), free(g0);
     free(g);
     free(want);
     free(lrs);
