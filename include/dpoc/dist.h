@@ -84,8 +84,9 @@ typedef struct {
 
 /* Collective over d's ranks (call it in the same order on every rank); d may be
  * NULL (one process). kind AUTO takes SHARED when every node runs the same number
- * (> 1) of ranks, else MPI; SHARED is an error naming grad_allreduce when that
- * does not hold (one rank in all is fine: nothing to average). */
+ * (> 1) of ranks and has room for its window in /dev/shm, else MPI (warning on
+ * rank 0 when only the room is missing); SHARED is an error naming grad_allreduce
+ * when that does not hold (one rank in all is fine: nothing to average). */
 int dpoc_grad_sync_init(dpoc_grad_sync *g, dpoc_dist *d, size_t n, size_t bucket_bytes, dpoc_allreduce_kind kind,
                         dpoc_err *err);
 /* How this object averages, for messages ("averaged in a node shared-memory window", ...). */

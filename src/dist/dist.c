@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 static double wtime(void) { return MPI_Wtime(); }
@@ -176,7 +177,30 @@ static int init_mpi_path(dpoc_grad_sync *g, size_t bucket_bytes, dpoc_err *err) 
     return g->grads ? 0 : DPOC_ENOMEM;
 }
 
-/* Collective over the node (window) and, on several nodes, the world (split). */
+/* Open MPI's osc/sm keeps shared windows in files in osc_sm_backing_directory:
+ * SHM_DIR by default on Linux, or what OMPI_MCA_osc_sm_backing_directory says
+ * (mpirun --mca sets it too). */
+#define SHM_DIR "/dev/shm"
+#define SHM_DIR_ENV "OMPI_MCA_osc_sm_backing_directory"
+/* room left beyond the segments: the window's control data, a little filesystem slack */
+#define SHM_SLACK_BYTES ((uint64_t)1 << 20)
+
+/* 1 when SHM_DIR cannot hold the node's window (local_size segments of bytes). Open
+ * MPI 4.1 reports a window that does not fit only on the rank that creates it,
+ * while the node's other ranks wait inside MPI_Win_allocate_shared, so the
+ * shortage must be known before: a container's /dev/shm is often 64 MB. */
+static int shm_too_small(const dpoc_dist *d, size_t bytes, const char *dir, uint64_t *avail, uint64_t *need) {
+    const long page = sysconf(_SC_PAGESIZE);
+    const uint64_t pg = page > 0 ? (uint64_t)page : 1;
+    *need = (uint64_t)d->local_size * ((bytes + pg - 1) / pg * pg) + SHM_SLACK_BYTES;
+    struct statvfs st;
+    if (statvfs(dir, &st) != 0) return 0; /* elsewhere (another directory, not Linux): just try */
+    *avail = (uint64_t)st.f_bavail * st.f_frsize;
+    return *avail < *need;
+}
+
+/* Collective over the node (window) and, on several nodes, the world (split). A
+ * failure here is an error: the caller ends the job (see shm_too_small). */
 static int init_shared_path(dpoc_grad_sync *g, dpoc_err *err) {
     dpoc_dist *d = g->dist;
     const size_t L = (size_t)d->local_size;
@@ -196,7 +220,8 @@ static int init_shared_path(dpoc_grad_sync *g, dpoc_err *err) {
     if (rc != MPI_SUCCESS) {
         g->win = MPI_WIN_NULL;
         rc = mpi_check(rc, "MPI_Win_allocate_shared", err);
-        dpoc_err_prefix(err, "grad_allreduce shared: a window of %zu bytes per rank", bytes);
+        dpoc_err_prefix(err, "grad_allreduce: a shared-memory window of %zu bytes per rank (use grad_allreduce mpi)",
+                        bytes);
         return rc;
     }
     MPI_Win_set_errhandler(g->win, MPI_ERRORS_RETURN);
@@ -239,21 +264,41 @@ int dpoc_grad_sync_init(dpoc_grad_sync *g, dpoc_dist *d, size_t n, size_t bucket
     }
     int shared = 0;
     if (kind != DPOC_ALLREDUCE_MPI) {
-        /* the shared path pairs local rank i of every node: all nodes need the same rank count */
-        int v[2] = {-d->local_size, d->local_size}; /* max of -x is -min */
-        DPOC_TRY(mpi_check(MPI_Allreduce(MPI_IN_PLACE, v, 2, MPI_INT, MPI_MAX, d->comm), "MPI_Allreduce", err));
-        const int lo = -v[0], hi = v[1];
-        shared = lo == hi && lo > 1;
+        /* the shared path pairs local rank i of every node: all nodes need the same rank
+         * count; and every node needs room for its window */
+        uint64_t avail = 0, need = 0;
+        const char *env_dir = getenv(SHM_DIR_ENV);
+        const char *dir = env_dir && *env_dir ? env_dir : SHM_DIR;
+        const int no_room = shm_too_small(d, (n ? n : 1) * sizeof(float), dir, &avail, &need);
+        int v[3] = {-d->local_size, d->local_size, no_room}; /* max of -x is -min */
+        DPOC_TRY(mpi_check(MPI_Allreduce(MPI_IN_PLACE, v, 3, MPI_INT, MPI_MAX, d->comm), "MPI_Allreduce", err));
+        const int lo = -v[0], hi = v[1], any_no_room = v[2];
+        shared = lo == hi && lo > 1 && !any_no_room;
         if (kind == DPOC_ALLREDUCE_SHARED && !shared) {
             if (lo != hi)
                 return dpoc_errf(err, DPOC_EINPUT,
                                  "config key 'grad_allreduce' is shared, but nodes run different numbers of ranks "
                                  "(%d to %d); use auto or mpi",
                                  lo, hi);
+            if (lo == 1)
+                return dpoc_errf(err, DPOC_EINPUT,
+                                 "config key 'grad_allreduce' is shared, but every rank is alone on its node (no "
+                                 "memory to share); use auto or mpi");
+            if (no_room)
+                return dpoc_errf(err, DPOC_EINPUT,
+                                 "config key 'grad_allreduce' is shared, but %s has %.1f MB free and the node's "
+                                 "window needs %.1f MB; enlarge it (docker --shm-size) or use mpi",
+                                 dir, (double)avail / 1e6, (double)need / 1e6);
             return dpoc_errf(err, DPOC_EINPUT,
-                             "config key 'grad_allreduce' is shared, but every rank is alone on its node (no memory "
-                             "to share); use auto or mpi");
+                             "config key 'grad_allreduce' is shared, but another node's %s is too small for its "
+                             "window; use auto or mpi",
+                             dir);
         }
+        if (any_no_room && lo == hi && lo > 1 && d->rank == 0)
+            fprintf(stderr,
+                    "dpoc: warning: grad_allreduce auto: %s is too small for a shared-memory window of %d x %zu "
+                    "bytes on a node; averaging gradients with MPI instead\n",
+                    dir, lo, (n ? n : 1) * sizeof(float));
     }
     int rc = shared ? init_shared_path(g, err) : init_mpi_path(g, bucket_bytes, err);
     if (rc) dpoc_grad_sync_free(g);
