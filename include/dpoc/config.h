@@ -15,6 +15,9 @@
 typedef enum { DPOC_SCHED_CONSTANT, DPOC_SCHED_CONSTANT_WARMUP, DPOC_SCHED_LINEAR, DPOC_SCHED_COSINE,
                DPOC_SCHED_COSINE_MIN_LR } dpoc_sched_kind;
 
+/* grad_allreduce: how ranks average gradients (see dpoc/dist.h). */
+typedef enum { DPOC_ALLREDUCE_AUTO, DPOC_ALLREDUCE_SHARED, DPOC_ALLREDUCE_MPI } dpoc_allreduce_kind;
+
 typedef struct {
     char model_name_or_path[DPOC_PATH_MAX];
     char ref_model_name_or_path[DPOC_PATH_MAX]; /* empty: frozen copy of the starting policy */
@@ -59,7 +62,8 @@ typedef struct {
 
     /* data parallelism (MPI) */
     size_t replica_check_steps; /* compare replica checksums every N steps (0: only at start) */
-    double bucket_size_mb;      /* gradient allreduce bucket size */
+    double bucket_size_mb;      /* gradient allreduce bucket size (grad_allreduce "mpi") */
+    dpoc_allreduce_kind grad_allreduce; /* auto, shared (node-local shared-memory window), mpi (buckets) */
     double collective_timeout_s; /* watchdog: abort when a step makes no progress this long */
     size_t num_threads;         /* BLAS/kernel threads per rank (0: cores / ranks on the node) */
     int model_loading_broadcast; /* model_loading: "each_rank" (0, mmap on every rank) or "broadcast" (1) */

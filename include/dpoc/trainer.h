@@ -74,7 +74,7 @@ typedef struct {
     dpoc_model policy, ref;
     dpoc_tokenizer *tok; /* NULL when the model has no tokenizer.json (pre-tokenized data only) */
     dpoc_dataset data;
-    float *grads;
+    float *grads;        /* sync.grads: the gradient block, owned by sync */
     dpoc_grad_sync sync;
     dpoc_adamw opt;
     size_t max_T;
@@ -139,7 +139,8 @@ void dpoc_trainer_drop_ref(dpoc_trainer *t);
 /* One micro-batch on this rank: forward policy and reference for pairs[0..B),
  * loss, and backward with dLoss scaled by grad_scale, accumulated into t->grads.
  * sums (DPOC_MB_N) receives this rank's metric sums. When sync_tail is set the
- * finished gradient buckets start their allreduce during the last backward. */
+ * finished gradient buckets start their allreduce during the last backward
+ * (grad_allreduce mpi; the shared path waits for dpoc_grad_sync_finish). */
 int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, double grad_scale, double *sums,
                              int sync_tail, dpoc_err *err);
 

@@ -223,6 +223,7 @@ int dpoc_cli_bench(int argc, char **argv, int *pargc, char ***pargv) {
         fflush(stdout);
     }
     if (t) {
+        if (rc) dpoc_dist_mark_failed(&dist); /* dpoc_dist_abort follows: skip collective frees */
         dpoc_trainer_free(t);
         free(t);
     }

@@ -2,7 +2,9 @@
  * the operation gradient averaging uses) over message sizes, and a fit of the
  * alpha-beta model of a ring allreduce,
  *     t(n) = 2(p-1) alpha + 2(p-1)/p * n * beta      (p ranks, n bytes),
- * whose alpha and beta tools/scaling uses to predict scaling to more nodes. */
+ * whose alpha and beta tools/scaling uses to predict scaling to more nodes.
+ * --shared times the trainer's shared-memory averaging (dpoc_grad_sync_finish,
+ * grad_allreduce shared) on the same sizes instead, for comparison. */
 #include <ctype.h>
 #include <errno.h>
 #include <stdint.h>
@@ -27,6 +29,7 @@ typedef struct {
     size_t factor;
     long iters; /* 0: adaptive */
     int json;
+    int shared; /* time grad_allreduce shared instead of MPI_Allreduce */
 } bench_opts;
 
 static void bench_usage(FILE *f) {
@@ -41,9 +44,13 @@ static void bench_usage(FILE *f) {
             "  --factor F      size step: sizes are min, min*F, min*F^2, ... and max (default 2)\n"
             "  --iters N       timed calls per size (default: adaptive, about %.1f s per size,\n"
             "                  at least %d; an untimed warm-up call and calibration come first)\n"
-            "  --json          print one JSON object instead of the table: world_size, sizes\n"
-            "                  [{bytes, time_s, iters, algbw_GBps, busbw_GBps}], alpha_s,\n"
+            "  --json          print one JSON object instead of the table: world_size, nodes, method,\n"
+            "                  sizes [{bytes, time_s, iters, algbw_GBps, busbw_GBps}], alpha_s,\n"
             "                  beta_s_per_byte, bandwidth_GBps, r2\n"
+            "  --shared        time dpoc's shared-memory gradient averaging (grad_allreduce shared:\n"
+            "                  a window per size; sync, sum a slice per rank, copy the other slices,\n"
+            "                  sync) instead of MPI_Allreduce; needs the same number (> 1) of ranks\n"
+            "                  on every node. The fit then gives the ring-equivalent alpha and beta.\n"
             "  --help          this text\n\n"
             "algbw = bytes / time; busbw = algbw * 2(p-1)/p (the per-link rate of a ring).\n"
             "Fit (alpha, beta >= 0): alpha from the least-squares fit of relative error (the\n"
@@ -103,6 +110,7 @@ static int parse_opts(int argc, char **argv, bench_opts *o) {
     o->factor = 2;
     o->iters = 0;
     o->json = 0;
+    o->shared = 0;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -111,6 +119,8 @@ static int parse_opts(int argc, char **argv, bench_opts *o) {
             return 1;
         } else if (!strcmp(a, "--json")) {
             o->json = 1;
+        } else if (!strcmp(a, "--shared")) {
+            o->shared = 1;
         } else if (!strcmp(a, "--min-bytes") || !strcmp(a, "--max-bytes")) {
             size_t b = parse_bytes(v);
             if (b < sizeof(float)) {
@@ -184,11 +194,31 @@ static void check_mpi(const dpoc_dist *d, int rc, const char *what) {
     dpoc_dist_abort(d, DPOC_EIO, msg);
 }
 
+/* What one timed call averages: buf with MPI_Allreduce, or (sync != NULL) the
+ * sync object's own block with dpoc_grad_sync_finish. */
+typedef struct {
+    float *buf;
+    dpoc_grad_sync *sync;
+} bench_target;
+
+static void one_call(const dpoc_dist *d, const bench_target *b, size_t n) {
+    if (!b->sync) {
+        check_mpi(d, allreduce(b->buf, n, d->comm), "MPI_Allreduce");
+        return;
+    }
+    dpoc_err err;
+    if (dpoc_grad_sync_finish(b->sync, &err)) {
+        char msg[DPOC_ERR_MSG_MAX + 32];
+        snprintf(msg, sizeof msg, "bench-comm: %s", err.msg);
+        dpoc_dist_abort(d, err.code, msg);
+    }
+}
+
 /* one timed batch: the slowest rank's mean seconds per call (same value on every rank) */
-static double timed_batch(const dpoc_dist *d, float *buf, size_t n, long iters) {
+static double timed_batch(const dpoc_dist *d, const bench_target *b, size_t n, long iters) {
     check_mpi(d, MPI_Barrier(d->comm), "MPI_Barrier");
     double t0 = MPI_Wtime();
-    for (long i = 0; i < iters; i++) check_mpi(d, allreduce(buf, n, d->comm), "MPI_Allreduce");
+    for (long i = 0; i < iters; i++) one_call(d, b, n);
     double t = (MPI_Wtime() - t0) / (double)iters;
     check_mpi(d, MPI_Allreduce(MPI_IN_PLACE, &t, 1, MPI_DOUBLE, MPI_MAX, d->comm), "MPI_Allreduce");
     return t;
@@ -280,8 +310,9 @@ int dpoc_cli_bench_comm(int argc, char **argv, int *pargc, char ***pargv) {
                  "use a smaller --max-bytes",
                  sizes[n_sizes - 1], (size_t)d.local_size, sizes[n_sizes - 1], d.local_size, (double)avail / 1e9);
     }
-    float *buf = bad ? NULL : malloc(max_floats * sizeof(float));
-    if (!bad && !buf) {
+    /* --shared: each size gets its own window (below) */
+    float *buf = bad || o.shared ? NULL : malloc(max_floats * sizeof(float));
+    if (!bad && !o.shared && !buf) {
         bad = 1;
         snprintf(why, sizeof why, "cannot allocate the %zu-byte buffer of --max-bytes; use a smaller --max-bytes",
                  sizes[n_sizes - 1]);
@@ -295,7 +326,7 @@ int dpoc_cli_bench_comm(int argc, char **argv, int *pargc, char ***pargv) {
         dpoc_dist_finalize(&d);
         return DPOC_EINPUT;
     }
-    memset(buf, 0, max_floats * sizeof(float)); /* touch every page; zeros stay zeros (no overflow, no denormals) */
+    if (buf) memset(buf, 0, max_floats * sizeof(float)); /* touch every page; zeros stay zeros (no overflow, no denormals) */
 
     /* nodes = ranks that are first on their node */
     int nodes = d.local_rank == 0;
@@ -303,8 +334,10 @@ int dpoc_cli_bench_comm(int argc, char **argv, int *pargc, char ***pargv) {
 
     const double bus = p > 1 ? 2.0 * (p - 1) / p : 0.0;
     if (root && !o.json) {
-        printf("dpoc bench-comm: MPI_Allreduce (float, sum, in place), %d rank(s) on %d node(s)%s\n", p, nodes,
-               p == 1 ? " - one rank: no communication happens" : "");
+        printf("dpoc bench-comm: %s, %d rank(s) on %d node(s)%s\n",
+               o.shared ? "shared-memory gradient averaging (grad_allreduce shared)"
+                        : "MPI_Allreduce (float, sum, in place)",
+               p, nodes, p == 1 ? " - one rank: no communication happens" : "");
         printf("%14s %12s %8s %12s %12s\n", "bytes", "time_s", "iters", "algbw_GB/s", "busbw_GB/s");
         fflush(stdout);
     }
@@ -312,23 +345,36 @@ int dpoc_cli_bench_comm(int argc, char **argv, int *pargc, char ***pargv) {
     long its[MAX_SIZES];
     for (size_t s = 0; s < n_sizes; s++) {
         const size_t n = sizes[s] / sizeof(float);
+        dpoc_grad_sync sync;
+        bench_target tg = {buf, NULL};
+        if (o.shared) {
+            /* collective; the same outcome on every rank (node sizes are compared inside) */
+            int rc = dpoc_grad_sync_init(&sync, &d, n, 0, DPOC_ALLREDUCE_SHARED, &err);
+            if (rc) {
+                if (root) fprintf(stderr, "dpoc bench-comm: --shared: %s\n", err.msg);
+                dpoc_dist_finalize(&d);
+                return rc;
+            }
+            tg.sync = &sync;
+        }
         long iters = o.iters;
-        double est = timed_batch(&d, buf, n, 1); /* warm-up: untimed, but a first estimate */
+        double est = timed_batch(&d, &tg, n, 1); /* warm-up: untimed, but a first estimate */
         if (!iters) {
             /* calibrate: double the batch until it lasts a tenth of the target */
             for (long k = 2; est * (double)(k / 2) < TARGET_BATCH_S / 10 && k <= MAX_ITERS; k *= 2)
-                est = timed_batch(&d, buf, n, k);
+                est = timed_batch(&d, &tg, n, k);
             iters = iters_for(est);
         }
         nb[s] = (double)sizes[s];
-        ts[s] = timed_batch(&d, buf, n, iters);
+        ts[s] = timed_batch(&d, &tg, n, iters);
         /* a hiccup during calibration makes the batch too short: measure again, sized from this batch */
         for (int again = 0; !o.iters && again < 2 && ts[s] * (double)iters < TARGET_BATCH_S / 2 && iters < MAX_ITERS;
              again++) {
             iters = iters_for(ts[s]);
-            ts[s] = timed_batch(&d, buf, n, iters);
+            ts[s] = timed_batch(&d, &tg, n, iters);
         }
         its[s] = iters;
+        if (o.shared) dpoc_grad_sync_free(&sync);
         if (root && !o.json) {
             const double alg = ts[s] > 0 ? nb[s] / ts[s] / 1e9 : 0.0;
             printf("%14zu %12.4e %8ld %12.3f %12.3f\n", sizes[s], ts[s], iters, alg, alg * bus);
@@ -346,7 +392,8 @@ int dpoc_cli_bench_comm(int argc, char **argv, int *pargc, char ***pargv) {
     }
     const double bw = beta > 0 ? 1.0 / beta / 1e9 : 0.0;
     if (root && o.json) {
-        printf("{\"world_size\": %d, \"nodes\": %d, \"sizes\": [", p, nodes);
+        printf("{\"world_size\": %d, \"nodes\": %d, \"method\": \"%s\", \"sizes\": [", p, nodes,
+               o.shared ? "shared" : "mpi_allreduce");
         for (size_t s = 0; s < n_sizes; s++) {
             const double alg = ts[s] > 0 ? nb[s] / ts[s] / 1e9 : 0.0;
             printf("%s{\"bytes\": %zu, \"time_s\": %.6e, \"iters\": %ld, \"algbw_GBps\": %.4f, \"busbw_GBps\": %.4f}",

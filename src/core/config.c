@@ -212,6 +212,15 @@ static int set_loading(dpoc_config *c, const key_def *k, const cJSON *v, const c
 }
 static cJSON *get_loading(const dpoc_config *c) { return cJSON_CreateString(LOADING[c->model_loading_broadcast]); }
 
+static const char *const ALLREDUCE[] = {"auto", "shared", "mpi"};
+static int set_allreduce(dpoc_config *c, const key_def *k, const cJSON *v, const char *where, dpoc_err *err) {
+    int x = 0;
+    DPOC_TRY(set_enum(k, v, where, ALLREDUCE, 3, &x, err));
+    c->grad_allreduce = (dpoc_allreduce_kind)x;
+    return 0;
+}
+static cJSON *get_allreduce(const dpoc_config *c) { return cJSON_CreateString(ALLREDUCE[c->grad_allreduce]); }
+
 /* Keys users bring from TRL configs that change nothing in dpoc's numbers. */
 static int set_ignored(dpoc_config *c, const key_def *k, const cJSON *v, const char *where, dpoc_err *err) {
     (void)c, (void)v, (void)where, (void)err, (void)k;
@@ -292,7 +301,11 @@ static const key_def KEYS[] = {
     {"save_total_limit", K_SIZE, OFF(save_total_limit), 0, 1e15, 0, 0, "keep at most N checkpoints (0: all)"},
     {"replica_check_steps", K_SIZE, OFF(replica_check_steps), 0, 1e15, 0, 0,
      "MPI: check that every rank holds the same weights every N steps (0: only at start)"},
-    {"bucket_size_mb", K_DOUBLE, OFF(bucket_size_mb), 0.001, 4096, 0, 0, "MPI: gradient allreduce bucket size"},
+    {"bucket_size_mb", K_DOUBLE, OFF(bucket_size_mb), 0.001, 4096, 0, 0,
+     "MPI: gradient allreduce bucket size (grad_allreduce mpi)"},
+    {"grad_allreduce", K_CUSTOM, 0, 0, 0, set_allreduce, get_allreduce,
+     "MPI: auto (shared when a node runs several ranks), shared (gradients in a node-local shared-memory window, "
+     "reduced in place; MPI_Allreduce between nodes) or mpi (bucketed MPI_Iallreduce during backward)"},
     {"collective_timeout_s", K_DOUBLE, OFF(collective_timeout_s), 1, 1e9, 0, 0,
      "abort the job when a step makes no progress for this long"},
     {"num_threads", K_SIZE, OFF(num_threads), 0, 4096, 0, 0,
@@ -345,6 +358,7 @@ void dpoc_config_defaults(dpoc_config *c) {
     c->replica_check_steps = 100;
     c->save_steps = 500;
     c->bucket_size_mb = 25.0;
+    c->grad_allreduce = DPOC_ALLREDUCE_AUTO;
     c->collective_timeout_s = 1800.0;
 }
 

@@ -150,6 +150,7 @@ int dpoc_run_train(const dpoc_config *cfg, dpoc_dist *dist, const char *resume, 
      * starting policy is the reference */
     if (cfg->precompute_ref_log_probs) rc = precompute_ref(t, err);
     if (rc) {
+        dpoc_dist_mark_failed(dist); /* the caller ends the job; peers may be inside a collective */
         dpoc_trainer_free(t);
         free(t);
         restore_handlers(old);
@@ -177,10 +178,12 @@ int dpoc_run_train(const dpoc_config *cfg, dpoc_dist *dist, const char *resume, 
     }
     if (!rc && root) {
         printf("dpoc: %zu pairs (%zu dropped: prompt >= max_length), %zu parameters, %d rank(s) x %d thread(s), "
-               "%ld steps (%zu per epoch), warmup %ld; models and data loaded in %.2f s (%s); prompts %s\n",
+               "%ld steps (%zu per epoch), warmup %ld; models and data loaded in %.2f s (%s); gradients %s; "
+               "prompts %s\n",
                t->data.n_pairs, t->data.n_dropped_prompt_too_long, t->policy.numel, dist ? dist->world : 1,
                dist ? dist->threads : 1, t->total_steps, t->updates_per_epoch, t->warmup_steps, load_s,
                cfg->model_loading_broadcast ? "rank 0 read, broadcast" : "each rank mapped the files",
+               dpoc_grad_sync_path_name(&t->sync),
                t->shared ? "shared by each pair's two sequences"
                          : cfg->shared_prefix ? "not shared (a pair's sequences differ in their prompt tokens)"
                                               : "not shared (shared_prefix false)");
@@ -225,6 +228,8 @@ int dpoc_run_train(const dpoc_config *cfg, dpoc_dist *dist, const char *resume, 
     }
     restore_handlers(old);
     if (root) dpoc_metrics_close(&mw);
+    /* an error here may be this rank's alone: the caller ends the job (dpoc_dist_abort) */
+    if (rc && rc != DPOC_EXIT_CHECKPOINTED) dpoc_dist_mark_failed(dist);
     dpoc_trainer_free(t);
     free(t);
     return rc;

@@ -238,7 +238,6 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
                        cfg->train_file, t->max_T, t->policy.cfg.max_position_embeddings);
         goto fail;
     }
-    t->grads = dpoc_calloc(t->policy.numel, sizeof(float), "gradients", err);
     t->seq_buf = dpoc_malloc(n_seq * t->max_T * sizeof(int32_t), "token buffers", err);
     if (t->seq_buf) {
         size_t pair_T = 0;
@@ -264,7 +263,7 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
             goto fail;
         }
     }
-    if (!t->grads || !t->acts || !t->seq_buf || !t->tok_buf || !t->order || !t->mb_pairs || !t->step_sums) {
+    if (!t->acts || !t->seq_buf || !t->tok_buf || !t->order || !t->mb_pairs || !t->step_sums) {
         rc = DPOC_ENOMEM;
         goto fail;
     }
@@ -276,9 +275,12 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
     if ((rc = dpoc_acts_alloc_mode(&t->ref_acts, &t->policy.cfg, t->act_T, DPOC_ACTS_RECOMPUTE, err))) goto fail;
     if ((rc = dpoc_grad_scratch_alloc(&t->scratch, &t->policy.cfg, t->act_T, err))) goto fail;
     if ((rc = init_optimizer(t, err))) goto fail;
-    if ((rc = dpoc_grad_sync_init(&t->sync, dist, t->grads, t->policy.numel,
-                                  (size_t)(cfg->bucket_size_mb * BYTES_PER_MB), err)))
+    /* collective: the sync object owns the gradient block (a shared-memory window
+     * segment with grad_allreduce shared) */
+    if ((rc = dpoc_grad_sync_init(&t->sync, dist, t->policy.numel, (size_t)(cfg->bucket_size_mb * BYTES_PER_MB),
+                                  cfg->grad_allreduce, err)))
         goto fail;
+    t->grads = t->sync.grads;
 
     /* schedule as transformers computes it (drop_last false) */
     const size_t global_mb = bs * (size_t)world_of(t);
@@ -305,9 +307,8 @@ void dpoc_trainer_free(dpoc_trainer *t) {
     free(t->acts);
     dpoc_acts_free(&t->ref_acts);
     dpoc_grad_scratch_free(&t->scratch);
-    dpoc_grad_sync_free(&t->sync);
+    dpoc_grad_sync_free(&t->sync); /* and with it t->grads */
     dpoc_adamw_free(&t->opt);
-    free(t->grads);
     free(t->seq_buf);
     free(t->tok_buf);
     free(t->order);

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # dpoc bench-comm at 2 ranks: the JSON has its keys, alpha >= 0, beta > 0, times
-# grow with the message size; a bad option exits 2.
+# grow with the message size; --shared times the shared-memory averaging; a bad
+# option exits 2.
 # usage: test_bench_comm.sh REPO_ROOT DPOC_BINARY
 set -euo pipefail
 root=${1:?usage: test_bench_comm.sh REPO_ROOT DPOC_BINARY}
@@ -30,6 +31,16 @@ pairs = [(i, j) for i in range(len(t)) for j in range(i + 1, len(t))]
 up = sum(t[j] > t[i] for i, j in pairs) / len(pairs)
 assert up > 0.75, "times do not grow with size: %.2f of pairs increase" % up
 ' "$json" || fail "bad bench-comm JSON: $json"
+
+json=$(mpirun -np 2 "$dpoc" bench-comm --shared --json --max-bytes 65536) || fail "bench-comm --shared exited $?"
+/usr/bin/python3 -c '
+import json, sys
+b = json.loads(sys.argv[1])
+assert b["method"] == "shared" and b["world_size"] == 2, b
+n = [x["bytes"] for x in b["sizes"]]
+assert n[0] == 1024 and n[-1] == 65536, n
+assert all(x["time_s"] > 0 for x in b["sizes"]), b["sizes"]
+' "$json" || fail "bad bench-comm --shared JSON: $json"
 
 set +e
 "$dpoc" bench-comm --bogus 2>/dev/null

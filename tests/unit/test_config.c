@@ -55,6 +55,8 @@ static void test_parse_and_set(void **state) {
     assert_int_equal(dpoc_config_set(&c, "learning_rate=5e-7", &err), 0);
     assert_int_equal(dpoc_config_set(&c, "output_dir=runs/a", &err), 0);
     assert_int_equal(dpoc_config_set(&c, "truncation_mode=keep_end", &err), 0);
+    assert_true(c.grad_allreduce == DPOC_ALLREDUCE_AUTO);
+    assert_int_equal(dpoc_config_set(&c, "grad_allreduce=mpi", &err), 0);
     assert_int_equal(dpoc_config_finalize(&c, &err), 0);
     assert_true(c.loss.beta == 0.5);
     assert_int_equal(c.loss.n_types, 3);
@@ -73,6 +75,7 @@ static void test_parse_and_set(void **state) {
     assert_int_equal(dpoc_config_apply_json(&d, dump, "dump", &err), 0);
     assert_int_equal(dpoc_config_finalize(&d, &err), 0);
     assert_true(d.loss.beta == 0.5 && d.loss.n_types == 3 && d.loss.weights[1] == 0.2);
+    assert_true(d.grad_allreduce == DPOC_ALLREDUCE_MPI);
     free(dump);
 }
 
@@ -90,6 +93,8 @@ static void test_errors_name_the_key(void **state) {
     expect_error("{\"loss_type\": \"bco_pair\", \"f_divergence_type\": \"js_divergence\"}", "'f_divergence_type'");
     expect_error("{\"bf16\": true}", "'bf16'");
     expect_error("{\"ld_alpha\": 2}", "'ld_alpha'");
+    expect_error("{\"grad_allreduce\": \"nccl\"}", "'grad_allreduce'");
+    expect_error("{\"grad_allreduce\": 1}", "'grad_allreduce'");
     expect_error("{\"lr_scheduler_type\": \"cosine_with_min_lr\"}", "'lr_scheduler_kwargs'");
     expect_error("[1, 2]", "JSON object");
     expect_error("{\"beta\": 0.1,\n \"seed\": }", "cfg.json:2");

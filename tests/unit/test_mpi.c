@@ -1,7 +1,11 @@
 /* Data parallelism through mpirun, as users launch it:
  * - the invariant: the same global batch of 4 as (1 rank, batch 4), (1 rank,
  *   batch 1 x accumulation 4), (2 ranks, batch 2) and (4 ranks, batch 1,
- *   oversubscribed) gives the same losses, grad norms and final weights;
+ *   oversubscribed) gives the same losses, grad norms and final weights, with
+ *   gradients averaged through the shared-memory window (grad_allreduce shared,
+ *   also as 2 "nodes" of 2 ranks) and through bucketed MPI (grad_allreduce mpi);
+ *   at 2 ranks the two give the same result;
+ * - grad_allreduce shared is refused, naming the key, when nodes differ in size;
  * - a rank whose weights differ is found, naming the tensor;
  * - one failing rank ends the whole job quickly, and so does a hung one.
  * As root, mpirun needs the two OMPI_ALLOW_RUN_AS_ROOT* variables: set here. */
@@ -20,6 +24,8 @@
 #define TOL_LOSS_ABS 1e-5
 #define TOL_GRAD_NORM_REL 1e-4
 #define TOL_WEIGHTS_REL 1e-5
+/* shared vs mpi at 2 ranks: both add the two ranks' gradients once (bit-identical in practice) */
+#define TOL_MODES 1e-6
 #define FAIL_FAST_LIMIT_S 30.0
 
 static const char *const MODELS[] = {"tiny-llama", "tiny-qwen2"};
@@ -76,7 +82,7 @@ static void read_metrics(const char *out, run_log *r) {
     free(text);
 }
 
-static void compare_weights(const char *a_dir, const char *b_dir, const char *what) {
+static void compare_weights(const char *a_dir, const char *b_dir, double tol, const char *what) {
     st_model a = {0}, b = {0};
     dpoc_err err;
     char pa[512], pb[512];
@@ -92,7 +98,7 @@ static void compare_weights(const char *a_dir, const char *b_dir, const char *wh
         if (st_read_f32(ta, va, ta->ndim, ta->shape, &err) || st_read_f32(tb, vb, ta->ndim, ta->shape, &err))
             fail_msg("%s", err.msg);
         double e = rel_maxabs_err(va, vb, ta->numel, 1e-12);
-        if (e > TOL_WEIGHTS_REL) fail_msg("%s: %s differs by %.3g (relative max-abs)", what, ta->name, e);
+        if (e > tol) fail_msg("%s: %s differs by %.3g (relative max-abs)", what, ta->name, e);
         free(va);
         free(vb);
     }
@@ -102,44 +108,79 @@ static void compare_weights(const char *a_dir, const char *b_dir, const char *wh
 
 static void test_invariance(void **state) {
     (void)state;
+    /* env: DPOC_TEST_RANKS_PER_NODE for the run (NULL: one real node) */
     struct {
         int np;
         const char *set;
+        const char *ranks_per_node;
     } layouts[] = {
-        {1, "--set per_device_train_batch_size=4 --set gradient_accumulation_steps=1"},
-        {1, "--set per_device_train_batch_size=1 --set gradient_accumulation_steps=4"},
-        {2, "--set per_device_train_batch_size=2 --set gradient_accumulation_steps=1 --set bucket_size_mb=0.05"},
-        {4, "--set per_device_train_batch_size=1 --set gradient_accumulation_steps=1 --set bucket_size_mb=0.05"},
+        {1, "--set per_device_train_batch_size=4 --set gradient_accumulation_steps=1", NULL},
+        {1, "--set per_device_train_batch_size=1 --set gradient_accumulation_steps=4", NULL},
+        {2, "--set per_device_train_batch_size=2 --set gradient_accumulation_steps=1 --set grad_allreduce=mpi --set bucket_size_mb=0.05", NULL},
+        {2, "--set per_device_train_batch_size=2 --set gradient_accumulation_steps=1 --set grad_allreduce=shared", NULL},
+        {4, "--set per_device_train_batch_size=1 --set gradient_accumulation_steps=1 --set grad_allreduce=mpi --set bucket_size_mb=0.05", NULL},
+        {4, "--set per_device_train_batch_size=1 --set gradient_accumulation_steps=1 --set grad_allreduce=shared", NULL},
+        {4, "--set per_device_train_batch_size=1 --set gradient_accumulation_steps=1 --set grad_allreduce=shared", "2"},
     };
     const size_t n = sizeof layouts / sizeof *layouts;
+    const size_t two_mpi = 2, two_shared = 3; /* the pair compared with TOL_MODES */
     for (size_t mi = 0; mi < 2; mi++) {
         const char *base = make_temp_dir();
         char out0[512], log[512];
-        run_log ref;
+        run_log ref, logs[sizeof layouts / sizeof *layouts];
         for (size_t k = 0; k < n; k++) {
             char out[512], what[256];
             snprintf(out, sizeof out, "%s/run%zu", base, k);
             snprintf(log, sizeof log, "%s/run%zu.log", base, k);
-            snprintf(what, sizeof what, "%s: %d rank(s) %s", MODELS[mi], layouts[k].np, layouts[k].set);
+            snprintf(what, sizeof what, "%s: %d rank(s) %s%s%s", MODELS[mi], layouts[k].np, layouts[k].set,
+                     layouts[k].ranks_per_node ? ", ranks per node " : "",
+                     layouts[k].ranks_per_node ? layouts[k].ranks_per_node : "");
+            if (layouts[k].ranks_per_node) setenv("DPOC_TEST_RANKS_PER_NODE", layouts[k].ranks_per_node, 1);
             int rc = run_mpi(layouts[k].np, MODELS[mi], out, layouts[k].set, log);
+            unsetenv("DPOC_TEST_RANKS_PER_NODE");
             if (rc) fail_with_log(what, rc, log);
-            run_log r;
-            read_metrics(out, &r);
+            run_log *r = &logs[k];
+            read_metrics(out, r);
             if (k == 0) {
-                ref = r;
+                ref = *r;
                 snprintf(out0, sizeof out0, "%s", out);
                 continue;
             }
             for (size_t s = 0; s < STEPS; s++) {
-                assert_close(r.loss[s], ref.loss[s], 0, TOL_LOSS_ABS, "%s step %zu loss", what, s + 1);
-                assert_close(r.grad_norm[s], ref.grad_norm[s], TOL_GRAD_NORM_REL, 0, "%s step %zu grad_norm", what,
+                assert_close(r->loss[s], ref.loss[s], 0, TOL_LOSS_ABS, "%s step %zu loss", what, s + 1);
+                assert_close(r->grad_norm[s], ref.grad_norm[s], TOL_GRAD_NORM_REL, 0, "%s step %zu grad_norm", what,
                              s + 1);
             }
-            compare_weights(out, out0, what);
+            compare_weights(out, out0, TOL_WEIGHTS_REL, what);
         }
+        char out_mpi[512], out_shared[512], what[256];
+        snprintf(out_mpi, sizeof out_mpi, "%s/run%zu", base, two_mpi);
+        snprintf(out_shared, sizeof out_shared, "%s/run%zu", base, two_shared);
+        snprintf(what, sizeof what, "%s: 2 ranks, grad_allreduce shared vs mpi", MODELS[mi]);
+        for (size_t s = 0; s < STEPS; s++) {
+            assert_close(logs[two_shared].loss[s], logs[two_mpi].loss[s], 0, TOL_MODES, "%s step %zu loss", what,
+                         s + 1);
+            assert_close(logs[two_shared].grad_norm[s], logs[two_mpi].grad_norm[s], TOL_MODES, 0,
+                         "%s step %zu grad_norm", what, s + 1);
+        }
+        compare_weights(out_shared, out_mpi, TOL_MODES, what);
     }
 }
 
+/* Nodes of 3 and 1 ranks cannot pair their local ranks: shared is an error naming
+ * the key (exit 2), auto falls back to MPI. */
+static void test_shared_needs_equal_nodes(void **state) {
+    (void)state;
+    const char *base = make_temp_dir();
+    char out[512], log[512];
+    snprintf(out, sizeof out, "%s/out", base);
+    snprintf(log, sizeof log, "%s/log", base);
+    setenv("DPOC_TEST_RANKS_PER_NODE", "3", 1);
+    int rc = run_mpi(4, "tiny-llama", out, "--set per_device_train_batch_size=1 --set gradient_accumulation_steps=1 --set grad_allreduce=shared", log);
+    unsetenv("DPOC_TEST_RANKS_PER_NODE");
+    assert_int_equal(rc, DPOC_EINPUT);
+    expect_log_has(log, "'grad_allreduce'");
+}
 
 static void test_replica_mismatch(void **state) {
     (void)state;
@@ -191,6 +232,7 @@ static void test_hang_watchdog(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_invariance),
+        cmocka_unit_test(test_shared_needs_equal_nodes),
         cmocka_unit_test(test_replica_mismatch),
         cmocka_unit_test(test_fail_fast),
         cmocka_unit_test(test_hang_watchdog),
