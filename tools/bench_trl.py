@@ -653,7 +653,7 @@ def table(data, md_path):
     st = data["settings"]
     total_steps = st["warmup"] + st["steps"]
     head = ["data", "ref log-probs", "run", "tokens/s", "peak RSS", f"loss @ step {total_steps}",
-            "tok/s dpoc/TRL", "RSS dpoc/TRL", "loss dpoc-TRL(fp32)"]
+            "tok/s dpoc/TRL", "tok/s dpoc/TRL fp32", "RSS dpoc/TRL", "loss dpoc-TRL(fp32)"]
     rows, notes, checks = [], [], []
     for s in DATA_SETS:
         for pre in (False, True):
@@ -662,16 +662,23 @@ def table(data, md_path):
             if not sel:
                 continue
             best = max(trl, key=lambda r: r["tokens_per_second"]) if trl else None
+            # the fastest TRL run in fp32 arithmetic, as dpoc computes (with or without checkpointing)
+            fp32 = [r for r in trl if not r["layout"].startswith("bf16")]
+            best32 = max(fp32, key=lambda r: r["tokens_per_second"]) if fp32 else None
             ref = next((r for r in trl if r["layout"] == LOSS_REFERENCE_VARIANT), None)
             pre_s = "precomputed" if pre else "ref model"
             if best:
                 rows.append([s, pre_s, f"TRL {best['layout']} ({best['threads']} thr)", f"{best['tokens_per_second']:.1f}",
-                             mib(best["peak_rss_bytes"]), f"{ref['loss']:.6f} (fp32)" if ref else "-", "", "", ""])
+                             mib(best["peak_rss_bytes"]), f"{ref['loss']:.6f} (fp32)" if ref else "-", "", "", "", ""])
+            if best32 and best32 is not best:
+                rows.append([s, pre_s, f"TRL {best32['layout']} ({best32['threads']} thr)",
+                             f"{best32['tokens_per_second']:.1f}", mib(best32["peak_rss_bytes"]), "", "", "", "", ""])
             for r in sorted((r for r in sel if r["side"] == "dpoc"), key=lambda r: r["layout"]):
                 lay = (f"dpoc {r['ranks']} rank{'s' if r['ranks'] > 1 else ''} x {r['threads']} thr"
                        + (" +gc" if r.get("gc") else ""))
                 rows.append([s, pre_s, lay, f"{r['tokens_per_second']:.1f}", mib(r["peak_rss_bytes"]), f"{r['loss']:.6f}",
                              f"{r['tokens_per_second'] / best['tokens_per_second']:.2f}x" if best else "-",
+                             f"{r['tokens_per_second'] / best32['tokens_per_second']:.2f}x" if best32 else "-",
                              f"{r['peak_rss_bytes'] / best['peak_rss_bytes']:.2f}" if best else "-",
                              f"{r['loss'] - ref['loss']:+.2e}" if ref else "-"])
                 if ref:
@@ -709,7 +716,9 @@ def table(data, md_path):
                f"torch {v.get('torch', '?')}, transformers {v.get('transformers', '?')}, trl {v.get('trl', '?')}, "
                f"dpoc {str(v.get('dpoc_git', '?'))[:10]}{' (dirty)' if v.get('dpoc_git_dirty') else ''}. "
                "tokens/s: TRL's num_tokens (prompt+completion of chosen and rejected, no padding) per second; "
-               "peak RSS: whole process (dpoc: summed over ranks); TRL row: its fastest variant, loss from its fp32 run.")
+               "peak RSS: whole process (dpoc: summed over ranks); TRL rows: its fastest variant (the ratios' base, with "
+               "its RSS) and its fastest fp32 variant (the base of the fp32 ratio), loss from its fp32 run; "
+               "+gc: dpoc with gradient_checkpointing.")
     print()
     print(fmt_text(head, rows))
     print()

@@ -1,7 +1,9 @@
 /* Llama / Qwen2 decoder: parameter table, loading, forward and backward of one
- * sequence, or of one preference pair whose prompt is computed once for both
- * completions. Each sequence runs at its own length (no padding); only the rows
- * whose next token is a label go through the LM head. */
+ * sequence, or of preference pairs packed one after another, each prompt
+ * computed once for both its completions. Each sequence runs at its own length
+ * (no padding); only the rows whose next token is a label go through the LM
+ * head. Activations are kept per layer, or only each layer's input with the
+ * layer recomputed in backward (gradient checkpointing). */
 #include "dpoc/model.h"
 
 #include <assert.h>
