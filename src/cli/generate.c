@@ -71,7 +71,7 @@ static const char *SAMPLING_HELP =
     "  --temperature T          0 = greedy (default 0)\n"
     "  --top-p P                nucleus sampling (default 1)\n"
     "  --seed S                 random seed (default 42); each prompt has its own stream\n"
-    "  --batch-size B           prompts decoded together (default 64)\n";
+    "  --batch-size B           prompts decoded together (default 128)\n";
 
 /* Prompt ids of every user message. */
 static int prompt_ids(cli_lm *lm, const char *system, char **users, size_t n, dpoc_ids **out, dpoc_err *err) {

@@ -21,7 +21,7 @@ void dpoc_gen_opts_default(dpoc_gen_opts *o) {
     o->temperature = 0.0f;
     o->top_p = 1.0f;
     o->seed = 42;
-    o->max_batch = 64;
+    o->max_batch = DPOC_GEN_DEFAULT_BATCH;
 }
 
 typedef struct {
