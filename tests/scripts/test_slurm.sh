@@ -264,16 +264,23 @@ say "$n steps logged: sent SIGUSR1 to the batch shell (scancel --signal=USR1 --b
 # the job checkpoints and requeues itself; a requeued job waits for its begin time
 # (hpc.md: `scontrol update JobId=N StartTime=now` starts it at once). It is released
 # only once the slurmstepd processes of its first run are gone: a new step N.0 started
-# while the old one is still finishing fails to bind its PMIx socket (seen here). The
-# update is repeated every second while the job stays pending.
-released=0 next_update=0 st=""
+# while the old one is still finishing fails to bind its PMIx socket (seen here). Nor
+# within the second of the requeue: slurmd revokes the first run's credential with
+# one-second resolution and kills a relaunch whose credential is not newer ("Killing
+# non-startable batch JobId=N: Job credential revoked", seen here), so the release
+# waits REQUEUE_SETTLE_S after the requeue is seen. The update is repeated every
+# second while the job stays pending.
+REQUEUE_SETTLE_S=2
+released=0 next_update=0 st="" requeued_at=""
 deadline=$((SECONDS + 150))
 while [ "$SECONDS" -lt "$deadline" ]; do
   st=$(job_field JobState)
   case $st in
     COMPLETED | FAILED | CANCELLED | TIMEOUT | NODE_FAIL | OUT_OF_MEMORY | BOOT_FAIL | DEADLINE) break ;;
     PENDING)
-      if [ "$(job_field Restarts)" = 1 ] && [ "$SECONDS" -ge "$next_update" ] \
+      [ -z "$requeued_at" ] && [ "$(job_field Restarts)" = 1 ] && requeued_at=$SECONDS
+      if [ -n "$requeued_at" ] && [ "$SECONDS" -ge "$next_update" ] \
+        && [ "$((SECONDS - requeued_at))" -ge "$REQUEUE_SETTLE_S" ] \
         && ! pgrep -f "^slurmstepd: \[$jobid\." >/dev/null; then
         [ "$released" -eq 0 ] && say "job requeued: pending (Reason=$(job_field Reason)," \
           "StartTime=$(job_field StartTime)) at $((SECONDS - t_start)) s: scontrol update JobId=$jobid StartTime=now"
