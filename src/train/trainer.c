@@ -328,23 +328,34 @@ void dpoc_trainer_free(dpoc_trainer *t) {
 
 /* ---- reference log-probs ---- */
 
+/* The reference log-probs of n pairs as the loss takes them (LD-DPO weighting
+ * included), in one forward of the pairs layout: out[2i], out[2i+1] = pair i's
+ * chosen and rejected. Uses t->ref_acts. */
+static void pairs_ref_logps(dpoc_trainer *t, const dpoc_model *ref, const dpoc_pair_tokens *pt, size_t n,
+                            double *out) {
+    dpoc_model_forward_pairs(ref, &t->ref_acts, pt, n);
+    for (size_t i = 0; i < n; i++) {
+        const dpoc_pair_span *p = &t->ref_acts.pairs[i];
+        const size_t common = p->Ta < p->Tb ? p->Ta : p->Tb;
+        out[2 * i] = dpoc_ld_logp(t->ref_acts.logp + p->head0, p->Ta, common, &t->cfg.loss);
+        out[2 * i + 1] = dpoc_ld_logp(t->ref_acts.logp + p->head0 + p->Ta, p->Tb, common, &t->cfg.loss);
+    }
+}
+
 /* out[0], out[1]: the chosen and rejected reference log-probs of a collated pair
- * (ids and seq of each), as the loss takes them (LD-DPO weighting included): one
- * prompt-shared forward, or one forward per sequence. Uses t->ref_acts. */
+ * (ids and seq of each): one prompt-shared forward, or one forward per sequence. */
 static void pair_ref_logps(dpoc_trainer *t, const dpoc_model *ref, const int32_t *const ids[2], const dpoc_seq seq[2],
                            double out[2]) {
-    const dpoc_loss_cfg *lc = &t->cfg.loss;
-    const size_t shared = seq[0].R < seq[1].R ? seq[0].R : seq[1].R;
     if (t->shared) {
         const size_t Tp = seq[0].comp_start;
-        dpoc_model_forward_shared(ref, &t->ref_acts, ids[0], Tp, ids[0] + Tp, seq[0].R, ids[1] + Tp, seq[1].R);
-        out[0] = dpoc_ld_logp(t->ref_acts.logp, seq[0].R, shared, lc);
-        out[1] = dpoc_ld_logp(t->ref_acts.logp + seq[0].R, seq[1].R, shared, lc);
+        const dpoc_pair_tokens pt = {ids[0], Tp, ids[0] + Tp, seq[0].R, ids[1] + Tp, seq[1].R};
+        pairs_ref_logps(t, ref, &pt, 1, out);
         return;
     }
+    const size_t common = seq[0].R < seq[1].R ? seq[0].R : seq[1].R;
     for (int r = 0; r < 2; r++) {
         dpoc_model_forward(ref, &t->ref_acts, ids[r], seq[r].T, seq[r].row0, seq[r].R);
-        out[r] = dpoc_ld_logp(t->ref_acts.logp, seq[r].R, shared, lc);
+        out[r] = dpoc_ld_logp(t->ref_acts.logp, seq[r].R, common, &t->cfg.loss);
     }
 }
 
@@ -525,22 +536,19 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
         dtok[s] = t->tok_buf + (t->shared ? offp[s] : s * t->max_T);
         if (t->ref_logps) ls[s].ref_logp = t->ref_logps[2 * pairs[s % B] + (s >= B)];
     }
-    if (!t->ref_logps && t->shared) {
-        /* the reference over the same pairs layout, in one forward */
-        dpoc_model_forward_pairs(&t->ref, &t->ref_acts, ptok, B);
-        for (size_t b = 0; b < B; b++) {
-            const size_t Ta = seq[b].R, Tb = seq[B + b].R, common = Ta < Tb ? Ta : Tb;
-            ls[b].ref_logp = dpoc_ld_logp(t->ref_acts.logp + offp[b], Ta, common, &cfg->loss);
-            ls[B + b].ref_logp = dpoc_ld_logp(t->ref_acts.logp + offp[B + b], Tb, common, &cfg->loss);
+    if (!t->ref_logps) {
+        /* the reference over the same layout: the whole micro-batch in one forward
+         * when shared; logps (2B) is free until the loss writes it */
+        if (t->shared) pairs_ref_logps(t, &t->ref, ptok, B, logps);
+        for (size_t b = 0; !t->shared && b < B; b++) {
+            const int32_t *const ids[2] = {t->seq_buf + b * t->max_T, t->seq_buf + (B + b) * t->max_T};
+            const dpoc_seq pair_seq[2] = {seq[b], seq[B + b]};
+            pair_ref_logps(t, &t->ref, ids, pair_seq, logps + 2 * b);
         }
-    }
-    for (size_t b = 0; !t->ref_logps && !t->shared && b < B; b++) {
-        const int32_t *const ids[2] = {t->seq_buf + b * t->max_T, t->seq_buf + (B + b) * t->max_T};
-        const dpoc_seq pair_seq[2] = {seq[b], seq[B + b]};
-        double v[2];
-        pair_ref_logps(t, &t->ref, ids, pair_seq, v);
-        ls[b].ref_logp = v[0];
-        ls[B + b].ref_logp = v[1];
+        for (size_t b = 0; b < B; b++) {
+            ls[b].ref_logp = logps[2 * b];
+            ls[B + b].ref_logp = logps[2 * b + 1];
+        }
     }
     t->progress_time = dpoc_now_s();
     dpoc_loss_out lo = {0, logps, logps + B};
@@ -694,14 +702,15 @@ int dpoc_trainer_step(dpoc_trainer *t, dpoc_err *err) {
             dpoc_balance_ranks(t->bal_cost, gb, W, bs, t->bal_rank, t->bal_order);
             for (size_t k = 0; k < gb; k++)
                 if (t->bal_rank[k] == r) t->mb_pairs[B++] = t->bal_pairs[k];
-        }
-        for (size_t j = 0; !t->balance && j < bs; j++) {
-            size_t pos = (m * W + r) * bs + j;
-            if (pos >= N) {
-                if (W == 1) break; /* HF: the last micro-batch is smaller */
-                pos %= N;          /* accelerate even_batches: wrap to the start */
+        } else {
+            for (size_t j = 0; j < bs; j++) {
+                size_t pos = (m * W + r) * bs + j;
+                if (pos >= N) {
+                    if (W == 1) break; /* HF: the last micro-batch is smaller */
+                    pos %= N;          /* accelerate even_batches: wrap to the start */
+                }
+                t->mb_pairs[B++] = t->order[pos];
             }
-            t->mb_pairs[B++] = t->order[pos];
         }
         DPOC_TRY(dpoc_trainer_micro_batch(t, t->mb_pairs, B, 1.0 / (double)n_mb,
                                           t->step_sums + (m - mb_first) * DPOC_MB_N, m + 1 == mb_end, err));

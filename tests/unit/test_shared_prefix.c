@@ -202,6 +202,22 @@ static void head_free(head_rows *h) {
     free(h->top1);
 }
 
+/* Copies a's R head rows into got (head_free it) and checks them against the
+ * plain path's: each statistic within TOL, is_top1 equal. */
+static void check_head_vs_plain(head_rows *got, const dpoc_acts *a, const head_rows *ref, size_t R,
+                                const char *label) {
+    char what[256];
+    head_alloc(got, R);
+    head_copy(got, 0, a, R);
+    for (int i = 0; i < 5; i++) {
+        snprintf(what, sizeof what, "%s %s", head_names[i], label);
+        check_vs_plain(got->v[i], ref->v[i], R, what);
+    }
+    for (size_t r = 0; r < R; r++)
+        if (got->top1[r] != ref->top1[r])
+            fail_msg("is_top1 row %zu %s: %d, plain path %d", r, label, got->top1[r], ref->top1[r]);
+}
+
 static void check_pair(const dpoc_model *m, pair_shape ps, uint64_t seed) {
     const size_t Tp = ps.Tp, Ta = ps.Ta, Tb = ps.Tb, R = Ta + Tb, V = m->cfg.vocab_size, N = m->numel;
     char what[256], label[64];
@@ -249,15 +265,7 @@ static void check_pair(const dpoc_model *m, pair_shape ps, uint64_t seed) {
     assert_int_equal(a2.R, R);
     assert_int_equal(a2.T, Tp + Ta + Tb - 2);
     head_rows got;
-    head_alloc(&got, R);
-    head_copy(&got, 0, &a2, R);
-    for (int i = 0; i < 5; i++) {
-        snprintf(what, sizeof what, "%s %s", head_names[i], label);
-        check_vs_plain(got.v[i], ref.v[i], R, what);
-    }
-    for (size_t r = 0; r < R; r++)
-        if (got.top1[r] != ref.top1[r])
-            fail_msg("is_top1 row %zu %s: %d, plain path %d", r, label, got.top1[r], ref.top1[r]);
+    check_head_vs_plain(&got, &a2, &ref, R, label);
     dpoc_model_backward_shared(m, g, &a2, &s2, dlogp, &hook);
 
     /* every parameter tensor's gradient */
@@ -421,14 +429,7 @@ static void check_packed(const dpoc_model *m, const pair_shape *shapes, size_t n
         assert_int_equal(a2.R, R);
         assert_int_equal(a2.n_pairs, n);
         head_rows got;
-        head_alloc(&got, R);
-        head_copy(&got, 0, &a2, R);
-        for (int i = 0; i < 5; i++) {
-            snprintf(what, sizeof what, "%s %s", head_names[i], label);
-            check_vs_plain(got.v[i], ref.v[i], R, what);
-        }
-        for (size_t r = 0; r < R; r++)
-            if (got.top1[r] != ref.top1[r]) fail_msg("is_top1 row %zu %s differs", r, label);
+        check_head_vs_plain(&got, &a2, &ref, R, label);
         dpoc_model_backward_pairs(m, g, &a2, &s2, dlogp, &hook);
         for (size_t i = 0; i < m->n_tensors; i++) {
             const dpoc_param_info *p = &m->info[i];
