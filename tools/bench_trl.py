@@ -579,7 +579,9 @@ def cmd_run(a):
     stats = cmd_data(argparse.Namespace(model=a.model, out=str(out_dir / "data"), seed=a.seed, pairs=a.pairs,
                                         max_length=a.max_length, dpoc=a.dpoc))
     sets = [s for s in DATA_SETS if not a.sets or s in a.sets.split(",")]
-    header = {"settings": settings, "data": stats, "versions": versions(a)}
+    header = {"settings": settings, "data": stats, "versions": versions(a),
+              # CPU, dpoc's SIMD level, BLAS + the kernel it runs (and who chose it), threads, MPI, HDF5
+              "dpoc_doctor": json.loads(sh([a.dpoc, "doctor", "--json"]))}
     if not a.no_machine:
         log("machine description (sgemm peaks)")
         header["machine"] = machine_info(a)
@@ -709,7 +711,13 @@ def table(data, md_path):
 
     v = data.get("versions", {})
     m = data.get("machine", {})
-    cpu = f"{m.get('Model name', '?')}, {m.get('nproc', '?')} cores"
+    doc = data.get("dpoc_doctor", {})
+    cpu = f"{m.get('Model name', doc.get('cpu', '?'))}, {m.get('nproc', doc.get('cpu_cores', '?'))} cores"
+    if doc:
+        cpu += (f" (family {doc.get('cpu_family')} model {doc.get('cpu_model')}, {doc.get('cpu_isa')}); dpoc: "
+                f"{doc.get('blas')} {doc.get('blas_version')} {doc.get('blas_kernel')} kernels"
+                f"{' (OPENBLAS_CORETYPE=' + doc['blas_coretype'] + ' set by ' + doc['blas_coretype_set_by'] + ')' if doc.get('blas_coretype') else ''}"
+                f", its own kernels {doc.get('simd')}")
     caption = (f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32), sigmoid DPO, beta 0.1, lr {st['learning_rate']:g} "
                f"constant, {st['batch'] * st['grad_accum']} pairs per step, max_length {st['max_length']}, "
                f"{st['warmup']} warm-up + {st['steps']} timed steps, sequential order; {cpu}; "

@@ -6,12 +6,14 @@
 #include <string.h>
 #include <sys/resource.h>
 
+#include "backend.h"
 #include "commands.h"
 #include "core/fileutil.h"
 #include "dpoc/config.h"
 #include "dpoc/dist.h"
 #include "dpoc/err.h"
 #include "dpoc/prof.h"
+#include "dpoc/runtime.h"
 #include "dpoc/trainer.h"
 
 #define PEAK_REPEATS 3
@@ -139,15 +141,23 @@ int dpoc_cli_bench(int argc, char **argv, int *pargc, char ***pargv) {
         return rc;
     }
     const int root = dpoc_dist_is_root(&dist);
+    rc = cli_backend_check(&err);
+    if (!rc && root && !json) {
+        char machine[1024];
+        dpoc_runtime_describe(machine, sizeof machine);
+        printf("dpoc bench: %s\n", machine);
+        fflush(stdout);
+    }
     dpoc_trainer *t = NULL;
     dpoc_prof prof;
     memset(&prof, 0, sizeof prof);
     last_loss ll = {0, 0};
-    /* [0] flops, [1] tokens, [2] rss sum, [3] peak gflops, [4..] breakdown */
-    double v[4 + DPOC_PROF_N + 1];
+    /* per-rank values summed over the ranks */
+    enum { V_FLOPS, V_TOKENS, V_RSS, V_PEAK, V_FMA_LIMIT, V_FMA_MEASURED, V_PROF };
+    double v[V_PROF + DPOC_PROF_N + 1];
     memset(v, 0, sizeof v);
     double rss_max = 0.0, wall = 0.0, comm0 = 0.0;
-    if (!peak_only) {
+    if (!rc && !peak_only) {
         t = dpoc_malloc(sizeof *t, "trainer", &err);
         rc = t ? dpoc_trainer_init(t, &cfg, &dist, &err) : DPOC_ENOMEM;
         if (rc) {
@@ -174,52 +184,80 @@ int dpoc_cli_bench(int argc, char **argv, int *pargc, char ***pargv) {
             if (!rc) rc = dpoc_dist_barrier(&dist, &err);
             wall = dpoc_prof_clock() - t0;
             prof.s[DPOC_PROF_COMM] += dist.comm_time_s - comm0;
-            v[0] = t->flops;
-            v[1] = root ? (double)(t->total_tokens - tokens0) : 0.0; /* already summed over ranks */
+            v[V_FLOPS] = t->flops;
+            v[V_TOKENS] = root ? (double)(t->total_tokens - tokens0) : 0.0; /* already summed over ranks */
         }
     }
     /* the peak with every rank's BLAS at work at once, as in training */
     if (!rc) rc = dpoc_dist_barrier(&dist, &err);
-    if (!rc) rc = measure_peak(&v[3], &err);
-    v[2] = peak_rss_bytes();
-    rss_max = v[2];
-    for (int k = 0; k < DPOC_PROF_N; k++) v[4 + k] = prof.s[k];
+    if (!rc) rc = measure_peak(&v[V_PEAK], &err);
+    /* the FMA limit of the cores this rank's threads can have, and one core measured */
+    const dpoc_cpu *cpu = &dpoc_rt()->cpu;
+    const long node_cores = cpu->cores / (dist.local_size > 0 ? dist.local_size : 1);
+    const double my_cores = (double)(dist.threads < node_cores ? dist.threads : (node_cores > 0 ? node_cores : 1));
+    v[V_FMA_LIMIT] = dpoc_cpu_fma_limit_gflops(cpu, my_cores);
+    unsigned lanes = 0;
+    if (!rc) rc = dpoc_dist_barrier(&dist, &err);
+    if (!rc) v[V_FMA_MEASURED] = my_cores * dpoc_cpu_measure_fma_gflops(cpu, &lanes);
+    v[V_RSS] = peak_rss_bytes();
+    rss_max = v[V_RSS];
+    for (int k = 0; k < DPOC_PROF_N; k++) v[V_PROF + k] = prof.s[k];
     if (!rc) rc = dpoc_dist_sum_doubles(&dist, v, sizeof v / sizeof v[0], &err);
     if (!rc && root) {
         const double W = (double)dist.world;
-        const double peak = v[3];
-        if (peak_only) {
-            if (json) printf("{\"peak_gflops\": %.3f, \"world_size\": %d, \"threads_per_rank\": %d}\n", peak, dist.world, dist.threads);
-            else printf("sgemm peak: %.1f GFLOP/s (%d rank(s) x %d thread(s))\n", peak, dist.world, dist.threads);
+        const double peak = v[V_PEAK], limit = v[V_FMA_LIMIT], fma = v[V_FMA_MEASURED];
+        const double fpc = dpoc_cpu_flops_per_cycle(cpu), cores_used = limit / (cpu->clock_ghz * fpc);
+        char how[512];
+        snprintf(how, sizeof how,
+                 "%.0f core(s) x %.2f GHz (%s) x %.0f FLOP/cycle (%u x %u-bit FMA x 2: %s)", cores_used,
+                 cpu->clock_ghz, cpu->clock_source, fpc, cpu->fma_units, cpu->fma_bits, cpu->fma_source);
+        char *machine = dpoc_runtime_json();
+        if (peak_only && json) {
+            printf("{\"peak_gflops\": %.3f, \"fma_limit_gflops\": %.3f, \"fma_limit_derivation\": \"%s\", "
+                   "\"fma_measured_gflops\": %.3f, \"peak_fraction_of_fma_limit\": %.4f, "
+                   "\"peak_fraction_of_fma_measured\": %.4f, \"world_size\": %d, \"threads_per_rank\": %d, "
+                   "\"machine\": %s}\n",
+                   peak, limit, how, fma, limit > 0 ? peak / limit : 0.0, fma > 0 ? peak / fma : 0.0, dist.world,
+                   dist.threads, machine ? machine : "{}");
+        } else if (peak_only) {
+            printf("sgemm peak: %.1f GFLOP/s (%d rank(s) x %d thread(s))\n", peak, dist.world, dist.threads);
+            printf("fp32 FMA limit: %.1f GFLOP/s = %s\n", limit, how);
+            printf("  sgemm peak = %.1f%% of it\n", limit > 0 ? 100.0 * peak / limit : 0.0);
+            printf("fp32 FMA measured: %.1f GFLOP/s (independent %u-lane FMA chains on each core used: %.2f GHz "
+                   "effective)\n  sgemm peak = %.1f%% of it\n",
+                   fma, lanes, cores_used > 0 ? fma / (cores_used * fpc) : 0.0, fma > 0 ? 100.0 * peak / fma : 0.0);
         } else {
-            const double tps = v[1] / wall, gflops = v[0] / wall * 1e-9, step = wall / (double)steps;
+            const double tps = v[V_TOKENS] / wall, gflops = v[V_FLOPS] / wall * 1e-9, step = wall / (double)steps;
             double accounted = 0.0;
-            for (int k = 0; k < DPOC_PROF_N; k++) accounted += v[4 + k] / W;
+            for (int k = 0; k < DPOC_PROF_N; k++) accounted += v[V_PROF + k] / W;
             if (json) {
                 printf("{\"tokens_per_second\": %.3f, \"step_time_s\": %.6f, \"gflops\": %.3f, \"peak_gflops\": %.3f, "
                        "\"mfu\": %.6f, \"peak_rss_bytes\": %.0f, \"peak_rss_bytes_total\": %.0f, \"loss\": %.9g, "
                        "\"steps\": %zu, \"warmup_steps\": %zu, \"world_size\": %d, \"threads_per_rank\": %d, "
-                       "\"precompute_ref_log_probs\": %s, \"breakdown\": {",
-                       tps, step, gflops, peak, peak > 0 ? gflops / peak : 0.0, rss_max, v[2], ll.loss, steps, warmup,
-                       dist.world, dist.threads, cfg.precompute_ref_log_probs ? "true" : "false");
+                       "\"precompute_ref_log_probs\": %s, \"fma_limit_gflops\": %.3f, \"fma_measured_gflops\": %.3f, "
+                       "\"machine\": %s, \"breakdown\": {",
+                       tps, step, gflops, peak, peak > 0 ? gflops / peak : 0.0, rss_max, v[V_RSS], ll.loss, steps,
+                       warmup, dist.world, dist.threads, cfg.precompute_ref_log_probs ? "true" : "false", limit, fma,
+                       machine ? machine : "{}");
                 for (int k = 0; k < DPOC_PROF_N; k++)
-                    printf("\"%s\": %.6f, ", dpoc_prof_name((dpoc_prof_kind)k), v[4 + k] / W / (double)steps);
+                    printf("\"%s\": %.6f, ", dpoc_prof_name((dpoc_prof_kind)k), v[V_PROF + k] / W / (double)steps);
                 printf("\"other\": %.6f}}\n", (wall - accounted) / (double)steps);
             } else {
                 printf("dpoc bench: %zu timed steps after %zu warm-up, %d rank(s) x %d thread(s)\n", steps, warmup,
                        dist.world, dist.threads);
                 printf("  tokens/s        %.1f\n  step time       %.3f s\n  achieved        %.1f GFLOP/s\n"
-                       "  sgemm peak      %.1f GFLOP/s\n  MFU             %.1f%%\n  peak RSS        %.0f MiB (rank 0), "
+                       "  sgemm peak      %.1f GFLOP/s (fp32 FMA limit %.1f, measured %.1f)\n  MFU             %.1f%%\n  peak RSS        %.0f MiB (rank 0), "
                        "%.0f MiB (all ranks)\n  loss            %.6f\n  time per step by operation (mean over ranks):\n",
-                       tps, step, gflops, peak, peak > 0 ? 100.0 * gflops / peak : 0.0, rss_max / 1048576.0,
-                       v[2] / 1048576.0, ll.loss);
+                       tps, step, gflops, peak, limit, fma, peak > 0 ? 100.0 * gflops / peak : 0.0, rss_max / 1048576.0,
+                       v[V_RSS] / 1048576.0, ll.loss);
                 for (int k = 0; k < DPOC_PROF_N; k++)
-                    printf("    %-14s %8.3f s  %5.1f%%\n", dpoc_prof_name((dpoc_prof_kind)k), v[4 + k] / W / (double)steps,
-                           100.0 * v[4 + k] / W / wall);
+                    printf("    %-14s %8.3f s  %5.1f%%\n", dpoc_prof_name((dpoc_prof_kind)k), v[V_PROF + k] / W / (double)steps,
+                           100.0 * v[V_PROF + k] / W / wall);
                 printf("    %-14s %8.3f s  %5.1f%%\n", "other", (wall - accounted) / (double)steps,
                        100.0 * (wall - accounted) / wall);
             }
         }
+        free(machine);
         fflush(stdout);
     }
     if (t) {

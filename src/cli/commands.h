@@ -12,5 +12,6 @@ int dpoc_cli_generate(int argc, char **argv);
 int dpoc_cli_build_pairs(int argc, char **argv);
 int dpoc_cli_perplexity(int argc, char **argv);
 int dpoc_cli_bench(int argc, char **argv, int *pargc, char ***pargv);
+int dpoc_cli_doctor(int argc, char **argv);
 
 #endif

@@ -1,5 +1,6 @@
 /* Model, tokenizer and prompts for the model-using commands (see lm.h). */
 #include "lm.h"
+#include "backend.h"
 
 #include <errno.h>
 #include <math.h>
@@ -39,6 +40,7 @@ static int open_checkpoint(cli_lm *lm, const char *ckpt, char *tok_src, size_t t
 int cli_lm_open(cli_lm *lm, const char *model_path, const char *tok_path, const char *chat_template, dpoc_err *err) {
     memset(lm, 0, sizeof *lm);
     lm->chat_kind = -1;
+    DPOC_TRY(cli_backend_check(err));
     char tok_src[DPOC_PATH_MAX];
     snprintf(tok_src, sizeof tok_src, "%s", model_path);
     int rc = ends_with(model_path, ".h5") ? open_checkpoint(lm, model_path, tok_src, sizeof tok_src, err)

@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend.h"
 #include "commands.h"
 #include "dpoc/config.h"
 #include "dpoc/dist.h"
@@ -24,6 +25,13 @@ static void usage(FILE *f) {
             "  build-pairs --model PATH --prompts F --replace OLD=NEW --out F   preference pairs from the model's answers\n"
             "  perplexity --model PATH --data F.jsonl           score given answers (mean NLL, perplexity)\n"
             "  bench --config FILE.json [--steps N] [--json]    training throughput, MFU, memory, time by operation\n"
+            "  doctor [--json] [--peak]                         CPU, BLAS and its kernel, GEMM self-check, MPI, HDF5,\n"
+            "                                                   /dev/shm: what to paste into a bug report\n"
+            "\n"
+            "The commands that compute (train, bench, generate, build-pairs, perplexity, doctor) first make\n"
+            "OpenBLAS use the kernels this CPU supports (re-executing with OPENBLAS_CORETYPE set, unless you\n"
+            "set it) and check its sgemm against a scalar reference; a wrong result stops with exit code 2.\n"
+            "--skip-blas-check skips that check (not recommended).\n\n"
             "  --help                                           this text\n"
             "  --version                                        print the version\n",
             DPOC_VERSION);
@@ -90,7 +98,8 @@ static int cmd_train(int argc, char **argv, int *pargc, char ***pargv) {
         fprintf(stderr, "dpoc train: error: %s\n", err.msg);
         return rc;
     }
-    rc = dpoc_run_train(&cfg, &dist, resume, &err);
+    rc = cli_backend_check(&err);
+    if (!rc) rc = dpoc_run_train(&cfg, &dist, resume, &err);
     if (rc && rc != DPOC_EXIT_CHECKPOINTED) {
         char msg[DPOC_ERR_MSG_MAX + 32];
         snprintf(msg, sizeof msg, "error: %s", err.msg);
@@ -111,6 +120,10 @@ int main(int argc, char **argv) {
         printf("dpoc %s\n", DPOC_VERSION);
         return 0;
     }
+    static const char *const computing[] = {"train", "bench", "generate", "build-pairs", "perplexity", "doctor"};
+    for (size_t i = 0; i < sizeof computing / sizeof computing[0]; i++)
+        if (!strcmp(argv[1], computing[i])) cli_backend_prepare(&argc, argv);
+    if (!strcmp(argv[1], "doctor")) return dpoc_cli_doctor(argc - 2, argv + 2);
     if (!strcmp(argv[1], "train")) return cmd_train(argc - 2, argv + 2, &argc, &argv);
     if (!strcmp(argv[1], "tokenize")) return dpoc_cli_tokenize(argc - 2, argv + 2);
     if (!strcmp(argv[1], "data-check")) return dpoc_cli_data_check(argc - 2, argv + 2);

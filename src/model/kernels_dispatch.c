@@ -1,17 +1,18 @@
 /* Run-time choice of the kernel level (see kernels.h and layers.h).
  *
- * The active table is the library's one piece of global mutable state: it is
- * set once, by the first kernel call (pthread_once, so concurrent first calls
- * are safe), from DPOC_SIMD or the CPU, and only dpoc_kernels_force (tests,
- * benchmarks) changes it later. The tables themselves are constant. */
+ * The active level lives in the runtime context (dpoc/runtime.h), the
+ * library's one piece of global mutable state: it is set once, by the first
+ * kernel call (pthread_once, so concurrent first calls are safe), from
+ * DPOC_SIMD or the CPU, and only dpoc_kernels_force (tests, benchmarks)
+ * changes it later. The tables themselves are constant. */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "dpoc/runtime.h"
 #include "model/kernels.h"
 
-static const dpoc_kernel_table *active;
 static pthread_once_t active_once = PTHREAD_ONCE_INIT;
 
 static const char *const level_names[DPOC_SIMD_LEVELS] = {"scalar", "avx2", "avx512"};
@@ -66,16 +67,22 @@ static const dpoc_kernel_table *best_table(void) {
     return &dpoc_kernels_scalar;
 }
 
+static void set_active(const dpoc_kernel_table *t) {
+    dpoc_runtime *r = dpoc_rt();
+    r->simd_level = (int)t->level;
+    snprintf(r->simd_name, sizeof r->simd_name, "%s", dpoc_simd_name(t->level));
+}
+
 static void choose_active(void) {
     const dpoc_kernel_table *best = best_table();
     const char *want = getenv("DPOC_SIMD");
-    active = best;
+    set_active(best);
     if (!want || !*want) return;
     dpoc_simd_level level;
     const dpoc_kernel_table *t = NULL;
     if (dpoc_simd_parse(want, &level) == 0) t = dpoc_kernels_for(level);
     if (t) {
-        active = t;
+        set_active(t);
         return;
     }
     /* A wrong setting must not stop a run (library code does not exit), but it
@@ -87,7 +94,13 @@ static void choose_active(void) {
 
 const dpoc_kernel_table *dpoc_kernels(void) {
     pthread_once(&active_once, choose_active);
-    return active;
+    switch ((dpoc_simd_level)dpoc_rt()->simd_level) {
+#if defined(__x86_64__)
+    case DPOC_SIMD_AVX2: return &dpoc_kernels_avx2;
+    case DPOC_SIMD_AVX512: return &dpoc_kernels_avx512;
+#endif
+    default: return &dpoc_kernels_scalar;
+    }
 }
 
 dpoc_simd_level dpoc_kernels_level(void) { return dpoc_kernels()->level; }
@@ -98,6 +111,6 @@ int dpoc_kernels_force(dpoc_simd_level level, dpoc_err *err) {
     if (!t)
         return dpoc_errf(err, DPOC_EINPUT, "SIMD level %s is not supported by this CPU or build",
                          dpoc_simd_name(level));
-    active = t;
+    set_active(t);
     return 0;
 }

@@ -14,6 +14,7 @@
 #include "dpoc/checkpoint.h"
 #include "dpoc/metrics.h"
 #include "dpoc/ref_logps.h"
+#include "dpoc/runtime.h"
 #include "dpoc/trainer.h"
 
 /* The signal handler can only talk through process-wide state: a flag and the
@@ -177,6 +178,9 @@ int dpoc_run_train(const dpoc_config *cfg, dpoc_dist *dist, const char *resume, 
         t->on_log_ctx = &mw;
     }
     if (!rc && root) {
+        char machine[1024];
+        dpoc_runtime_describe(machine, sizeof machine);
+        printf("dpoc: %s\n", machine);
         printf("dpoc: %zu pairs (%zu dropped: prompt >= max_length), %zu parameters, %d rank(s) x %d thread(s), "
                "%ld steps (%zu per epoch), warmup %ld; models and data loaded in %.2f s (%s); gradients %s; "
                "prompts %s\n",

@@ -1,5 +1,6 @@
 /* HDF5 checkpoints (see checkpoint.h). */
 #include "dpoc/checkpoint.h"
+#include "dpoc/runtime.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -261,6 +262,9 @@ int dpoc_ckpt_save(const dpoc_trainer *t, size_t save_total_limit, char *path_ou
     bad |= attr_str(f, "dpoc_version", DPOC_VERSION);
     bad |= attr_str(f, "git_revision", DPOC_GIT_REVISION);
     bad |= attr_str(f, "config", config_json ? config_json : "{}");
+    char *machine = dpoc_runtime_json(); /* where these numbers were computed; not part of the content hash */
+    bad |= !machine || attr_str(f, "machine", machine);
+    free(machine);
     bad |= attr_i64(f, "world_size", t->dist ? t->dist->world : 1);
     bad |= attr_i64(f, "global_batch_size", (long long)global_batch(t));
     bad |= attr_i64(f, "global_step", step);

@@ -1,5 +1,6 @@
 /* metrics.jsonl and metrics.h5 (see metrics.h). */
 #include "dpoc/metrics.h"
+#include "dpoc/runtime.h"
 
 #include <errno.h>
 #include <math.h>
@@ -47,18 +48,18 @@ static int jsonl_cut(const char *path, long keep_up_to_step, dpoc_err *err) {
     return rc;
 }
 
-static int h5_set_config(hid_t f, const char *config_json, dpoc_err *err) {
-    if (H5Aexists(f, "config") > 0) H5Adelete(f, "config");
+static int h5_set_string_attr(hid_t f, const char *name, const char *value, dpoc_err *err) {
+    if (H5Aexists(f, name) > 0) H5Adelete(f, name);
     hid_t t = H5Tcopy(H5T_C_S1);
     H5Tset_size(t, H5T_VARIABLE);
     H5Tset_cset(t, H5T_CSET_UTF8);
     hid_t sp = H5Screate(H5S_SCALAR);
-    hid_t a = H5Acreate2(f, "config", t, sp, H5P_DEFAULT, H5P_DEFAULT);
-    herr_t w = a >= 0 ? H5Awrite(a, t, &config_json) : -1;
+    hid_t a = H5Acreate2(f, name, t, sp, H5P_DEFAULT, H5P_DEFAULT);
+    herr_t w = a >= 0 ? H5Awrite(a, t, &value) : -1;
     if (a >= 0) H5Aclose(a);
     H5Sclose(sp);
     H5Tclose(t);
-    return w < 0 ? dpoc_errf(err, DPOC_EIO, "metrics.h5: cannot write the config attribute") : 0;
+    return w < 0 ? dpoc_errf(err, DPOC_EIO, "metrics.h5: cannot write the %s attribute", name) : 0;
 }
 
 /* Rows of the "step" series that are <= keep_up_to_step (steps increase). */
@@ -171,7 +172,11 @@ int dpoc_metrics_open(dpoc_metrics_writer *w, const char *output_dir, const char
         return dpoc_errf(err, DPOC_EIO, "%s: cannot create", path);
     }
     w->h5 = f;
-    int rc = h5_set_config(f, config_json ? config_json : "{}", err);
+    int rc = h5_set_string_attr(f, "config", config_json ? config_json : "{}", err);
+    /* the machine this (re)start runs on: CPU, BLAS and kernel, threads, precision */
+    char *machine = rc ? NULL : dpoc_runtime_json();
+    if (!rc) rc = machine ? h5_set_string_attr(f, "machine", machine, err) : dpoc_errf(err, DPOC_ENOMEM, "metrics.h5: machine description");
+    free(machine);
     if (rc) dpoc_metrics_close(w);
     return rc;
 }
