@@ -55,6 +55,7 @@ typedef struct {
     int shared_prefix;            /* a pair's prompt computed once for both completions */
     int gradient_checkpointing;   /* per-layer recomputation in backward (dpoc_acts_mode RECOMPUTE) */
     int precompute_ref_log_probs; /* one reference pass before training, kept in output_dir/ref_logps.h5 */
+    int bf16;                     /* DPOC_BF16_*: precision of the linear layers' matrix products */
 
     /* checkpoints */
     size_t save_steps;       /* checkpoint every N optimizer steps (0: only at the end / on a signal) */
@@ -68,6 +69,11 @@ typedef struct {
     size_t num_threads;         /* BLAS/kernel threads per rank (0: cores / ranks on the node) */
     int model_loading_broadcast; /* model_loading: "each_rank" (0, mmap on every rank) or "broadcast" (1) */
 } dpoc_config;
+
+/* bf16: false keeps every product fp32; true gives the linear layers' products (forward
+ * and backward, LM head included) bf16 operands with fp32 accumulation; auto measures
+ * both on the model's shapes at start and keeps the faster. */
+enum { DPOC_BF16_FALSE = 0, DPOC_BF16_TRUE = 1, DPOC_BF16_AUTO = 2 };
 
 void dpoc_config_defaults(dpoc_config *c);
 /* Applies a JSON object (keys as documented); `where` names the source in messages. */

@@ -12,12 +12,11 @@
 #include "dpoc/config.h"
 #include "dpoc/dist.h"
 #include "dpoc/err.h"
+#include "dpoc/gemm.h"
 #include "dpoc/prof.h"
 #include "dpoc/runtime.h"
 #include "dpoc/trainer.h"
 
-#define PEAK_REPEATS 3
-static const size_t PEAK_SIZES[] = {1024, 2048, 3072};
 
 static void bench_usage(FILE *f) {
     fprintf(f,
@@ -30,49 +29,19 @@ static void bench_usage(FILE *f) {
             "  step_time_s        mean time of a timed optimizer step\n"
             "  gflops             the FLOPs the steps needed (policy forward + backward = 3x forward,\n"
             "                     the reference forward unless precomputed) per second, all ranks\n"
-            "  peak_gflops        OpenBLAS sgemm on large square matrices (%zu..%zu), measured in the same\n"
+            "  peak_gflops        OpenBLAS sgemm on large square matrices (1024..3072), measured in the same\n"
             "                     run on every rank at once with the threads each rank trains with, summed\n"
-            "  mfu                gflops / peak_gflops\n"
+            "  bf16_peak_gflops   the same for the bf16 products (oneDNN; bf16 operands, fp32 accumulation)\n"
+            "  mfu                gflops / the peak of the precision the run's products used (bf16 config key)\n"
+            "  fma_limit_gflops   the CPU's fp32 FMA limit: cores x clock x FLOP/cycle (derivation in --peak)\n"
+            "  fma_measured_gflops  independent FMA chains timed on each core used\n"
+            "  machine            CPU, dpoc's SIMD level, BLAS, its kernel and threads, self-check, precision\n"
             "  peak_rss_bytes     rank 0's peak resident set (peak_rss_bytes_total: summed over the ranks)\n"
             "  breakdown          seconds per timed step by operation (mean over ranks): gemm, attention,\n"
             "                     pointwise, lm_head, loss, optimizer, communication, data, other\n"
             "  loss               the training loss of the last step\n"
             "With precompute_ref_log_probs the reference pass runs (untimed) before the warm-up.\n"
-            "--peak measures only peak_gflops.\n",
-            PEAK_SIZES[0], PEAK_SIZES[sizeof PEAK_SIZES / sizeof PEAK_SIZES[0] - 1]);
-}
-
-/* Best sgemm rate over the sizes, on this rank's BLAS threads. */
-static int measure_peak(double *gflops, dpoc_err *err) {
-    const size_t nmax = PEAK_SIZES[sizeof PEAK_SIZES / sizeof PEAK_SIZES[0] - 1];
-    float *a = dpoc_malloc(nmax * nmax * sizeof(float), "sgemm buffers", err);
-    float *b = dpoc_malloc(nmax * nmax * sizeof(float), "sgemm buffers", err);
-    float *c = dpoc_malloc(nmax * nmax * sizeof(float), "sgemm buffers", err);
-    if (!a || !b || !c) {
-        free(a);
-        free(b);
-        free(c);
-        return DPOC_ENOMEM;
-    }
-    for (size_t i = 0; i < nmax * nmax; i++) a[i] = b[i] = (float)((i * 7919) % 1000) * 1e-3f;
-    double best = 0.0;
-    for (size_t k = 0; k < sizeof PEAK_SIZES / sizeof PEAK_SIZES[0]; k++) {
-        const size_t n = PEAK_SIZES[k];
-        const int ni = (int)n;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ni, ni, ni, 1.0f, a, ni, b, ni, 0.0f, c, ni); /* warm */
-        for (int r = 0; r < PEAK_REPEATS; r++) {
-            const double t0 = dpoc_prof_clock();
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ni, ni, ni, 1.0f, a, ni, b, ni, 0.0f, c, ni);
-            const double dt = dpoc_prof_clock() - t0;
-            const double g = 2.0 * (double)n * (double)n * (double)n / dt * 1e-9;
-            if (g > best) best = g;
-        }
-    }
-    free(a);
-    free(b);
-    free(c);
-    *gflops = best;
-    return 0;
+            "--peak measures only the peaks and the FMA limit.\n");
 }
 
 static double peak_rss_bytes(void) {
@@ -153,7 +122,7 @@ int dpoc_cli_bench(int argc, char **argv, int *pargc, char ***pargv) {
     memset(&prof, 0, sizeof prof);
     last_loss ll = {0, 0};
     /* per-rank values summed over the ranks */
-    enum { V_FLOPS, V_TOKENS, V_RSS, V_PEAK, V_FMA_LIMIT, V_FMA_MEASURED, V_PROF };
+    enum { V_FLOPS, V_TOKENS, V_RSS, V_PEAK, V_PEAK_BF16, V_FMA_LIMIT, V_FMA_MEASURED, V_PROF };
     double v[V_PROF + DPOC_PROF_N + 1];
     memset(v, 0, sizeof v);
     double rss_max = 0.0, wall = 0.0, comm0 = 0.0;
@@ -190,7 +159,9 @@ int dpoc_cli_bench(int argc, char **argv, int *pargc, char ***pargv) {
     }
     /* the peak with every rank's BLAS at work at once, as in training */
     if (!rc) rc = dpoc_dist_barrier(&dist, &err);
-    if (!rc) rc = measure_peak(&v[V_PEAK], &err);
+    if (!rc) rc = dpoc_gemm_measure_peak(DPOC_GEMM_FP32, &v[V_PEAK], &err);
+    if (!rc) rc = dpoc_dist_barrier(&dist, &err);
+    if (!rc) rc = dpoc_gemm_measure_peak(DPOC_GEMM_BF16, &v[V_PEAK_BF16], &err);
     /* the FMA limit of the cores this rank's threads can have, and one core measured */
     const dpoc_cpu *cpu = &dpoc_rt()->cpu;
     const long node_cores = cpu->cores / (dist.local_size > 0 ? dist.local_size : 1);
@@ -205,7 +176,9 @@ int dpoc_cli_bench(int argc, char **argv, int *pargc, char ***pargv) {
     if (!rc) rc = dpoc_dist_sum_doubles(&dist, v, sizeof v / sizeof v[0], &err);
     if (!rc && root) {
         const double W = (double)dist.world;
-        const double peak = v[V_PEAK], limit = v[V_FMA_LIMIT], fma = v[V_FMA_MEASURED];
+        const double peak32 = v[V_PEAK], peak16 = v[V_PEAK_BF16], limit = v[V_FMA_LIMIT], fma = v[V_FMA_MEASURED];
+        const int bf16_run = dpoc_rt()->precision == DPOC_PRECISION_BF16;
+        const double peak = bf16_run && !peak_only ? peak16 : peak32; /* MFU's denominator */
         const double fpc = dpoc_cpu_flops_per_cycle(cpu), cores_used = limit / (cpu->clock_ghz * fpc);
         char how[512];
         snprintf(how, sizeof how,
@@ -213,14 +186,16 @@ int dpoc_cli_bench(int argc, char **argv, int *pargc, char ***pargv) {
                  cpu->clock_ghz, cpu->clock_source, fpc, cpu->fma_units, cpu->fma_bits, cpu->fma_source);
         char *machine = dpoc_runtime_json();
         if (peak_only && json) {
-            printf("{\"peak_gflops\": %.3f, \"fma_limit_gflops\": %.3f, \"fma_limit_derivation\": \"%s\", "
+            printf("{\"peak_gflops\": %.3f, \"bf16_peak_gflops\": %.3f, \"fma_limit_gflops\": %.3f, \"fma_limit_derivation\": \"%s\", "
                    "\"fma_measured_gflops\": %.3f, \"peak_fraction_of_fma_limit\": %.4f, "
                    "\"peak_fraction_of_fma_measured\": %.4f, \"world_size\": %d, \"threads_per_rank\": %d, "
                    "\"machine\": %s}\n",
-                   peak, limit, how, fma, limit > 0 ? peak / limit : 0.0, fma > 0 ? peak / fma : 0.0, dist.world,
+                   peak, peak16, limit, how, fma, limit > 0 ? peak / limit : 0.0, fma > 0 ? peak / fma : 0.0, dist.world,
                    dist.threads, machine ? machine : "{}");
         } else if (peak_only) {
             printf("sgemm peak: %.1f GFLOP/s (%d rank(s) x %d thread(s))\n", peak, dist.world, dist.threads);
+            printf("bf16 GEMM peak: %.1f GFLOP/s (%s; bf16 operands, fp32 accumulation) = %.2fx sgemm\n", peak16,
+                   dpoc_gemm_bf16_available() ? "oneDNN" : "fp32 fallback: no fast bf16 matmul", peak > 0 ? peak16 / peak : 0.0);
             printf("fp32 FMA limit: %.1f GFLOP/s = %s\n", limit, how);
             printf("  sgemm peak = %.1f%% of it\n", limit > 0 ? 100.0 * peak / limit : 0.0);
             printf("fp32 FMA measured: %.1f GFLOP/s (independent %u-lane FMA chains on each core used: %.2f GHz "
@@ -232,11 +207,12 @@ int dpoc_cli_bench(int argc, char **argv, int *pargc, char ***pargv) {
             for (int k = 0; k < DPOC_PROF_N; k++) accounted += v[V_PROF + k] / W;
             if (json) {
                 printf("{\"tokens_per_second\": %.3f, \"step_time_s\": %.6f, \"gflops\": %.3f, \"peak_gflops\": %.3f, "
-                       "\"mfu\": %.6f, \"peak_rss_bytes\": %.0f, \"peak_rss_bytes_total\": %.0f, \"loss\": %.9g, "
+                       "\"bf16_peak_gflops\": %.3f, \"precision\": \"%s\", \"mfu\": %.6f, \"peak_rss_bytes\": %.0f, \"peak_rss_bytes_total\": %.0f, \"loss\": %.9g, "
                        "\"steps\": %zu, \"warmup_steps\": %zu, \"world_size\": %d, \"threads_per_rank\": %d, "
                        "\"precompute_ref_log_probs\": %s, \"fma_limit_gflops\": %.3f, \"fma_measured_gflops\": %.3f, "
                        "\"machine\": %s, \"breakdown\": {",
-                       tps, step, gflops, peak, peak > 0 ? gflops / peak : 0.0, rss_max, v[V_RSS], ll.loss, steps,
+                       tps, step, gflops, peak32, peak16, bf16_run ? "bf16" : "fp32", peak > 0 ? gflops / peak : 0.0,
+                       rss_max, v[V_RSS], ll.loss, steps,
                        warmup, dist.world, dist.threads, cfg.precompute_ref_log_probs ? "true" : "false", limit, fma,
                        machine ? machine : "{}");
                 for (int k = 0; k < DPOC_PROF_N; k++)
@@ -246,9 +222,11 @@ int dpoc_cli_bench(int argc, char **argv, int *pargc, char ***pargv) {
                 printf("dpoc bench: %zu timed steps after %zu warm-up, %d rank(s) x %d thread(s)\n", steps, warmup,
                        dist.world, dist.threads);
                 printf("  tokens/s        %.1f\n  step time       %.3f s\n  achieved        %.1f GFLOP/s\n"
-                       "  sgemm peak      %.1f GFLOP/s (fp32 FMA limit %.1f, measured %.1f)\n  MFU             %.1f%%\n  peak RSS        %.0f MiB (rank 0), "
+                       "  sgemm peak      %.1f GFLOP/s (fp32 FMA limit %.1f, measured %.1f); bf16 GEMM peak %.1f\n"
+                       "  MFU             %.1f%% (of the %s peak)\n  peak RSS        %.0f MiB (rank 0), "
                        "%.0f MiB (all ranks)\n  loss            %.6f\n  time per step by operation (mean over ranks):\n",
-                       tps, step, gflops, peak, limit, fma, peak > 0 ? 100.0 * gflops / peak : 0.0, rss_max / 1048576.0,
+                       tps, step, gflops, peak32, limit, fma, peak16, peak > 0 ? 100.0 * gflops / peak : 0.0,
+                       bf16_run ? "bf16 GEMM" : "sgemm", rss_max / 1048576.0,
                        v[V_RSS] / 1048576.0, ll.loss);
                 for (int k = 0; k < DPOC_PROF_N; k++)
                     printf("    %-14s %8.3f s  %5.1f%%\n", dpoc_prof_name((dpoc_prof_kind)k), v[V_PROF + k] / W / (double)steps,

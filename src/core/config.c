@@ -240,6 +240,26 @@ static int set_must_be_true(dpoc_config *c, const key_def *k, const cJSON *v, co
                      where, k->name);
 }
 
+static const char *const BF16_NAMES[] = {"false", "true", "auto"};
+/* bf16: true / false as TRL's, or "auto" (dpoc's: measure both, keep the faster) */
+static int set_bf16(dpoc_config *c, const key_def *k, const cJSON *v, const char *where, dpoc_err *err) {
+    if (cJSON_IsBool(v)) {
+        c->bf16 = cJSON_IsTrue(v) ? DPOC_BF16_TRUE : DPOC_BF16_FALSE;
+        return 0;
+    }
+    if (cJSON_IsNull(v)) {
+        c->bf16 = DPOC_BF16_FALSE;
+        return 0;
+    }
+    int x = 0;
+    DPOC_TRY(set_enum(k, v, where, BF16_NAMES, 3, &x, err));
+    c->bf16 = x;
+    return 0;
+}
+static cJSON *get_bf16(const dpoc_config *c) {
+    return c->bf16 == DPOC_BF16_AUTO ? cJSON_CreateString("auto") : cJSON_CreateBool(c->bf16 == DPOC_BF16_TRUE);
+}
+
 static const key_def KEYS[] = {
     {"model_name_or_path", K_PATH, OFF(model_name_or_path), 0, 0, 0, 0, "policy model: a GGUF file or a Hugging Face model directory"},
     {"ref_model_name_or_path", K_PATH, OFF(ref_model_name_or_path), 0, 0, 0, 0,
@@ -318,7 +338,10 @@ static const key_def KEYS[] = {
     {"gradient_checkpointing", K_BOOL, OFF(gradient_checkpointing), 0, 0, 0, 0,
      "keep only each layer's input; recompute a layer's forward in backward (less memory, ~1/3 more compute)"},
     {"use_cpu", K_CUSTOM, 0, 0, 0, set_ignored, 0, "accepted and ignored"},
-    {"bf16", K_CUSTOM, 0, 0, 0, set_must_be_false, 0, "must be false"},
+    {"bf16", K_CUSTOM, 0, 0, 0, set_bf16, get_bf16,
+     "false (fp32 products), true (the linear layers' products forward and backward, LM head included, take "
+     "bf16 operands and accumulate in fp32: HF autocast's matmuls; weights, gradients, AdamW, norms, attention, "
+     "softmax and losses stay fp32) or auto (measure both on the model's shapes at start, keep the faster)"},
     {"fp16", K_CUSTOM, 0, 0, 0, set_must_be_false, 0, "must be false"},
     {"disable_dropout", K_CUSTOM, 0, 0, 0, set_must_be_true, 0, "must be true"},
 };

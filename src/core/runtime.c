@@ -9,6 +9,8 @@
 #include <cblas.h>
 #include <cjson/cJSON.h>
 
+#define PRECISION_DEFAULT_WHY "bf16 false"
+
 static dpoc_runtime rt;
 static pthread_once_t rt_once = PTHREAD_ONCE_INIT;
 
@@ -30,7 +32,7 @@ static void rt_init(void) {
     dpoc_blas_decide(&s, &rt.blas_decision);
     rt.simd_level = -1;
     rt.precision = DPOC_PRECISION_FP32;
-    snprintf(rt.precision_why, sizeof rt.precision_why, "bf16 false");
+    snprintf(rt.precision_why, sizeof rt.precision_why, PRECISION_DEFAULT_WHY);
 }
 
 dpoc_runtime *dpoc_rt(void) {
@@ -66,16 +68,19 @@ void dpoc_runtime_describe(char *buf, size_t n) {
     const char *kernel_note = r->blas_decision.action == DPOC_BLAS_KEEP && !r->blas_chosen_alone[0]
                                   ? "chosen by OpenBLAS"
                                   : r->blas_decision.why;
+    /* the precision needs no explanation when bf16 was simply not asked for */
+    const int plain = r->precision == DPOC_PRECISION_FP32 && !strcmp(r->precision_why, PRECISION_DEFAULT_WHY);
     if (r->blas_check_state > 0) snprintf(check, sizeof check, "self-check passed (%.0f ms)", r->blas_check_s * 1e3);
     else if (r->blas_check_state < 0) snprintf(check, sizeof check, "self-check SKIPPED (--skip-blas-check)");
     else snprintf(check, sizeof check, "self-check not run");
     snprintf(buf, n,
              "CPU %s (%s family %u model %u, %s%s%s, %ld cores); dpoc kernels %s; BLAS %s %s, %s kernels (%s), "
-             "%d thread(s), %s; matrix products %s",
+             "%d thread(s), %s; matrix products %s%s%s%s",
              r->cpu.model_name, r->cpu.vendor_id, r->cpu.family, r->cpu.model,
              dpoc_isa_name(dpoc_cpu_isa_level(r->cpu.features)), feats[0] ? " " : "", feats, r->cpu.cores,
              r->simd_name[0] ? r->simd_name : "not chosen yet", r->blas.library, r->blas.version, r->blas.kernel,
-             kernel_note, r->blas.threads, check, precision_name(r->precision));
+             kernel_note, r->blas.threads, check, precision_name(r->precision), plain ? "" : " (",
+             plain ? "" : r->precision_why, plain ? "" : ")");
 }
 
 char *dpoc_runtime_json(void) {

@@ -9,7 +9,9 @@
  *    pointer means "not needed";
  *  - outputs never alias inputs (the pointers are restrict-qualified), except
  *    the in-place RoPE;
- *  - the large products go through OpenBLAS cblas_sgemm; long reductions
+ *  - the linear layers' and the LM head's products go through dpoc_gemm in the
+ *    process's precision (dpoc/runtime.h: fp32 = cblas_sgemm bit for bit, or
+ *    bf16 operands with fp32 accumulation, the `bf16` config key); long reductions
  *    (RMS mean, softmax and logsumexp sums) accumulate in double and round once;
  *  - RMSNorm, RoPE, attention, SwiGLU and the LM head's per-chunk pointwise
  *    work are dispatched to a scalar, AVX2 or AVX-512 implementation chosen at
@@ -24,8 +26,8 @@
 #include <math.h>
 #include <string.h>
 
-#include <cblas.h>
-
+#include "dpoc/gemm.h"
+#include "dpoc/runtime.h"
 #include "model/kernels.h"
 
 /* Rows of the LM head processed together in the forward: the online-logsumexp
@@ -43,10 +45,11 @@ void lmhead_backward_chunked(float *dh, float *dw, const float *dlogp, const flo
                              const int32_t *labels, const float *lse, size_t R, size_t C, size_t V,
                              float *scratch, size_t chunk);
 
-/* BLAS dimensions are int (blasint) in the CBLAS interface. */
-static int blas_dim(size_t n) {
-    assert(n <= (size_t)INT_MAX);
-    return (int)n;
+/* A linear-layer product, row-major (dpoc/gemm.h), in the run's precision. */
+static void linear_gemm(int ta, int tb, size_t M, size_t N, size_t K, const float *A, size_t lda, const float *B,
+                        size_t ldb, float beta, float *C, size_t ldc) {
+    const dpoc_gemm_precision p = dpoc_rt()->precision == DPOC_PRECISION_BF16 ? DPOC_GEMM_BF16 : DPOC_GEMM_FP32;
+    dpoc_gemm(p, ta, tb, M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
 }
 
 static size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
@@ -103,8 +106,7 @@ void matmul_forward(float *restrict out, const float *restrict inp, const float 
         else memset(o, 0, OC * sizeof *o);
     }
     if (C == 0) return;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_dim(T), blas_dim(OC), blas_dim(C), 1.0f, inp,
-                blas_dim(C), weight, blas_dim(C), 1.0f, out, blas_dim(OC));
+    linear_gemm(0, 1, T, OC, C, inp, C, weight, C, 1.0f, out, OC);
 }
 
 /* dinp (T,C) += dout (T,OC) @ weight (OC,C); dweight (OC,C) += dout^T @ inp (T,C);
@@ -114,12 +116,10 @@ void matmul_backward(float *restrict dinp, float *restrict dweight, float *restr
                      size_t T, size_t C, size_t OC) {
     if (T == 0 || OC == 0) return;
     if (dinp && C > 0) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, blas_dim(T), blas_dim(C), blas_dim(OC), 1.0f,
-                    dout, blas_dim(OC), weight, blas_dim(C), 1.0f, dinp, blas_dim(C));
+        linear_gemm(0, 0, T, C, OC, dout, OC, weight, C, 1.0f, dinp, C);
     }
     if (dweight && C > 0) {
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, blas_dim(OC), blas_dim(C), blas_dim(T), 1.0f,
-                    dout, blas_dim(OC), inp, blas_dim(C), 1.0f, dweight, blas_dim(C));
+        linear_gemm(1, 0, OC, C, T, dout, OC, inp, C, 1.0f, dweight, C);
     }
     if (dbias) {
         for (size_t t = 0; t < T; t++) {
@@ -266,8 +266,7 @@ void lmhead_forward_chunked(lmhead_out *o, const float *h, const float *w, const
         for (size_t v0 = 0; v0 < V; v0 += chunk) {
             const size_t n = min_size(chunk, V - v0);
             /* scratch (rb, n) = h[r0:r0+rb] @ w[v0:v0+n]^T */
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_dim(rb), blas_dim(n), blas_dim(C), 1.0f,
-                        h + r0 * C, blas_dim(C), w + v0 * C, blas_dim(C), 0.0f, scratch, blas_dim(n));
+            linear_gemm(0, 1, rb, n, C, h + r0 * C, C, w + v0 * C, C, 0.0f, scratch, n);
             for (size_t r = 0; r < rb; r++) {
                 const float *l = scratch + r * n;
                 dpoc_lmhead_chunk_stats cs;
@@ -313,8 +312,7 @@ void lmhead_backward_chunked(float *dh, float *dw, const float *dlogp, const flo
     const dpoc_kernel_table *kt = dpoc_kernels();
     for (size_t v0 = 0; v0 < V; v0 += chunk) {
         const size_t n = min_size(chunk, V - v0);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_dim(R), blas_dim(n), blas_dim(C), 1.0f, h,
-                    blas_dim(C), w + v0 * C, blas_dim(C), 0.0f, scratch, blas_dim(n));
+        linear_gemm(0, 1, R, n, C, h, C, w + v0 * C, C, 0.0f, scratch, n);
         for (size_t r = 0; r < R; r++) {
             float *l = scratch + r * n;
             const float g = dlogp[r], m = lse[r];
@@ -326,13 +324,11 @@ void lmhead_backward_chunked(float *dh, float *dw, const float *dlogp, const flo
         }
         /* dh (R,C) += dlogits (R,n) @ w_chunk (n,C) */
         if (dh) {
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, blas_dim(R), blas_dim(C), blas_dim(n), 1.0f,
-                        scratch, blas_dim(n), w + v0 * C, blas_dim(C), 1.0f, dh, blas_dim(C));
+            linear_gemm(0, 0, R, C, n, scratch, n, w + v0 * C, C, 1.0f, dh, C);
         }
         /* dw_chunk (n,C) += dlogits^T (n,R) @ h (R,C) */
         if (dw) {
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, blas_dim(n), blas_dim(C), blas_dim(R), 1.0f,
-                        scratch, blas_dim(n), h, blas_dim(C), 1.0f, dw + v0 * C, blas_dim(C));
+            linear_gemm(1, 0, n, C, R, scratch, n, h, C, 1.0f, dw + v0 * C, C);
         }
     }
 }

@@ -18,6 +18,8 @@
  * Epoch tail: one process takes a smaller last micro-batch (HF, drop_last false);
  * several ranks fill the last micro-batches from the start of the epoch's order,
  * as accelerate's even_batches does, so every rank always has a full batch. */
+#include "dpoc/precision.h"
+#include "dpoc/runtime.h"
 #include "dpoc/trainer.h"
 
 #include <math.h>
@@ -204,6 +206,28 @@ static double pair_cost(const dpoc_trainer *t, size_t pair, int32_t *buf) {
     return f;
 }
 
+/* Rows of the micro-batch-sized products that bf16 auto times (a few pairs of a few hundred tokens). */
+#define PRECISION_TIMING_ROWS 512
+
+/* The `bf16` setting; auto times both precisions on the policy's MLP shape over
+ * the rows of a micro-batch's pairs, summed over the ranks so all decide alike. */
+static int choose_precision(dpoc_trainer *t, dpoc_err *err) {
+    if (t->cfg.bf16 != DPOC_BF16_AUTO) {
+        dpoc_precision_apply(t->cfg.bf16, NULL);
+        return 0;
+    }
+    const size_t rows = PRECISION_TIMING_ROWS;
+    dpoc_precision_timing tm;
+    DPOC_TRY(dpoc_precision_time(rows, t->policy.cfg.hidden_size, t->policy.cfg.intermediate_size, &tm, err));
+    if (t->dist && t->dist->world > 1) {
+        double v[2] = {tm.fp32_s, tm.bf16_s};
+        DPOC_TRY(dpoc_dist_sum_doubles(t->dist, v, 2, err));
+        tm.fp32_s = v[0], tm.bf16_s = v[1];
+    }
+    dpoc_precision_apply(DPOC_BF16_AUTO, &tm);
+    return 0;
+}
+
 int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, dpoc_err *err) {
     memset(t, 0, sizeof *t);
     t->cfg = *cfg;
@@ -229,6 +253,7 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
         if (i != DPOC_NO_PARAM) t->policy.params[t->policy.info[i].offset] += 1e-3f;
     }
     if ((rc = load_data(t, err))) goto fail;
+    if ((rc = choose_precision(t, err))) goto fail;
     const size_t bs = cfg->per_device_train_batch_size, n_seq = 2 * bs, ga = cfg->gradient_accumulation_steps;
     t->max_T = dpoc_dataset_max_seq_len(&t->data, cfg->max_length);
     if (t->max_T > t->policy.cfg.max_position_embeddings) {
@@ -366,6 +391,8 @@ uint64_t dpoc_trainer_ref_logps_key(const dpoc_trainer *t) {
     uint64_t h = dpoc_fnv1a(DPOC_FNV_OFFSET, &t->fp_ref, sizeof t->fp_ref);
     h = dpoc_fnv1a(h, &t->fp_data, sizeof t->fp_data);
     h = dpoc_fnv1a(h, settings, sizeof settings);
+    /* bf16 products give other values; fp32 keeps the key it always had */
+    if (dpoc_rt()->precision == DPOC_PRECISION_BF16) h = dpoc_fnv1a(h, "bf16", 4);
     return dpoc_fnv1a(h, &ld, sizeof ld);
 }
 

@@ -57,6 +57,11 @@ static void test_parse_and_set(void **state) {
     assert_int_equal(dpoc_config_set(&c, "truncation_mode=keep_end", &err), 0);
     assert_true(c.grad_allreduce == DPOC_ALLREDUCE_AUTO);
     assert_int_equal(dpoc_config_set(&c, "grad_allreduce=mpi", &err), 0);
+    assert_int_equal(c.bf16, DPOC_BF16_FALSE); /* fp32 unless asked */
+    assert_int_equal(dpoc_config_set(&c, "bf16=true", &err), 0);
+    assert_int_equal(c.bf16, DPOC_BF16_TRUE);
+    assert_int_equal(dpoc_config_set(&c, "bf16=auto", &err), 0);
+    assert_int_equal(c.bf16, DPOC_BF16_AUTO);
     assert_int_equal(dpoc_config_finalize(&c, &err), 0);
     assert_true(c.loss.beta == 0.5);
     assert_int_equal(c.loss.n_types, 3);
@@ -76,6 +81,7 @@ static void test_parse_and_set(void **state) {
     assert_int_equal(dpoc_config_finalize(&d, &err), 0);
     assert_true(d.loss.beta == 0.5 && d.loss.n_types == 3 && d.loss.weights[1] == 0.2);
     assert_true(d.grad_allreduce == DPOC_ALLREDUCE_MPI);
+    assert_int_equal(d.bf16, DPOC_BF16_AUTO);
     free(dump);
 }
 
@@ -91,7 +97,9 @@ static void test_errors_name_the_key(void **state) {
     expect_error("{\"lr_scheduler_type\": \"poly\"}", "'lr_scheduler_type'");
     expect_error("{\"loss_type\": \"exo_pair\"}", "'label_smoothing'");
     expect_error("{\"loss_type\": \"bco_pair\", \"f_divergence_type\": \"js_divergence\"}", "'f_divergence_type'");
-    expect_error("{\"bf16\": true}", "'bf16'");
+    expect_error("{\"bf16\": \"maybe\"}", "'bf16'");
+    expect_error("{\"bf16\": 1}", "'bf16'");
+    expect_error("{\"fp16\": true}", "'fp16'");
     expect_error("{\"ld_alpha\": 2}", "'ld_alpha'");
     expect_error("{\"grad_allreduce\": \"nccl\"}", "'grad_allreduce'");
     expect_error("{\"grad_allreduce\": 1}", "'grad_allreduce'");
