@@ -56,16 +56,6 @@
 
 static int report;
 
-typedef struct {
-    uint64_t s;
-} rng_t;
-
-static uint64_t rng_next(rng_t *r) { return dpoc_splitmix64(&r->s); }
-
-static float rng_uniform(rng_t *r, float lo, float hi) {
-    return (float)(lo + (hi - lo) * ((double)(rng_next(r) >> 11) / (double)(1ull << 53)));
-}
-
 static float from_bits(uint32_t u) {
     float x;
     memcpy(&x, &u, sizeof x);

@@ -83,16 +83,6 @@ static int report; /* DPOC_KERNELS_REPORT set: print the largest errors */
 /* ---------------------------------------------------------------------- */
 /* helpers */
 
-typedef struct {
-    uint64_t s;
-} rng_t;
-
-static uint64_t rng_next(rng_t *r) { return dpoc_splitmix64(&r->s); }
-
-static float rng_uniform(rng_t *r, float lo, float hi) {
-    return (float)(lo + (hi - lo) * ((double)(rng_next(r) >> 11) / (double)(1ull << 53)));
-}
-
 static size_t rng_size(rng_t *r, size_t lo, size_t hi) { return lo + (size_t)(rng_next(r) % (hi - lo + 1)); }
 
 static float *frand(rng_t *r, size_t n, float lo, float hi) {

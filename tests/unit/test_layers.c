@@ -52,23 +52,6 @@ enum {
 /* ---------------------------------------------------------------------- */
 /* helpers */
 
-typedef struct {
-    uint64_t s;
-} rng_t;
-
-/* splitmix64 */
-static uint64_t rng_next(rng_t *r) {
-    uint64_t z = (r->s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-static float rng_uniform(rng_t *r, float lo, float hi) {
-    const double u = (double)(rng_next(r) >> 11) / (double)(1ull << 53);
-    return (float)(lo + (hi - lo) * u);
-}
-
 static float *frand(rng_t *r, size_t n, float lo, float hi) {
     float *a = malloc((n ? n : 1) * sizeof *a);
     assert_non_null(a);

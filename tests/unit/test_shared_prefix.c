@@ -53,16 +53,6 @@
 /* ---------------------------------------------------------------------- */
 /* helpers */
 
-typedef struct {
-    uint64_t s;
-} rng_t;
-
-static uint64_t rng_next(rng_t *r) { return dpoc_splitmix64(&r->s); }
-
-static float rng_uniform(rng_t *r, float lo, float hi) {
-    return (float)(lo + (hi - lo) * ((double)(rng_next(r) >> 11) / (double)(1ull << 53)));
-}
-
 static float *fzeros(size_t n) {
     float *a = calloc(n ? n : 1, sizeof *a);
     assert_non_null(a);

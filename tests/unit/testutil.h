@@ -10,6 +10,17 @@
 #include <cmocka.h>
 #include <cjson/cJSON.h>
 
+#include "core/rng.h"
+
+/* Test random numbers: core/rng's splitmix64 and a uniform float in [lo, hi). */
+typedef struct {
+    uint64_t s;
+} rng_t;
+static inline uint64_t rng_next(rng_t *r) { return dpoc_splitmix64(&r->s); }
+static inline float rng_uniform(rng_t *r, float lo, float hi) {
+    return (float)(lo + (hi - lo) * ((double)(rng_next(r) >> 11) / (double)(1ull << 53)));
+}
+
 /* DPOC_FIXTURES "/" rel, in a static buffer (one at a time). */
 const char *fixture_path(const char *rel);
 
