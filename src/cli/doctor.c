@@ -10,9 +10,11 @@
 #include <unistd.h>
 
 #include <cjson/cJSON.h>
+#include <oneapi/dnnl/dnnl.h>
 
 #include "backend.h"
 #include "commands.h"
+#include "dpoc/gemm.h"
 #include "dpoc/layers.h"
 #include "dpoc/runtime.h"
 
@@ -56,6 +58,11 @@ int dpoc_cli_doctor(int argc, char **argv) {
     const double shm_total = shm_ok ? (double)sv.f_blocks * (double)sv.f_frsize : 0.0;
     const double mem = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
     const double limit = dpoc_cpu_fma_limit_gflops(&r->cpu, (double)r->cpu.cores);
+    const dnnl_version_t *dv = dnnl_version();
+    char dnnl[96];
+    snprintf(dnnl, sizeof dnnl, "oneDNN %d.%d.%d (%s)", dv->major, dv->minor, dv->patch,
+             dpoc_gemm_bf16_available() ? "bf16 matmul kernels available"
+                                        : "no bf16 matmul kernel for this CPU: bf16 runs the exact sgemm fallback");
     if (json) {
         char *m = dpoc_runtime_json();
         cJSON *o = m ? cJSON_Parse(m) : NULL;
@@ -70,6 +77,7 @@ int dpoc_cli_doctor(int argc, char **argv) {
         cJSON_AddNumberToObject(o, "fma_limit_gflops", limit);
         cJSON_AddStringToObject(o, "mpi", mpi);
         cJSON_AddStringToObject(o, "hdf5", h5);
+        cJSON_AddStringToObject(o, "bf16_gemm", dnnl);
         cJSON_AddNumberToObject(o, "memory_bytes", mem);
         cJSON_AddNumberToObject(o, "dev_shm_free_bytes", shm_free);
         cJSON_AddNumberToObject(o, "dev_shm_total_bytes", shm_total);
@@ -98,6 +106,7 @@ int dpoc_cli_doctor(int argc, char **argv) {
         if (rc) printf("           GEMM self-check FAILED: %s\n", err.msg);
         else if (r->blas_check_state > 0) printf("           GEMM self-check passed in %.1f ms\n", r->blas_check_s * 1e3);
         else printf("           GEMM self-check skipped (--skip-blas-check)\n");
+        printf("bf16 GEMM  %s\n", dnnl);
         printf("MPI        %s\n", mpi);
         printf("HDF5       %u.%u.%u\n", h5maj, h5min, h5rel);
         printf("memory     %.1f GiB\n", mem / 1073741824.0);
