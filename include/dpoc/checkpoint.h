@@ -7,7 +7,8 @@
  *   root attributes: format_version, dpoc_version, git_revision, config (JSON),
  *   world_size, global_batch_size, global_step, epoch, samples_seen, seed,
  *   optimizer_step, scheduler (total_steps, warmup_steps), the logging window,
- *   model/ref/data source paths and content fingerprints, content_hash.
+ *   model/ref/data source paths and content fingerprints, content_hash, and
+ *   (not hashed) machine (JSON: CPU, BLAS, kernel, threads) and precision.
  * Every dataset carries the Fletcher32 filter; content_hash (FNV-1a 64 of all
  * tensors and the step counters) is checked on load.
  *
@@ -40,6 +41,10 @@ int dpoc_ckpt_resolve(const char *output_dir, const char *resume, char *path, si
  * from the same config. A checkpoint of another model, data set or global batch is
  * refused with a message saying what differs. */
 int dpoc_ckpt_restore(dpoc_trainer *t, const char *path, dpoc_err *err);
+
+/* The precision of the matrix products the checkpoint's run used (attribute
+ * "precision"; absent: fp32): *bf16 = 1 for bf16. */
+int dpoc_ckpt_precision(const char *path, int *bf16, dpoc_err *err);
 
 /* The step a checkpoint was taken at (read from its attributes). */
 int dpoc_ckpt_step(const char *path, long *step, dpoc_err *err);

@@ -138,9 +138,21 @@ int dpoc_run_train(const dpoc_config *cfg, dpoc_dist *dist, const char *resume, 
         restore_handlers(old);
         return DPOC_ENOMEM;
     }
+    /* every rank resolves and restores the same file (rank 0's choice is shared
+     * implicitly: they all see the same output_dir) */
+    char ckpt[DPOC_PATH_MAX + 300] = "";
+    int rc = resume ? dpoc_ckpt_resolve(cfg->output_dir, resume, ckpt, sizeof ckpt, err) : 0;
+    /* bf16 auto resumes with the precision the checkpoint was trained with: bit-exact */
+    dpoc_config run_cfg = *cfg;
+    int ckpt_bf16 = 0;
+    if (!rc && ckpt[0] && cfg->bf16 == DPOC_BF16_AUTO && !(rc = dpoc_ckpt_precision(ckpt, &ckpt_bf16, err)))
+        run_cfg.bf16 = ckpt_bf16 ? DPOC_BF16_TRUE : DPOC_BF16_FALSE;
     const double t_load = dpoc_now_s();
-    int rc = dpoc_trainer_init(t, cfg, dist, err);
+    if (!rc) rc = dpoc_trainer_init(t, &run_cfg, dist, err);
     const double load_s = dpoc_now_s() - t_load;
+    if (!rc && run_cfg.bf16 != cfg->bf16)
+        snprintf(dpoc_rt()->precision_why, sizeof dpoc_rt()->precision_why,
+                 "bf16 auto: the checkpoint's %s kept, so that the resumed run is bit-exact", ckpt_bf16 ? "bf16" : "fp32");
     if (rc) {
         free(t);
         restore_handlers(old);
@@ -157,10 +169,6 @@ int dpoc_run_train(const dpoc_config *cfg, dpoc_dist *dist, const char *resume, 
         restore_handlers(old);
         return rc;
     }
-    char ckpt[DPOC_PATH_MAX + 300] = "";
-    /* every rank resolves and restores the same file (rank 0's choice is shared
-     * implicitly: they all see the same output_dir) */
-    if (resume) rc = dpoc_ckpt_resolve(cfg->output_dir, resume, ckpt, sizeof ckpt, err);
     if (!rc && ckpt[0]) {
         rc = dpoc_ckpt_restore(t, ckpt, err);
         if (!rc && root) printf("dpoc: resumed from %s at step %ld\n", ckpt, t->global_step);

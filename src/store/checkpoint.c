@@ -265,6 +265,8 @@ int dpoc_ckpt_save(const dpoc_trainer *t, size_t save_total_limit, char *path_ou
     char *machine = dpoc_runtime_json(); /* where these numbers were computed; not part of the content hash */
     bad |= !machine || attr_str(f, "machine", machine);
     free(machine);
+    /* the products' precision, so that bf16 auto resumes with the same (bit-exact) */
+    bad |= attr_str(f, "precision", dpoc_rt()->precision == DPOC_PRECISION_BF16 ? "bf16" : "fp32");
     bad |= attr_i64(f, "world_size", t->dist ? t->dist->world : 1);
     bad |= attr_i64(f, "global_batch_size", (long long)global_batch(t));
     bad |= attr_i64(f, "global_step", step);
@@ -365,6 +367,18 @@ static int open_header(const char *path, ckpt_header *h, dpoc_err *err) {
         return dpoc_errf(err, DPOC_EINPUT, "%s: checkpoint format %lld, this dpoc reads format %d", path, h->format,
                          DPOC_CKPT_FORMAT_VERSION);
     }
+    return 0;
+}
+
+int dpoc_ckpt_precision(const char *path, int *bf16, dpoc_err *err) {
+    ckpt_header h;
+    DPOC_TRY(open_header(path, &h, err));
+    char p[16] = "fp32"; /* checkpoints from before bf16 existed: fp32 */
+    if (H5Aexists(h.f, "precision") > 0 && attr_read_str(h.f, "precision", p, sizeof p) < 0) p[0] = 0;
+    H5Fclose(h.f);
+    if (strcmp(p, "fp32") && strcmp(p, "bf16"))
+        return dpoc_errf(err, DPOC_EINPUT, "%s: attribute 'precision' is neither fp32 nor bf16", path);
+    *bf16 = !strcmp(p, "bf16");
     return 0;
 }
 

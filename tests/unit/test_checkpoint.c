@@ -1,6 +1,6 @@
 /* Checkpoints and resume through the CLI, as a batch job meets them:
  * - bit-exact resume: 3 steps, a signal, resume, 3 steps == 6 steps (weights,
- *   optimizer state, metrics), at 1 and at 2 ranks;
+ *   optimizer state, metrics), at 1 and at 2 ranks, and with bf16 products;
  * - resume at another world size with the same global batch continues the data order;
  * - an incompatible config or another model is refused, saying what differs;
  * - kill -9 in the middle of a checkpoint write, truncated and corrupted files,
@@ -123,6 +123,12 @@ static void test_resume_bit_exact_1_rank(void **state) {
 static void test_resume_bit_exact_2_ranks(void **state) {
     (void)state;
     check_bit_exact(2, "--set per_device_train_batch_size=1");
+}
+
+/* bf16 products: the checkpoint holds the fp32 master weights, so the same holds */
+static void test_resume_bit_exact_bf16(void **state) {
+    (void)state;
+    check_bit_exact(1, "--set bf16=true");
 }
 
 static void compare_weights(const char *a_dir, const char *b_dir, double tol) {
@@ -338,6 +344,7 @@ static void test_h5py_reads_files(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_resume_bit_exact_1_rank), cmocka_unit_test(test_resume_bit_exact_2_ranks),
+        cmocka_unit_test(test_resume_bit_exact_bf16),
         cmocka_unit_test(test_resume_other_world_size), cmocka_unit_test(test_incompatible_refused),
         cmocka_unit_test(test_truncated_checkpoint_skipped), cmocka_unit_test(test_flipped_bytes_detected),
         cmocka_unit_test(test_kill_during_write), cmocka_unit_test(test_signals_during_write),
