@@ -39,7 +39,8 @@ static int add_pair(dpoc_dataset *d, const dpoc_ids *p, const dpoc_ids *c, const
     for (int k = 0; k < 3; k++) {
         *offs[k] = d->n_tokens;
         *lens[k] = parts[k]->n;
-        memcpy(d->tokens + d->n_tokens, parts[k]->ids, parts[k]->n * sizeof(int32_t));
+        /* an empty part may have no buffer at all (ids NULL): memcpy must not see it */
+        if (parts[k]->n) memcpy(d->tokens + d->n_tokens, parts[k]->ids, parts[k]->n * sizeof(int32_t));
         d->n_tokens += parts[k]->n;
     }
     q->line = line;

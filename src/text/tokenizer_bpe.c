@@ -193,6 +193,7 @@ int tok_bpe_word(dpoc_tokenizer *tok, const char *w, size_t n, dpoc_ids *out, dp
     size_t slot;
     long e = tok_cache_lookup(&tok->cache, w, n, h, &slot);
     if (e >= 0) {
+        if (tok->cache.ids_len[e] == 0) return 0; /* a cached word of no ids: the cache may hold no ids at all */
         const int32_t *ids = tok->cache.ids + tok->cache.ids_off[e];
         for (uint32_t k = 0; k < tok->cache.ids_len[e]; k++) DPOC_TRY(dpoc_ids_push(out, ids[k], err));
         return 0;
@@ -204,7 +205,9 @@ int tok_bpe_word(dpoc_tokenizer *tok, const char *w, size_t n, dpoc_ids *out, dp
     size_t start = out->n;
     for (size_t i = 0; i < nsym; i++)
         if (s[i].len) DPOC_TRY(dpoc_ids_push(out, s[i].c, err));
-    return tok_cache_insert(&tok->cache, w, n, h, out->ids + start, out->n - start, err);
+    /* a word may give no ids (and out no buffer yet): no pointer arithmetic on NULL */
+    const int32_t *word_ids = out->n > start ? out->ids + start : NULL;
+    return tok_cache_insert(&tok->cache, w, n, h, word_ids, out->n - start, err);
 }
 
 int tok_bpe_add_merge(tok_bpe *bpe, const char *a, size_t alen, const char *b, size_t blen, uint32_t rank,

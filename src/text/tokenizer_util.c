@@ -325,7 +325,7 @@ static int cache_put(tok_cache *c, const char *w, size_t n, uint32_t h, const in
     }
     size_t koff = c->keys.n;
     DPOC_TRY(tok_buf_append(&c->keys, w, n, err));
-    memcpy(c->ids + c->ids_n, ids, n_ids * sizeof *ids);
+    if (n_ids) memcpy(c->ids + c->ids_n, ids, n_ids * sizeof *ids);
     c->key_off[c->n] = koff;
     c->key_len[c->n] = (uint32_t)n;
     c->key_hash[c->n] = h;
