@@ -269,23 +269,10 @@ static double grad_effect(const dpoc_model *m, const char *model) {
 
 /* ---- three optimizer steps (accumulation 2, warm-up, clipping, truncation) ---- */
 
-static void root_relative(char *field) {
-    char tmp[DPOC_PATH_MAX];
-    if (snprintf(tmp, sizeof tmp, "%s/%s", DPOC_SOURCE_DIR, field) >= (int)sizeof tmp) fail_msg("path too long");
-    memcpy(field, tmp, sizeof tmp);
-}
-
 static void run_train3(const char *model) {
     dpoc_config c;
-    dpoc_config_defaults(&c);
     dpoc_err err;
-    char path[512];
-    snprintf(path, sizeof path, "%s/configs/%s.json", DPOC_SOURCE_DIR, model);
-    if (dpoc_config_load_file(&c, path, &err)) fail_msg("%s", err.msg);
-    root_relative(c.model_name_or_path);
-    root_relative(c.ref_model_name_or_path);
-    root_relative(c.train_file);
-    snprintf(c.output_dir, sizeof c.output_dir, "%s", make_temp_dir());
+    load_shipped_config(&c, model);
     c.bf16 = DPOC_BF16_TRUE;
     if (dpoc_config_finalize(&c, &err)) fail_msg("%s", err.msg);
     dpoc_trainer t;

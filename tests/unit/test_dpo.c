@@ -322,29 +322,11 @@ static void compare_log_history(const char *model, const char *metrics_path) {
     cJSON_Delete(j);
 }
 
-static void config_for_cli(char *path, size_t n, const char *model) {
-    snprintf(path, n, "%s/configs/%s.json", DPOC_SOURCE_DIR, model);
-}
-
-static void root_relative(char *field) {
-    char tmp[DPOC_PATH_MAX];
-    if (snprintf(tmp, sizeof tmp, "%s/%s", DPOC_SOURCE_DIR, field) >= (int)sizeof tmp) fail_msg("path too long");
-    memcpy(field, tmp, sizeof tmp);
-}
-
 /* Three optimizer steps (accumulation 2, warm-up, clipping, truncation) through the library. */
 static void run_train3_with(const char *model, int shared, int gc) {
     dpoc_config c;
-    dpoc_config_defaults(&c);
     dpoc_err err;
-    char path[512];
-    config_for_cli(path, sizeof path, model);
-    if (dpoc_config_load_file(&c, path, &err)) fail_msg("%s", err.msg);
-    /* the shipped config names paths relative to the repository root */
-    root_relative(c.model_name_or_path);
-    root_relative(c.ref_model_name_or_path);
-    root_relative(c.train_file);
-    snprintf(c.output_dir, sizeof c.output_dir, "%s", make_temp_dir());
+    load_shipped_config(&c, model);
     c.shared_prefix = shared;
     c.gradient_checkpointing = gc;
     if (dpoc_config_finalize(&c, &err)) fail_msg("%s", err.msg);

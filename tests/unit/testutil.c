@@ -103,3 +103,21 @@ void expect_log_has(const char *log, const char *needle) {
     free(text);
     if (!ok) fail_msg("log does not mention '%s':\n%s", needle, shown_log(log));
 }
+
+static void root_relative(char *field) {
+    char tmp[DPOC_PATH_MAX];
+    if (snprintf(tmp, sizeof tmp, "%s/%s", DPOC_SOURCE_DIR, field) >= (int)sizeof tmp) fail_msg("path too long");
+    memcpy(field, tmp, sizeof tmp);
+}
+
+void load_shipped_config(dpoc_config *c, const char *model) {
+    dpoc_config_defaults(c);
+    dpoc_err err;
+    char path[512];
+    snprintf(path, sizeof path, "%s/configs/%s.json", DPOC_SOURCE_DIR, model);
+    if (dpoc_config_load_file(c, path, &err)) fail_msg("%s", err.msg);
+    root_relative(c->model_name_or_path);
+    root_relative(c->ref_model_name_or_path);
+    root_relative(c->train_file);
+    snprintf(c->output_dir, sizeof c->output_dir, "%s", make_temp_dir());
+}

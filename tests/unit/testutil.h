@@ -11,6 +11,7 @@
 #include <cjson/cJSON.h>
 
 #include "core/rng.h"
+#include "dpoc/config.h"
 
 /* Test random numbers: core/rng's splitmix64 and a uniform float in [lo, hi). */
 typedef struct {
@@ -53,5 +54,10 @@ void expect_log_has(const char *log, const char *needle);
 
 /* A fresh temporary directory (mkdtemp under /tmp); returns a static copy. */
 const char *make_temp_dir(void);
+
+/* configs/<model>.json as shipped, its paths (relative to the repository root) made
+ * absolute, output_dir a fresh temporary directory; not finalized, so that a test can
+ * set more keys first. */
+void load_shipped_config(dpoc_config *c, const char *model);
 
 #endif
