@@ -69,6 +69,25 @@ int dpoc_gemm_reserve(size_t max_a_elems, size_t max_b_elems, dpoc_err *err);
  * allocates again). A thread's state is also freed when the thread exits. */
 void dpoc_gemm_release(void);
 
+/* bf16 shadows: a block of fp32 weights (a model's parameters) registered
+ * here gets a bf16 copy (rounded as every BF16 call rounds its operands), and a
+ * BF16 call whose B operand lies inside the block reads that copy instead of
+ * rounding B again: a weight is rounded once per optimizer step rather than on
+ * each of the dozens of products a step makes with it (for a sequence of ~100
+ * rows, rounding a weight costs about as much as the product). The values are
+ * the same, so results are bit for bit those without the shadow, as long as the
+ * owner calls dpoc_gemm_shadow_refresh after every change of the weights and
+ * before the next product. At most 4 blocks (policy, reference, ...); add,
+ * refresh and remove must not run during a product. add on a registered block
+ * rounds it again; it returns DPOC_ENOMEM without memory for the copy (2
+ * bytes a weight). */
+int dpoc_gemm_shadow_add(const float *base, size_t n, dpoc_err *err);
+void dpoc_gemm_shadow_refresh(const float *base);
+/* Only elements [off, off + n) of the block at base (a no-op when base is not
+ * registered): AdamW refreshes each chunk right after updating it. */
+void dpoc_gemm_shadow_refresh_range(const float *base, size_t off, size_t n);
+void dpoc_gemm_shadow_remove(const float *base);
+
 /* 1 if BF16 calls run on oneDNN (engine created, a bf16 matmul implementation
  * other than oneDNN's reference one found, no oneDNN failure since, no forced
  * fallback), 0 if they run on the exact fp32 fallback. */

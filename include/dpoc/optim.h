@@ -31,7 +31,8 @@ int dpoc_adamw_init(dpoc_adamw *o, size_t n, const dpoc_config *c, size_t n_tens
 void dpoc_adamw_free(dpoc_adamw *o);
 /* One step at learning rate lr: params -= ... using grads * grad_scale (the
  * clipping factor of dpoc_clip_coef, fused: the same floats as clipping the
- * block in place first, without another pass over it). */
+ * block in place first, without another pass over it). When params has a bf16
+ * copy registered for the products (dpoc_gemm_shadow_add), it is kept current. */
 void dpoc_adamw_step(dpoc_adamw *o, float *params, const float *grads, float grad_scale, double lr);
 
 /* L2 norm of the whole gradient block (accumulated in double). */

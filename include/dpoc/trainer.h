@@ -118,6 +118,7 @@ typedef struct {
     double flops;      /* floating-point operations the steps so far needed (dpoc/flops.h) */
     double *ref_logps; /* (n_pairs, 2): chosen, rejected reference log-probs when precomputed; else NULL */
     volatile double progress_time; /* last sign of life, read by the watchdog */
+    int shadows;       /* bf16 copies of the weights registered for the products (dpoc/gemm.h) */
 } dpoc_trainer;
 
 /* Loads models and data, sizes buffers, computes the schedule. dist may be NULL. */
@@ -133,6 +134,9 @@ uint64_t dpoc_trainer_ref_logps_key(const dpoc_trainer *t);
 int dpoc_trainer_compute_ref_logps(dpoc_trainer *t, dpoc_err *err);
 /* Takes values (n_pairs * 2, copied) instead of computing them. */
 int dpoc_trainer_set_ref_logps(dpoc_trainer *t, const double *values, dpoc_err *err);
+/* Whoever writes t->policy.params outside a step (a checkpoint restore) calls
+ * this before the next step, so that bf16 products see the new weights. */
+void dpoc_trainer_weights_changed(dpoc_trainer *t);
 /* Frees the reference model and its activations once t->ref_logps holds everything. */
 void dpoc_trainer_drop_ref(dpoc_trainer *t);
 

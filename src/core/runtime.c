@@ -17,7 +17,10 @@ static pthread_once_t rt_once = PTHREAD_ONCE_INIT;
 static void rt_init(void) {
     dpoc_cpu_detect(&rt.cpu);
     dpoc_blas_query(&rt.blas);
+    /* OpenBLAS ignores an empty OPENBLAS_CORETYPE (it detects the CPU as if it
+     * were unset), so an empty one is no choice of the user's to respect */
     const char *core = getenv(DPOC_OPENBLAS_CORETYPE_ENV);
+    if (core && !*core) core = NULL;
     const char *from = getenv(DPOC_BLAS_REEXEC_ENV);
     if (core) snprintf(rt.blas_coretype, sizeof rt.blas_coretype, "%s", core);
     if (from && *from) snprintf(rt.blas_chosen_alone, sizeof rt.blas_chosen_alone, "%s", from);

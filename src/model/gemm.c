@@ -171,6 +171,85 @@ static void round_rows(dpoc_bf16 *dst, const float *src, size_t rows, size_t col
 }
 
 /* ------------------------------------------------------------------------ */
+/* bf16 shadows of weights */
+
+/* Registered fp32 blocks (a model's parameters) and their bf16 twins. Set up
+ * and refreshed between products by the thread that owns the weights; read by
+ * every product (no lock: registration never overlaps a product). */
+#define SHADOWS_MAX 4
+static struct {
+    const float *base;
+    size_t n;
+    dpoc_bf16 *bf16;
+} shadows[SHADOWS_MAX];
+
+static void shadow_round(size_t i) {
+    pthread_once(&round_n_once, choose_round_n);
+    round_n(shadows[i].bf16, shadows[i].base, shadows[i].n);
+}
+
+int dpoc_gemm_shadow_add(const float *base, size_t n, dpoc_err *err) {
+    if (!base || n == 0) return 0;
+    size_t free_slot = SHADOWS_MAX;
+    for (size_t i = 0; i < SHADOWS_MAX; i++) {
+        if (shadows[i].base == base) {
+            if (shadows[i].n != n) return dpoc_errf(err, DPOC_EINPUT, "bf16 shadow re-registered with another size");
+            shadow_round(i);
+            return 0;
+        }
+        if (!shadows[i].base && free_slot == SHADOWS_MAX) free_slot = i;
+    }
+    if (free_slot == SHADOWS_MAX)
+        return dpoc_errf(err, DPOC_EINPUT, "more than %d bf16 weight shadows registered", SHADOWS_MAX);
+    if (n > SIZE_MAX / sizeof(dpoc_bf16) - SCRATCH_ALIGN)
+        return dpoc_errf(err, DPOC_EINPUT, "bf16 shadow of %zu weights overflows size_t", n);
+    dpoc_bf16 *b = aligned_alloc(SCRATCH_ALIGN, align_up(n * sizeof(dpoc_bf16)));
+    if (!b) return dpoc_errf(err, DPOC_ENOMEM, "out of memory for the bf16 copy of %zu weights", n);
+    shadows[free_slot].base = base;
+    shadows[free_slot].n = n;
+    shadows[free_slot].bf16 = b;
+    shadow_round(free_slot);
+    return 0;
+}
+
+void dpoc_gemm_shadow_refresh(const float *base) {
+    for (size_t i = 0; i < SHADOWS_MAX; i++)
+        if (shadows[i].base && shadows[i].base == base) shadow_round(i);
+}
+
+void dpoc_gemm_shadow_refresh_range(const float *base, size_t off, size_t n) {
+    for (size_t i = 0; i < SHADOWS_MAX; i++)
+        if (shadows[i].base && shadows[i].base == base && off <= shadows[i].n && n <= shadows[i].n - off) {
+            pthread_once(&round_n_once, choose_round_n);
+            round_n(shadows[i].bf16 + off, base + off, n);
+        }
+}
+
+void dpoc_gemm_shadow_remove(const float *base) {
+    for (size_t i = 0; i < SHADOWS_MAX; i++)
+        if (shadows[i].base && shadows[i].base == base) {
+            free(shadows[i].bf16);
+            memset(&shadows[i], 0, sizeof shadows[i]);
+        }
+}
+
+/* The bf16 twin of the rows x cols block at p (row stride ld), or NULL when p
+ * is not inside a registered block. Addresses compare as integers: p may
+ * belong to no block at all. */
+static const dpoc_bf16 *shadow_of(const float *p, size_t rows, size_t cols, size_t ld) {
+    const uintptr_t a = (uintptr_t)p;
+    const size_t span = (rows - 1) * ld + cols; /* elements from p to the block's end */
+    for (size_t i = 0; i < SHADOWS_MAX; i++) {
+        if (!shadows[i].base) continue;
+        const uintptr_t lo = (uintptr_t)shadows[i].base;
+        if (a < lo || (a - lo) % sizeof(float)) continue;
+        const size_t off = (a - lo) / sizeof(float);
+        if (off <= shadows[i].n && span <= shadows[i].n - off) return shadows[i].bf16 + off;
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------ */
 /* oneDNN context and per-thread state */
 
 /* oneDNN's engine and stream: one static context, created once (pthread_once,
@@ -197,7 +276,7 @@ static atomic_flag warned_nomem = ATOMIC_FLAG_INIT;
 static dpoc_gemm_bf16_impl forced_impl = DPOC_GEMM_BF16_AUTO;
 
 typedef struct {
-    int64_t M, N, K, ldc;
+    int64_t M, N, K, ldb, ldc; /* ldb: B's row stride as the primitive reads it (a shadow's, or dense) */
     int trans_a, trans_b, threads;
     float alpha, beta;
 } prim_key;
@@ -328,7 +407,7 @@ static dnnl_status_t make_pd(dnnl_primitive_desc_t *pd, const prim_key *k) {
      * op(B) (K,N) as (K,N), or as (N,K). */
     const dnnl_dims_t a_dims = {k->M, k->K}, b_dims = {k->K, k->N}, c_dims = {k->M, k->N};
     const dnnl_dims_t a_str = {k->trans_a ? 1 : k->K, k->trans_a ? k->M : 1};
-    const dnnl_dims_t b_str = {k->trans_b ? 1 : k->N, k->trans_b ? k->K : 1};
+    const dnnl_dims_t b_str = {k->trans_b ? 1 : k->ldb, k->trans_b ? k->ldb : 1};
     const dnnl_dims_t c_str = {k->ldc, 1};
     dnnl_memory_desc_t a_md, b_md, c_md;
     dnnl_status_t st;
@@ -373,7 +452,7 @@ static void dnnl_setup(void) {
         note_why(st, "stream creation");
         return;
     }
-    const prim_key probe = {PROBE_DIM, PROBE_DIM, PROBE_DIM, PROBE_DIM, 0, 1, 1, 1.0f, 0.0f};
+    const prim_key probe = {PROBE_DIM, PROBE_DIM, PROBE_DIM, PROBE_DIM, PROBE_DIM, 0, 1, 1, 1.0f, 0.0f};
     dnnl_primitive_desc_t pd;
     st = make_pd(&pd, &probe);
     if (st) {
@@ -399,7 +478,8 @@ int dpoc_gemm_bf16_available(void) { return forced_impl == DPOC_GEMM_BF16_AUTO &
 void dpoc_gemm_bf16_force(dpoc_gemm_bf16_impl impl) { forced_impl = impl; }
 
 static int key_eq(const prim_key *a, const prim_key *b) {
-    return a->M == b->M && a->N == b->N && a->K == b->K && a->ldc == b->ldc && a->trans_a == b->trans_a &&
+    return a->M == b->M && a->N == b->N && a->K == b->K && a->ldb == b->ldb && a->ldc == b->ldc &&
+           a->trans_a == b->trans_a &&
            a->trans_b == b->trans_b && a->threads == b->threads && a->alpha == b->alpha && a->beta == b->beta;
 }
 
@@ -488,20 +568,24 @@ static int run_onednn(const gemm_args *g, dnnl_status_t *st, const char **what) 
      * (an ICV per thread: set it on every call, it costs a load) */
     const int threads = openblas_get_num_threads();
     if (threads > 0 && omp_get_max_threads() != threads) omp_set_num_threads(threads);
-    const prim_key k = {(int64_t)g->M, (int64_t)g->N, (int64_t)g->K, (int64_t)g->ldc, g->trans_a != 0,
-                        g->trans_b != 0, omp_get_max_threads(), g->alpha, g->beta};
+    /* B already rounded (a registered weight): read in place with its own stride */
+    const dpoc_bf16 *b_shadow = shadow_of(g->B, b_rows(g), b_cols(g), g->ldb);
+    const size_t ldb = b_shadow ? g->ldb : b_cols(g);
+    const prim_key k = {(int64_t)g->M, (int64_t)g->N, (int64_t)g->K, (int64_t)ldb, (int64_t)g->ldc,
+                        g->trans_a != 0, g->trans_b != 0, omp_get_max_threads(), g->alpha, g->beta};
     prim_slot *s;
     *what = "matmul primitive creation";
     if ((*st = slot_get(ts, &k, &s))) return RUN_DNNL;
     if (s->use_fallback) return RUN_REFERENCE;
-    const size_t a_n = g->M * g->K, b_n = g->K * g->N;
+    const size_t a_n = g->M * g->K, b_n = b_shadow ? 0 : g->K * g->N;
     if (grow(&ts->ops, &ts->ops_cap, ops_bytes(a_n, b_n, sizeof(dpoc_bf16)))) return RUN_NOMEM;
     if (grow(&ts->pad, &ts->pad_cap, s->pad_bytes)) return RUN_NOMEM;
     dpoc_bf16 *a16 = (dpoc_bf16 *)ts->ops;
     dpoc_bf16 *b16 = (dpoc_bf16 *)(ts->ops + align_up(a_n * sizeof(dpoc_bf16)));
     pthread_once(&round_n_once, choose_round_n);
     round_rows(a16, g->A, a_rows(g), a_cols(g), g->lda);
-    round_rows(b16, g->B, b_rows(g), b_cols(g), g->ldb);
+    if (b_shadow) b16 = (dpoc_bf16 *)b_shadow; /* oneDNN only reads it */
+    else round_rows(b16, g->B, b_rows(g), b_cols(g), g->ldb);
     *what = "matmul execution";
     if ((*st = dnnl_memory_set_data_handle(s->src, a16))) return RUN_DNNL;
     if ((*st = dnnl_memory_set_data_handle(s->wei, b16))) return RUN_DNNL;

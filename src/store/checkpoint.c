@@ -531,6 +531,7 @@ int dpoc_ckpt_restore(dpoc_trainer *t, const char *path, dpoc_err *err) {
     double d = 0;
     char key[64];
     if (!rc) {
+        dpoc_trainer_weights_changed(t);
         t->global_step = (long)h.step;
         t->opt.step = (long)h.opt_step;
         int bad = attr_read(h.f, "window_loss", H5T_NATIVE_DOUBLE, &t->win_loss) < 0;

@@ -5,10 +5,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "dpoc/gemm.h"
 #include "model/kernels.h"
 
 /* torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing. */
 #define CLIP_NORM_EPS 1e-6
+/* Parameters per AdamW chunk: 16K floats, with their gradients and moments 256 KiB (L2-resident). */
+#define ADAMW_CHUNK ((size_t)16384)
 
 int dpoc_adamw_init(dpoc_adamw *o, size_t n, const dpoc_config *c, size_t n_tensors, const size_t *offset,
                     const size_t *count, const int *decay, dpoc_err *err) {
@@ -72,10 +75,19 @@ void dpoc_adamw_step(dpoc_adamw *o, float *restrict params, const float *restric
     };
     /* the element-wise update runs at the SIMD level of the other kernels (model/kernels.h) */
     const dpoc_kernel_table *kt = dpoc_kernels();
+    /* In chunks that stay in cache, each followed by its part of the weights'
+     * bf16 copy when the products read one (dpoc/gemm.h shadows; a no-op
+     * otherwise): rounding the updated weights there costs almost nothing,
+     * a separate pass over the whole block ~0.1 s a step for 135M weights. The
+     * update is element-wise, so chunking changes no value. */
     for (size_t r = 0; r < o->n_ranges; r++) {
         c.decay = o->ranges[r].decay ? (float)(1.0 - lr * o->weight_decay) : 1.0f;
-        const size_t off = o->ranges[r].offset;
-        kt->adamw_update(params + off, grads + off, o->m + off, o->v + off, o->ranges[r].count, &c);
+        const size_t end = o->ranges[r].offset + o->ranges[r].count;
+        for (size_t off = o->ranges[r].offset; off < end; off += ADAMW_CHUNK) {
+            const size_t n = end - off < ADAMW_CHUNK ? end - off : ADAMW_CHUNK;
+            kt->adamw_update(params + off, grads + off, o->m + off, o->v + off, n, &c);
+            dpoc_gemm_shadow_refresh_range(params, off, n);
+        }
     }
 }
 

@@ -18,6 +18,7 @@
  * Epoch tail: one process takes a smaller last micro-batch (HF, drop_last false);
  * several ranks fill the last micro-batches from the start of the epoch's order,
  * as accelerate's even_batches does, so every rank always has a full batch. */
+#include "dpoc/gemm.h"
 #include "dpoc/precision.h"
 #include "dpoc/runtime.h"
 #include "dpoc/trainer.h"
@@ -326,7 +327,38 @@ fail:
     return rc;
 }
 
+/* ---- bf16 copies of the weights ---- */
+
+/* In bf16 the products read a bf16 copy of each model's weights (dpoc/gemm.h
+ * shadows) instead of rounding a weight on every product: made when the first
+ * product needs them, refreshed whenever the fp32 weights change. */
+static int shadows_ensure(dpoc_trainer *t, dpoc_err *err) {
+    if (t->shadows || dpoc_rt()->precision != DPOC_PRECISION_BF16) return 0;
+    DPOC_TRY(dpoc_gemm_shadow_add(t->policy.params, t->policy.numel, err));
+    if (t->ref.params) {
+        const int rc = dpoc_gemm_shadow_add(t->ref.params, t->ref.numel, err);
+        if (rc) {
+            dpoc_gemm_shadow_remove(t->policy.params);
+            return rc;
+        }
+    }
+    t->shadows = 1;
+    return 0;
+}
+
+static void shadows_remove(dpoc_trainer *t) {
+    if (!t->shadows) return;
+    dpoc_gemm_shadow_remove(t->policy.params);
+    if (t->ref.params) dpoc_gemm_shadow_remove(t->ref.params);
+    t->shadows = 0;
+}
+
+void dpoc_trainer_weights_changed(dpoc_trainer *t) {
+    if (t->shadows) dpoc_gemm_shadow_refresh(t->policy.params);
+}
+
 void dpoc_trainer_free(dpoc_trainer *t) {
+    shadows_remove(t);
     if (t->acts)
         for (size_t s = 0; s < t->n_acts; s++) dpoc_acts_free(&t->acts[s]);
     free(t->acts);
@@ -411,6 +443,7 @@ int dpoc_trainer_compute_ref_logps(dpoc_trainer *t, dpoc_err *err) {
     const dpoc_model *ref = t->ref.params ? &t->ref : &t->policy;
     if (t->global_step != 0 && !t->ref.params)
         return dpoc_errf(err, DPOC_EINTERNAL, "reference log-probs requested after training started");
+    DPOC_TRY(shadows_ensure(t, err));
     double *v = dpoc_calloc(2 * n + 1, sizeof(double), "reference log-probs", err);
     if (!v) return DPOC_ENOMEM;
     dpoc_seq seq[2];
@@ -431,6 +464,8 @@ int dpoc_trainer_compute_ref_logps(dpoc_trainer *t, dpoc_err *err) {
 
 void dpoc_trainer_drop_ref(dpoc_trainer *t) {
     dpoc_acts_free(&t->ref_acts);
+    /* a shadow must not outlive its block: another allocation could take the address */
+    if (t->ref.params && t->shadows) dpoc_gemm_shadow_remove(t->ref.params);
     if (t->ref.params) dpoc_model_free(&t->ref);
 }
 
@@ -701,6 +736,7 @@ int dpoc_trainer_step(dpoc_trainer *t, dpoc_err *err) {
         return dpoc_errf(err, DPOC_EINPUT, "test hook DPOC_TEST_FAIL_AT: failing at step %ld", t->global_step + 1);
     if (t->hooks.hang_rank == (int)r && t->hooks.hang_step == t->global_step + 1)
         for (;;) pause(); /* only the watchdog ends this */
+    DPOC_TRY(shadows_ensure(t, err));
     if (t->order_epoch != epoch) {
         if (cfg->shuffle) dpoc_shuffle_order(t->order, N, cfg->seed, (uint64_t)epoch);
         else
@@ -757,7 +793,7 @@ int dpoc_trainer_step(dpoc_trainer *t, dpoc_err *err) {
     t->last_grad_norm = grad_norm;
     const float clip = dpoc_clip_coef(grad_norm, cfg->max_grad_norm); /* applied inside the AdamW pass */
     const double lr = cfg->learning_rate * dpoc_lr_lambda(cfg, t->global_step, t->warmup_steps, t->total_steps);
-    dpoc_adamw_step(&t->opt, t->policy.params, t->grads, clip, lr);
+    dpoc_adamw_step(&t->opt, t->policy.params, t->grads, clip, lr); /* refreshes the bf16 copy too */
     dpoc_prof_add(t->prof, DPOC_PROF_OPTIMIZER, t_opt);
     t->global_step++;
     t->progress_time = dpoc_now_s();

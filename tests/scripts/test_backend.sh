@@ -70,6 +70,10 @@ OPENBLAS_CORETYPE=PRESCOTT "$dpoc" doctor --json > "$tmp/user.json" 2> "$tmp/use
 [ "$(field blas_kernel "$tmp/user.json")" = Prescott ] || fail "user override not respected"
 [ "$(field blas_chosen_alone "$tmp/user.json")" = "" ] || fail "dpoc re-executed over the user's override"
 if [ "$isa" != sse ]; then grep -q "below this" "$tmp/user.err" || fail "no warning for a slow user override"; fi
+# an empty OPENBLAS_CORETYPE is no override (OpenBLAS detects the CPU then, as when it is unset)
+OPENBLAS_CORETYPE= "$dpoc" doctor --json > "$tmp/empty.json" 2> "$tmp/empty.err" || fail "doctor with an empty override exited $?"
+[ "$(field blas_coretype_set_by "$tmp/empty.json")" = "$(field blas_coretype_set_by "$tmp/plain.json")" ] \
+  || fail "an empty OPENBLAS_CORETYPE is not treated as unset"
 
 # a wrong GEMM stops the computing commands with exit code 2 and a message that helps
 for cmd in "doctor" "train --config configs/tiny-llama.json --set max_steps=1 --set output_dir=$tmp/fault" \

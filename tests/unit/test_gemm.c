@@ -413,6 +413,87 @@ static void test_bf16_fallback_scalar(void **state) {
     bf16_all_cases(DPOC_GEMM_BF16_SCALAR, "scalar");
 }
 
+/* A registered bf16 shadow of B (dpoc_gemm_shadow_add): every case, B read from
+ * the shadow (B's padded rows included), within the reference bound; with a
+ * dense B the values are bit for bit those of rounding B per call (the same
+ * primitive on the same bf16 operands). The shadow is what the products read
+ * until refreshed (the contract), and removing it goes back to rounding. */
+static void shadow_case(const gemm_case *g, void *p) {
+    bf16_ctx *ctx = p;
+    const size_t b_n = (g->tb ? g->N : g->K) * g->ldb;
+    dpoc_err err;
+    assert_int_equal(dpoc_gemm_shadow_add(g->B, b_n, &err), 0);
+    float *c = case_c(g);
+    run(g, DPOC_GEMM_BF16, c);
+    const double w = check_bf16(g, c, ctx->impl);
+    if (w > ctx->worst) ctx->worst = w;
+    dpoc_gemm_shadow_remove(g->B);
+    free(c);
+}
+
+static void test_bf16_shadow(void **state) {
+    (void)state;
+    if (!dpoc_gemm_bf16_available()) {
+        print_message("[  SKIPPED ] oneDNN's bf16 matmul is not available here (shadows are only read by it)\n");
+        skip();
+    }
+    bf16_ctx ctx = {"shadow", 0.0};
+    for_each_case(shadow_case, &ctx, 0x5ad0);
+    /* dense operands: bit for bit the per-call rounding */
+    rng_t rng = {0x5ad1};
+    const size_t M = 96, N = 200, K = 136;
+    float *A = malloc(M * K * sizeof *A), *B = malloc(N * K * sizeof *B);
+    float *c0 = calloc(M * N, sizeof *c0), *c1 = calloc(M * N, sizeof *c1), *c2 = calloc(M * N, sizeof *c2);
+    assert_true(A && B && c0 && c1 && c2);
+    for (size_t i = 0; i < M * K; i++) A[i] = rng_uniform(&rng, -1.0f, 1.0f);
+    for (size_t i = 0; i < N * K; i++) B[i] = rng_uniform(&rng, -1.0f, 1.0f);
+    for (int tb = 0; tb < 2; tb++) {
+        const size_t ldb = tb ? K : N; /* B stored (N,K) or (K,N), densely */
+        dpoc_gemm(DPOC_GEMM_BF16, 0, tb, M, N, K, 1.0f, A, K, B, ldb, 0.0f, c0, N);
+        dpoc_err err;
+        assert_int_equal(dpoc_gemm_shadow_add(B, N * K, &err), 0);
+        dpoc_gemm(DPOC_GEMM_BF16, 0, tb, M, N, K, 1.0f, A, K, B, ldb, 0.0f, c1, N);
+        assert_memory_equal(c0, c1, M * N * sizeof *c0);
+        /* a view inside the block (the rows of a later output chunk) reads the shadow too */
+        const size_t half = tb ? N / 2 : K / 2;
+        memset(c2, 0, M * N * sizeof *c2);
+        dpoc_gemm(DPOC_GEMM_BF16, 0, tb, M, tb ? N - half : N, tb ? K : K - half, 1.0f, tb ? A : A + half, K,
+                  B + half * ldb, ldb, 0.0f, c2, N);
+        /* changed weights: the stale shadow is read until refreshed */
+        for (size_t i = 0; i < N * K; i++) B[i] = -B[i];
+        dpoc_gemm(DPOC_GEMM_BF16, 0, tb, M, N, K, 1.0f, A, K, B, ldb, 0.0f, c1, N);
+        assert_memory_equal(c0, c1, M * N * sizeof *c0);
+        dpoc_gemm_shadow_refresh(B);
+        dpoc_gemm(DPOC_GEMM_BF16, 0, tb, M, N, K, 1.0f, A, K, B, ldb, 0.0f, c1, N);
+        for (size_t i = 0; i < M * N; i++) assert_true(c1[i] == -c0[i]);
+        dpoc_gemm_shadow_remove(B);
+        for (size_t i = 0; i < N * K; i++) B[i] = -B[i];
+        dpoc_gemm(DPOC_GEMM_BF16, 0, tb, M, N, K, 1.0f, A, K, B, ldb, 0.0f, c1, N);
+        assert_memory_equal(c0, c1, M * N * sizeof *c0);
+        memset(c1, 0, M * N * sizeof *c1);
+        dpoc_gemm(DPOC_GEMM_BF16, 0, tb, M, tb ? N - half : N, tb ? K : K - half, 1.0f, tb ? A : A + half, K,
+                  B + half * ldb, ldb, 0.0f, c1, N);
+        assert_memory_equal(c1, c2, M * N * sizeof *c1);
+    }
+    /* a block registered twice must keep its size; more than the table holds is an error */
+    dpoc_err err;
+    assert_int_equal(dpoc_gemm_shadow_add(B, N * K, &err), 0);
+    assert_int_equal(dpoc_gemm_shadow_add(B, N * K, &err), 0);
+    assert_int_not_equal(dpoc_gemm_shadow_add(B, N * K - 1, &err), 0);
+    float extra[5][4] = {{0}};
+    int added = 0, refused = 0;
+    for (size_t i = 0; i < 5; i++) {
+        if (dpoc_gemm_shadow_add(extra[i], 4, &err) == 0) added++;
+        else refused++;
+    }
+    assert_int_equal(added, 3);
+    assert_int_equal(refused, 2);
+    for (size_t i = 0; i < 5; i++) dpoc_gemm_shadow_remove(extra[i]);
+    dpoc_gemm_shadow_remove(B);
+    free(A), free(B), free(c0), free(c1), free(c2);
+    if (report) print_message("shadow: worst error %.3f of the bound over all cases\n", ctx.worst);
+}
+
 /* Cases with exact answers, on every implementation:
  *  - operands are rounded: 1 + 2^-9 is 1 in bf16 (ties to even), 1 + 3 2^-9 is 1 + 2^-7;
  *  - C is not rounded to bf16: 1 + 2^-20 is a sum of bf16 products;
@@ -560,7 +641,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_bf16_fallback_sgemm), cmocka_unit_test(test_bf16_fallback_scalar),
         cmocka_unit_test(test_bf16_exact),          cmocka_unit_test(test_bf16_threads),
         cmocka_unit_test(test_bf16_concurrent),     cmocka_unit_test(test_reserve),
-        cmocka_unit_test(test_unavailable_falls_back),
+        cmocka_unit_test(test_unavailable_falls_back), cmocka_unit_test(test_bf16_shadow),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
