@@ -117,19 +117,28 @@ AVX512BF16 static inline __m256i round_int16(__m512 x) {
  * twin does, but flushes subnormal inputs to signed zero (its DAZ): lanes with
  * a subnormal are redone in integer arithmetic (rare, so behind a branch).
  * Tails use masked loads and stores, which never touch memory past n. */
+/* 32 values: lo and hi, 16 each. */
+AVX512BF16 static inline __m512i round_32(__m512 lo, __m512 hi) {
+    __m512i r = (__m512i)_mm512_cvtne2ps_pbh(hi, lo); /* lo in the low 16 halves */
+    const __mmask32 sub = (__mmask32)subnormal_lanes(lo) | ((__mmask32)subnormal_lanes(hi) << 16);
+    if (sub) {
+        const __m512i exact = _mm512_inserti64x4(_mm512_castsi256_si512(round_int16(lo)), round_int16(hi), 1);
+        r = _mm512_mask_blend_epi16(sub, r, exact);
+    }
+    return r;
+}
+
+/* Whole blocks of 32 with plain loads and stores (masked ones in the main loop
+ * ran at a third of memcpy's bandwidth on a Zen 5); the tail masked. */
 AVX512BF16 static void round_n_avx512(dpoc_bf16 *dst, const float *src, size_t n) {
-    for (size_t i = 0; i < n; i += 32) {
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        _mm512_storeu_si512((void *)(dst + i), round_32(_mm512_loadu_ps(src + i), _mm512_loadu_ps(src + i + 16)));
+    if (i < n) {
         const size_t left = n - i;
         const __mmask16 mlo = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-        const __mmask16 mhi = left >= 32 ? (__mmask16)0xFFFF : left > 16 ? (__mmask16)((1u << (left - 16)) - 1u) : 0;
-        const __m512 lo = _mm512_maskz_loadu_ps(mlo, src + i);
-        const __m512 hi = _mm512_maskz_loadu_ps(mhi, src + i + 16);
-        __m512i r = (__m512i)_mm512_cvtne2ps_pbh(hi, lo); /* lo in the low 16 halves */
-        const __mmask32 sub = (__mmask32)subnormal_lanes(lo) | ((__mmask32)subnormal_lanes(hi) << 16);
-        if (sub) {
-            const __m512i exact = _mm512_inserti64x4(_mm512_castsi256_si512(round_int16(lo)), round_int16(hi), 1);
-            r = _mm512_mask_blend_epi16(sub, r, exact);
-        }
+        const __mmask16 mhi = left > 16 ? (__mmask16)((1u << (left - 16)) - 1u) : 0;
+        const __m512i r = round_32(_mm512_maskz_loadu_ps(mlo, src + i), _mm512_maskz_loadu_ps(mhi, src + i + 16));
         _mm512_mask_storeu_epi16(dst + i, (__mmask32)mlo | ((__mmask32)mhi << 16), r);
     }
 }
