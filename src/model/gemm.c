@@ -113,11 +113,10 @@ AVX512BF16 static inline __m256i round_int16(__m512 x) {
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
 
-/* vcvtne2ps2bf16 rounds to nearest even and makes NaNs quiet exactly as the
- * twin does, but flushes subnormal inputs to signed zero (its DAZ): lanes with
- * a subnormal are redone in integer arithmetic (rare, so behind a branch).
- * Tails use masked loads and stores, which never touch memory past n. */
-/* 32 values: lo and hi, 16 each. */
+/* 32 values, lo and hi 16 each. vcvtne2ps2bf16 rounds to nearest even and
+ * makes NaNs quiet exactly as the twin does, but flushes subnormal inputs to
+ * signed zero (its DAZ): lanes with a subnormal are redone in integer
+ * arithmetic (rare, so behind a branch). */
 AVX512BF16 static inline __m512i round_32(__m512 lo, __m512 hi) {
     __m512i r = (__m512i)_mm512_cvtne2ps_pbh(hi, lo); /* lo in the low 16 halves */
     const __mmask32 sub = (__mmask32)subnormal_lanes(lo) | ((__mmask32)subnormal_lanes(hi) << 16);
@@ -129,7 +128,8 @@ AVX512BF16 static inline __m512i round_32(__m512 lo, __m512 hi) {
 }
 
 /* Whole blocks of 32 with plain loads and stores (masked ones in the main loop
- * ran at a third of memcpy's bandwidth on a Zen 5); the tail masked. */
+ * ran at a third of memcpy's bandwidth on a Zen 5); the tail with masked ones,
+ * which never touch memory past n. */
 AVX512BF16 static void round_n_avx512(dpoc_bf16 *dst, const float *src, size_t n) {
     size_t i = 0;
     for (; i + 32 <= n; i += 32)
@@ -192,18 +192,13 @@ static struct {
     dpoc_bf16 *bf16;
 } shadows[SHADOWS_MAX];
 
-static void shadow_round(size_t i) {
-    pthread_once(&round_n_once, choose_round_n);
-    round_n(shadows[i].bf16, shadows[i].base, shadows[i].n);
-}
-
 int dpoc_gemm_shadow_add(const float *base, size_t n, dpoc_err *err) {
     if (!base || n == 0) return 0;
     size_t free_slot = SHADOWS_MAX;
     for (size_t i = 0; i < SHADOWS_MAX; i++) {
         if (shadows[i].base == base) {
             if (shadows[i].n != n) return dpoc_errf(err, DPOC_EINPUT, "bf16 shadow re-registered with another size");
-            shadow_round(i);
+            dpoc_gemm_shadow_refresh_range(base, 0, n);
             return 0;
         }
         if (!shadows[i].base && free_slot == SHADOWS_MAX) free_slot = i;
@@ -217,13 +212,8 @@ int dpoc_gemm_shadow_add(const float *base, size_t n, dpoc_err *err) {
     shadows[free_slot].base = base;
     shadows[free_slot].n = n;
     shadows[free_slot].bf16 = b;
-    shadow_round(free_slot);
+    dpoc_gemm_shadow_refresh_range(base, 0, n);
     return 0;
-}
-
-void dpoc_gemm_shadow_refresh(const float *base) {
-    for (size_t i = 0; i < SHADOWS_MAX; i++)
-        if (shadows[i].base && shadows[i].base == base) shadow_round(i);
 }
 
 void dpoc_gemm_shadow_refresh_range(const float *base, size_t off, size_t n) {
@@ -232,6 +222,11 @@ void dpoc_gemm_shadow_refresh_range(const float *base, size_t off, size_t n) {
             pthread_once(&round_n_once, choose_round_n);
             round_n(shadows[i].bf16 + off, base + off, n);
         }
+}
+
+void dpoc_gemm_shadow_refresh(const float *base) {
+    for (size_t i = 0; i < SHADOWS_MAX; i++)
+        if (shadows[i].base && shadows[i].base == base) dpoc_gemm_shadow_refresh_range(base, 0, shadows[i].n);
 }
 
 void dpoc_gemm_shadow_remove(const float *base) {
