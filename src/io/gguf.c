@@ -7,6 +7,7 @@
  * takes at least one byte) before anything is allocated from them, so a hostile
  * count cannot ask for a huge allocation. */
 #include "dpoc/gguf.h"
+#include "dpoc/dtype.h"
 
 #include "core/fileutil.h"
 
@@ -53,46 +54,11 @@ struct dpoc_gguf {
     size_t n_tensors;
 };
 
-/* ---- type tables ---- */
+/* ---- type tables (dpoc/dtype.h) ---- */
 
-typedef struct {
-    uint32_t id;
-    const char *name;
-    size_t blck, size;
-} ggml_type_info;
-
-/* Block sizes and bytes per block as ggml-common.h defines the structs. */
-static const ggml_type_info k_types[] = {
-    {DPOC_GGML_F32, "F32", 1, 4},         {DPOC_GGML_F16, "F16", 1, 2},
-    {DPOC_GGML_Q4_0, "Q4_0", 32, 18},     {DPOC_GGML_Q4_1, "Q4_1", 32, 20},
-    {DPOC_GGML_Q5_0, "Q5_0", 32, 22},     {DPOC_GGML_Q5_1, "Q5_1", 32, 24},
-    {DPOC_GGML_Q8_0, "Q8_0", 32, 34},     {DPOC_GGML_Q8_1, "Q8_1", 32, 36},
-    {DPOC_GGML_Q2_K, "Q2_K", 256, 84},    {DPOC_GGML_Q3_K, "Q3_K", 256, 110},
-    {DPOC_GGML_Q4_K, "Q4_K", 256, 144},   {DPOC_GGML_Q5_K, "Q5_K", 256, 176},
-    {DPOC_GGML_Q6_K, "Q6_K", 256, 210},   {DPOC_GGML_Q8_K, "Q8_K", 256, 292},
-    {DPOC_GGML_I8, "I8", 1, 1},           {DPOC_GGML_I16, "I16", 1, 2},
-    {DPOC_GGML_I32, "I32", 1, 4},         {DPOC_GGML_I64, "I64", 1, 8},
-    {DPOC_GGML_F64, "F64", 1, 8},         {DPOC_GGML_BF16, "BF16", 1, 2},
-};
-
-static const ggml_type_info *type_info(uint32_t type) {
-    for (size_t i = 0; i < sizeof k_types / sizeof k_types[0]; i++)
-        if (k_types[i].id == type) return &k_types[i];
-    return NULL;
-}
-
-const char *dpoc_ggml_type_name(uint32_t type) {
-    const ggml_type_info *t = type_info(type);
-    return t ? t->name : NULL;
-}
-size_t dpoc_ggml_block_size(uint32_t type) {
-    const ggml_type_info *t = type_info(type);
-    return t ? t->blck : 0;
-}
-size_t dpoc_ggml_type_size(uint32_t type) {
-    const ggml_type_info *t = type_info(type);
-    return t ? t->size : 0;
-}
+const char *dpoc_ggml_type_name(uint32_t type) { return dpoc_dtype_name(type); }
+size_t dpoc_ggml_block_size(uint32_t type) { return dpoc_dtype_block(type); }
+size_t dpoc_ggml_type_size(uint32_t type) { return dpoc_dtype_block_bytes(type); }
 
 /* Bytes of one scalar of a metadata type; 0 for string/array/unknown. */
 static size_t vtype_size(uint32_t t) {
@@ -391,19 +357,20 @@ static int parse(dpoc_gguf *g, dpoc_err *err) {
         }
         t->nelements = nel;
         DPOC_TRY(rd_u32(&r, &t->type, "type"));
-        const ggml_type_info *ti = type_info(t->type);
-        if (!ti)
+        const char *tname = dpoc_dtype_name(t->type);
+        const size_t tblock = dpoc_dtype_block(t->type), tbytes = dpoc_dtype_block_bytes(t->type);
+        if (!tname)
             return dpoc_errf(err, DPOC_EINPUT, "%s: %s: unknown or unsupported ggml type %u", g->path, r.ctx,
                              t->type);
-        if (t->ne[0] % ti->blck != 0)
+        if (t->ne[0] % tblock != 0)
             return dpoc_errf(err, DPOC_EINPUT, "%s: %s: row length %zu is not a multiple of the %s block size %zu",
-                             g->path, r.ctx, t->ne[0], ti->name, ti->blck);
+                             g->path, r.ctx, t->ne[0], tname, tblock);
         /* nel / blck * size <= nel * 4 (size / blck <= 9.125 / 8 for the quantized types; F64/I64 are 8 per
          * element), so check the multiplication */
-        size_t nblocks = nel / ti->blck;
-        if (nblocks > SIZE_MAX / ti->size)
+        size_t nblocks = nel / tblock;
+        if (nblocks > SIZE_MAX / tbytes)
             return dpoc_errf(err, DPOC_EINPUT, "%s: %s: byte size overflows", g->path, r.ctx);
-        t->nbytes = nblocks * ti->size;
+        t->nbytes = nblocks * tbytes;
         uint64_t off;
         DPOC_TRY(rd_u64(&r, &off, "offset"));
         if (off % g->alignment != 0)
