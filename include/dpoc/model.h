@@ -4,13 +4,15 @@
  * (name, shape, offset), in the order of dpoc_model_param_names; gradients use a
  * second block of the same layout, so one buffer is allreduced and one is
  * checkpointed. Layer views are offsets, turned into pointers against any base
- * (parameters or gradients). */
+ * (parameters or gradients): each projection is a dpoc_linear (dpoc/layers.h),
+ * computed by linear_forward / linear_backward whatever its storage. */
 #ifndef DPOC_MODEL_H
 #define DPOC_MODEL_H
 
 #include <stddef.h>
 #include <stdint.h>
 
+#include "dpoc/dtype.h"
 #include "dpoc/err.h"
 #include "dpoc/layers.h"
 #include "dpoc/prof.h"
@@ -43,20 +45,26 @@ typedef struct {
 int dpoc_hf_config_read(dpoc_model_config *cfg, const char *config_json_path, dpoc_err *err);
 
 #define DPOC_PARAM_NAME_MAX 96
-#define DPOC_NO_PARAM ((size_t)-1)
 
+/* One row of the size table. Every tensor the model has is listed, with how it
+ * is stored; the trainable ones (today: all, fp32) sit in the flat block at
+ * offset, one after another in this order. */
 typedef struct {
     char name[DPOC_PARAM_NAME_MAX]; /* Hugging Face tensor name */
     size_t ndim;
     size_t shape[2];
     size_t offset; /* in floats, into the flat block */
     size_t numel;
+    dpoc_dtype dtype; /* storage type: DPOC_DT_F32 in the flat block */
+    int trainable;    /* 1: in the flat block, with a gradient and optimizer state */
 } dpoc_param_info;
 
-/* Offsets (in floats) of one layer's tensors; DPOC_NO_PARAM when absent. */
+/* One decoder layer: its two RMSNorm weights (offsets in floats) and its seven
+ * projections. */
 typedef struct {
-    size_t attn_norm, wq, bq, wk, bk, wv, bv, wo, mlp_norm, wgate, wup, wdown;
-} dpoc_layer_offsets;
+    size_t attn_norm, mlp_norm;
+    dpoc_linear q, k, v, o, gate, up, down;
+} dpoc_layer;
 
 typedef struct {
     dpoc_model_config cfg;
@@ -64,8 +72,11 @@ typedef struct {
     dpoc_param_info *info;
     size_t numel;   /* total parameters */
     float *params;  /* the flat block */
-    size_t off_wte, off_final_norm, off_lm_head; /* lm_head == wte when tied */
-    dpoc_layer_offsets *layers;
+    size_t off_wte, off_final_norm;
+    /* The LM head (V,C): the embedding's block when tied. Training computes it in
+     * vocabulary chunks (lmhead_forward), generation through linear_forward. */
+    dpoc_linear lm_head;
+    dpoc_layer *layers;
 } dpoc_model;
 
 /* Builds the size table and allocates a zeroed parameter block. */

@@ -14,6 +14,7 @@
 #include "core/fileutil.h"
 #include "core/rng.h"
 #include "dpoc/layers.h"
+#include "model/decoder.h"
 
 void dpoc_gen_opts_default(dpoc_gen_opts *o) {
     memset(o, 0, sizeof *o);
@@ -105,15 +106,13 @@ static void gen_step(gen_state *s, const int32_t *tokens, const size_t *seq, con
     const dpoc_model *m = s->m;
     const dpoc_model_config *c = &m->cfg;
     const float *W = m->params;
-    const size_t C = s->C, F = s->F, QD = s->QD, KD = s->KD, hd = s->hd;
+    const size_t C = s->C, QD = s->QD, KD = s->KD, hd = s->hd;
     embedding_forward(s->x, tokens, W + m->off_wte, N, C);
     float *rstd = s->rstd;
     for (size_t l = 0; l < s->L; l++) {
-        const dpoc_layer_offsets *o = &m->layers[l];
+        const dpoc_layer *o = &m->layers[l];
         rmsnorm_forward(s->ln, rstd, s->x, W + o->attn_norm, N, C, c->rms_norm_eps);
-        matmul_forward(s->q, s->ln, W + o->wq, o->bq == DPOC_NO_PARAM ? NULL : W + o->bq, N, C, QD);
-        matmul_forward(s->k, s->ln, W + o->wk, o->bk == DPOC_NO_PARAM ? NULL : W + o->bk, N, C, KD);
-        matmul_forward(s->v, s->ln, W + o->wv, o->bv == DPOC_NO_PARAM ? NULL : W + o->bv, N, C, KD);
+        decoder_qkv_forward(m, o, s->q, s->k, s->v, s->ln, N, NULL);
         for (size_t r = 0; r < N; r++) {
             const float *cs = s->cos_t + pos[r] * (hd / 2), *sn = s->sin_t + pos[r] * (hd / 2);
             rope_forward(s->q + r * QD, cs, sn, 1, s->nh, hd);
@@ -131,18 +130,15 @@ static void gen_step(gen_state *s, const int32_t *tokens, const size_t *seq, con
                                      cache_at(s, s->vcache, seq[r0], l, 0), p0, cache_at(s, s->kcache, seq[r0], l, p0),
                                      cache_at(s, s->vcache, seq[r0], l, p0), r1 - r0, s->nh, s->nkv, hd);
         }
-        matmul_forward(s->tmp, s->atty, W + o->wo, NULL, N, QD, C);
+        linear_forward(&o->o, W, s->tmp, s->atty, N);
         for (size_t i = 0; i < N * C; i++) s->x[i] += s->tmp[i];
         rmsnorm_forward(s->ln, rstd, s->x, W + o->mlp_norm, N, C, c->rms_norm_eps);
-        matmul_forward(s->gate, s->ln, W + o->wgate, NULL, N, C, F);
-        matmul_forward(s->up, s->ln, W + o->wup, NULL, N, C, F);
-        swiglu_forward(s->act, s->gate, s->up, N * F);
-        matmul_forward(s->tmp, s->act, W + o->wdown, NULL, N, F, C);
+        decoder_mlp_forward(m, o, s->tmp, s->gate, s->up, s->act, s->ln, N, NULL);
         for (size_t i = 0; i < N * C; i++) s->x[i] += s->tmp[i];
     }
     for (size_t i = 0; i < n_out; i++) memcpy(s->tmp + i * C, s->x + out_rows[i] * C, C * sizeof(float));
     rmsnorm_forward(s->ln, rstd, s->tmp, W + m->off_final_norm, n_out, C, c->rms_norm_eps);
-    matmul_forward(s->logits, s->ln, W + m->off_lm_head, NULL, n_out, C, s->V);
+    linear_forward(&m->lm_head, W, s->logits, s->ln, n_out);
 }
 
 /* ---- choosing the next token ---- */

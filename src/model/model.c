@@ -13,11 +13,11 @@
 
 #include "core/fileutil.h"
 #include "dpoc/safetensors.h"
+#include "model/decoder.h"
 
 /* ---- parameter table ---- */
 
-static size_t add_param(dpoc_model *m, size_t *cap, const char *name, size_t d0, size_t d1, dpoc_err *err) {
-    (void)cap;
+static size_t add_param(dpoc_model *m, const char *name, size_t d0, size_t d1) {
     dpoc_param_info *p = &m->info[m->n_tensors++];
     snprintf(p->name, sizeof p->name, "%s", name);
     p->ndim = d1 ? 2 : 1;
@@ -25,48 +25,68 @@ static size_t add_param(dpoc_model *m, size_t *cap, const char *name, size_t d0,
     p->shape[1] = d1;
     p->numel = d1 ? d0 * d1 : d0;
     p->offset = m->numel;
+    p->dtype = DPOC_DT_F32;
+    p->trainable = 1;
     m->numel += p->numel;
-    (void)err;
     return p->offset;
 }
+
+/* A projection (out, in) named "model.layers.<l>.<module>.weight", with its bias when has_bias. */
+static dpoc_linear add_linear(dpoc_model *m, size_t l, const char *module, size_t out, size_t in, int has_bias) {
+    char name[DPOC_PARAM_NAME_MAX];
+    dpoc_linear L = {.in = in, .out = out, .wtype = DPOC_DT_F32, .b = DPOC_NO_PARAM};
+    snprintf(name, sizeof name, "model.layers.%zu.%s.weight", l, module);
+    L.w = add_param(m, name, out, in);
+    if (has_bias) {
+        snprintf(name, sizeof name, "model.layers.%zu.%s.bias", l, module);
+        L.b = add_param(m, name, out, 0);
+    }
+    return L;
+}
+
+/* An RMSNorm weight (C) named "model.layers.<l>.<module>.weight". */
+static size_t add_norm(dpoc_model *m, size_t l, const char *module, size_t C) {
+    char name[DPOC_PARAM_NAME_MAX];
+    snprintf(name, sizeof name, "model.layers.%zu.%s.weight", l, module);
+    return add_param(m, name, C, 0);
+}
+
+/* Tensors per layer: 2 norms, 7 projections, 3 optional q/k/v biases. */
+#define TENSORS_PER_LAYER 12
+/* The embedding, the final norm and an untied LM head. */
+#define TENSORS_OUTSIDE_LAYERS 3
 
 int dpoc_model_init(dpoc_model *m, const dpoc_model_config *cfg, dpoc_err *err) {
     memset(m, 0, sizeof *m);
     m->cfg = *cfg;
     const size_t C = cfg->hidden_size, V = cfg->vocab_size, F = cfg->intermediate_size;
     const size_t QD = cfg->n_heads * cfg->head_dim, KD = cfg->n_kv_heads * cfg->head_dim;
-    const size_t per_layer = 12, max_tensors = 3 + per_layer * cfg->n_layers;
+    const size_t max_tensors = TENSORS_OUTSIDE_LAYERS + TENSORS_PER_LAYER * cfg->n_layers;
     m->info = dpoc_calloc(max_tensors, sizeof *m->info, "parameter table", err);
     m->layers = dpoc_calloc(cfg->n_layers, sizeof *m->layers, "layer table", err);
     if (!m->info || !m->layers) {
         dpoc_model_free(m);
         return DPOC_ENOMEM;
     }
-    size_t cap = max_tensors;
-    char name[DPOC_PARAM_NAME_MAX];
-    m->off_wte = add_param(m, &cap, "model.embed_tokens.weight", V, C, err);
+    /* the order of Hugging Face's state dict; the gradient hook relies on each
+     * layer's tensors lying together, starting with its input norm */
+    m->off_wte = add_param(m, "model.embed_tokens.weight", V, C);
+    const int bias = cfg->qkv_bias;
     for (size_t l = 0; l < cfg->n_layers; l++) {
-        dpoc_layer_offsets *L = &m->layers[l];
-#define P(field, suffix, d0, d1)                                              \
-    snprintf(name, sizeof name, "model.layers.%zu.%s", l, suffix);           \
-    L->field = add_param(m, &cap, name, d0, d1, err);
-        P(attn_norm, "input_layernorm.weight", C, 0);
-        P(wq, "self_attn.q_proj.weight", QD, C);
-        L->bq = L->bk = L->bv = DPOC_NO_PARAM;
-        if (cfg->qkv_bias) { P(bq, "self_attn.q_proj.bias", QD, 0); }
-        P(wk, "self_attn.k_proj.weight", KD, C);
-        if (cfg->qkv_bias) { P(bk, "self_attn.k_proj.bias", KD, 0); }
-        P(wv, "self_attn.v_proj.weight", KD, C);
-        if (cfg->qkv_bias) { P(bv, "self_attn.v_proj.bias", KD, 0); }
-        P(wo, "self_attn.o_proj.weight", C, QD);
-        P(mlp_norm, "post_attention_layernorm.weight", C, 0);
-        P(wgate, "mlp.gate_proj.weight", F, C);
-        P(wup, "mlp.up_proj.weight", F, C);
-        P(wdown, "mlp.down_proj.weight", C, F);
-#undef P
+        dpoc_layer *L = &m->layers[l];
+        L->attn_norm = add_norm(m, l, "input_layernorm", C);
+        L->q = add_linear(m, l, "self_attn.q_proj", QD, C, bias);
+        L->k = add_linear(m, l, "self_attn.k_proj", KD, C, bias);
+        L->v = add_linear(m, l, "self_attn.v_proj", KD, C, bias);
+        L->o = add_linear(m, l, "self_attn.o_proj", C, QD, 0);
+        L->mlp_norm = add_norm(m, l, "post_attention_layernorm", C);
+        L->gate = add_linear(m, l, "mlp.gate_proj", F, C, 0);
+        L->up = add_linear(m, l, "mlp.up_proj", F, C, 0);
+        L->down = add_linear(m, l, "mlp.down_proj", C, F, 0);
     }
-    m->off_final_norm = add_param(m, &cap, "model.norm.weight", C, 0, err);
-    m->off_lm_head = cfg->tie_word_embeddings ? m->off_wte : add_param(m, &cap, "lm_head.weight", V, C, err);
+    m->off_final_norm = add_param(m, "model.norm.weight", C, 0);
+    m->lm_head = (dpoc_linear){.in = C, .out = V, .wtype = DPOC_DT_F32, .b = DPOC_NO_PARAM};
+    m->lm_head.w = cfg->tie_word_embeddings ? m->off_wte : add_param(m, "lm_head.weight", V, C);
     m->params = dpoc_calloc(m->numel, sizeof(float), "model parameters", err);
     if (!m->params) {
         dpoc_model_free(m);
@@ -248,8 +268,6 @@ void dpoc_grad_scratch_free(dpoc_grad_scratch *s) {
 
 /* ---- helpers ---- */
 
-#define PTR(base, off) ((off) == DPOC_NO_PARAM ? NULL : (base) + (off))
-
 static void add_inplace(float *restrict y, const float *restrict x, size_t n) {
     for (size_t i = 0; i < n; i++) y[i] += x[i];
 }
@@ -355,33 +373,44 @@ static void attention_rows_backward(const dpoc_acts *a, float *dq, float *dk, fl
         dpoc_prof_add(prof, kind, t0_);                  \
     } while (0)
 
+void decoder_qkv_forward(const dpoc_model *m, const dpoc_layer *L, float *q, float *k, float *v, const float *ln,
+                         size_t T, dpoc_prof *prof) {
+    const float *W = m->params;
+    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->q, W, q, ln, T));
+    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->k, W, k, ln, T));
+    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->v, W, v, ln, T));
+}
+
+void decoder_mlp_forward(const dpoc_model *m, const dpoc_layer *L, float *out, float *gate, float *up, float *act,
+                         const float *ln, size_t T, dpoc_prof *prof) {
+    const float *W = m->params;
+    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->gate, W, gate, ln, T));
+    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->up, W, up, ln, T));
+    TIMED(prof, DPOC_PROF_POINTWISE, swiglu_forward(act, gate, up, T * L->gate.out));
+    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->down, W, out, act, T));
+}
+
 /* Layer l from a->layers[l].x_in to x_next (T,C), keeping what its backward
  * needs in a->layers[l] (over a's layout and rope tables). */
 static void layer_forward(const dpoc_model *m, dpoc_acts *a, size_t l, float *x_next) {
     const dpoc_model_config *cfg = &m->cfg;
-    const size_t C = cfg->hidden_size, F = cfg->intermediate_size;
+    const size_t C = cfg->hidden_size;
     const size_t nh = cfg->n_heads, nkv = cfg->n_kv_heads, hd = cfg->head_dim;
-    const size_t QD = nh * hd, KD = nkv * hd;
     const size_t T = a->T;
     const float *W = m->params;
-    const dpoc_layer_offsets *o = &m->layers[l];
+    const dpoc_layer *o = &m->layers[l];
     dpoc_layer_acts *la = &a->layers[l];
     // attention block: x_mid = x_in + o_proj(attn(rope(q), rope(k), v))
     TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_forward(la->ln1, la->rstd1, la->x_in, W + o->attn_norm, T, C, cfg->rms_norm_eps));
-    TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->q, la->ln1, W + o->wq, PTR(W, o->bq), T, C, QD));
-    TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->k, la->ln1, W + o->wk, PTR(W, o->bk), T, C, KD));
-    TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->v, la->ln1, W + o->wv, PTR(W, o->bv), T, C, KD));
+    decoder_qkv_forward(m, o, la->q, la->k, la->v, la->ln1, T, a->prof);
     TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, la->q, nh, hd, 0));
     TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, la->k, nkv, hd, 0));
     TIMED(a->prof, DPOC_PROF_ATTENTION, attention_rows_forward(a, la->atty, la->att_lse, la->q, la->k, la->v, nh, nkv, hd));
-    TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->x_mid, la->atty, W + o->wo, NULL, T, QD, C));
+    TIMED(a->prof, DPOC_PROF_GEMM, linear_forward(&o->o, W, la->x_mid, la->atty, T));
     TIMED(a->prof, DPOC_PROF_POINTWISE, add_inplace(la->x_mid, la->x_in, T * C));
     // MLP block: x_next = x_mid + down(silu(gate(ln2)) * up(ln2))
     TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_forward(la->ln2, la->rstd2, la->x_mid, W + o->mlp_norm, T, C, cfg->rms_norm_eps));
-    TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->gate, la->ln2, W + o->wgate, NULL, T, C, F));
-    TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(la->up, la->ln2, W + o->wup, NULL, T, C, F));
-    TIMED(a->prof, DPOC_PROF_POINTWISE, swiglu_forward(la->act, la->gate, la->up, T * F));
-    TIMED(a->prof, DPOC_PROF_GEMM, matmul_forward(x_next, la->act, W + o->wdown, NULL, T, F, C));
+    decoder_mlp_forward(m, o, x_next, la->gate, la->up, la->act, la->ln2, T, a->prof);
     TIMED(a->prof, DPOC_PROF_POINTWISE, add_inplace(x_next, la->x_mid, T * C));
 }
 
@@ -409,7 +438,7 @@ void dpoc_model_forward(const dpoc_model *m, dpoc_acts *a, const int32_t *tokens
     forward_trunk(m, a);
     for (size_t r = 0; r < R; r++) a->labels[r] = tokens[row0 + r + 1];
     lmhead_out out = {a->logp, a->lse, a->entropy, a->mean_logit, a->log_sum_sq_probs, a->is_top1};
-    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_forward(&out, a->lnf + row0 * C, W + m->off_lm_head, a->labels, R, C, V, a->logits_scratch));
+    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_forward(&out, a->lnf + row0 * C, W + m->lm_head.w, a->labels, R, C, V, a->logits_scratch));
 }
 
 void dpoc_model_forward_pairs(const dpoc_model *m, dpoc_acts *a, const dpoc_pair_tokens *pairs, size_t n) {
@@ -452,7 +481,7 @@ void dpoc_model_forward_pairs(const dpoc_model *m, dpoc_acts *a, const dpoc_pair
     /* every pair's completions in one head call: one pass over the (V,C) head weight */
     for (size_t r = 0; r < R; r++) memcpy(a->head_in + r * C, a->lnf + a->head_src[r] * C, C * sizeof(float));
     lmhead_out out = {a->logp, a->lse, a->entropy, a->mean_logit, a->log_sum_sq_probs, a->is_top1};
-    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_forward(&out, a->head_in, W + m->off_lm_head, a->labels, R, C, V, a->logits_scratch));
+    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_forward(&out, a->head_in, W + m->lm_head.w, a->labels, R, C, V, a->logits_scratch));
 }
 
 void dpoc_model_forward_shared(const dpoc_model *m, dpoc_acts *a, const int32_t *prompt, size_t Tp,
@@ -479,24 +508,24 @@ static void backward_trunk(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc
     /* the final norm and an untied head sit at the end of the block; a tied head is the embedding */
     if (hook) hook->ready(hook->ctx, m->off_final_norm);
     for (size_t li = cfg->n_layers; li-- > 0;) {
-        const dpoc_layer_offsets *o = &m->layers[li];
+        const dpoc_layer *o = &m->layers[li];
         dpoc_layer_acts *la = &a->layers[li];
         /* gradient checkpointing: rebuild this layer's inner activations from its
          * kept input (same kernels, same inputs: the same bits as the first time) */
         if (a->recompute) layer_forward(m, a, li, a->recompute_out);
         // dx holds dLoss/d(layer output). MLP branch first; the residual passes dx through.
         memset(s->dact, 0, T * F * sizeof(float));
-        TIMED(a->prof, DPOC_PROF_GEMM, matmul_backward(s->dact, G + o->wdown, NULL, s->dx, la->act, W + o->wdown, T, F, C));
+        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->down, W, G, s->dact, s->dx, la->act, T));
         memset(s->dgate, 0, T * F * sizeof(float));
         memset(s->dup, 0, T * F * sizeof(float));
         TIMED(a->prof, DPOC_PROF_POINTWISE, swiglu_backward(s->dgate, s->dup, s->dact, la->gate, la->up, T * F));
         memset(s->dln, 0, T * C * sizeof(float));
-        TIMED(a->prof, DPOC_PROF_GEMM, matmul_backward(s->dln, G + o->wgate, NULL, s->dgate, la->ln2, W + o->wgate, T, C, F));
-        TIMED(a->prof, DPOC_PROF_GEMM, matmul_backward(s->dln, G + o->wup, NULL, s->dup, la->ln2, W + o->wup, T, C, F));
+        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->gate, W, G, s->dln, s->dgate, la->ln2, T));
+        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->up, W, G, s->dln, s->dup, la->ln2, T));
         TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_backward(s->dx, G + o->mlp_norm, s->dln, la->x_mid, W + o->mlp_norm, la->rstd2, T, C));
         // dx now holds dLoss/d(x_mid); attention branch.
         memset(s->datty, 0, T * QD * sizeof(float));
-        TIMED(a->prof, DPOC_PROF_GEMM, matmul_backward(s->datty, G + o->wo, NULL, s->dx, la->atty, W + o->wo, T, QD, C));
+        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->o, W, G, s->datty, s->dx, la->atty, T));
         memset(s->dq, 0, T * QD * sizeof(float));
         memset(s->dk, 0, T * KD * sizeof(float));
         memset(s->dv, 0, T * KD * sizeof(float));
@@ -505,9 +534,9 @@ static void backward_trunk(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc
         TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, s->dq, nh, hd, 1));
         TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, s->dk, nkv, hd, 1));
         memset(s->dln, 0, T * C * sizeof(float));
-        TIMED(a->prof, DPOC_PROF_GEMM, matmul_backward(s->dln, G + o->wq, PTR(G, o->bq), s->dq, la->ln1, W + o->wq, T, C, QD));
-        TIMED(a->prof, DPOC_PROF_GEMM, matmul_backward(s->dln, G + o->wk, PTR(G, o->bk), s->dk, la->ln1, W + o->wk, T, C, KD));
-        TIMED(a->prof, DPOC_PROF_GEMM, matmul_backward(s->dln, G + o->wv, PTR(G, o->bv), s->dv, la->ln1, W + o->wv, T, C, KD));
+        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->q, W, G, s->dln, s->dq, la->ln1, T));
+        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->k, W, G, s->dln, s->dk, la->ln1, T));
+        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->v, W, G, s->dln, s->dv, la->ln1, T));
         TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_backward(s->dx, G + o->attn_norm, s->dln, la->x_in, W + o->attn_norm, la->rstd1, T, C));
         /* layers are laid out in order, each starting with its input norm */
         if (hook) hook->ready(hook->ctx, o->attn_norm);
@@ -521,8 +550,8 @@ void dpoc_model_backward(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_g
     const size_t C = m->cfg.hidden_size, V = m->cfg.vocab_size;
     assert(a->n_pairs == 0); /* a pairs forward needs dpoc_model_backward_pairs */
     memset(s->dln, 0, a->T * C * sizeof(float));
-    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_backward(s->dln + a->row0 * C, grads + m->off_lm_head, dlogp, a->lnf + a->row0 * C,
-                    m->params + m->off_lm_head, a->labels, a->lse, a->R, C, V, a->logits_scratch));
+    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_backward(s->dln + a->row0 * C, grads + m->lm_head.w, dlogp, a->lnf + a->row0 * C,
+                    m->params + m->lm_head.w, a->labels, a->lse, a->R, C, V, a->logits_scratch));
     backward_trunk(m, grads, a, s, tokens, hook);
 }
 
@@ -536,7 +565,7 @@ void dpoc_model_backward_pairs(const dpoc_model *m, float *grads, dpoc_acts *a, 
      * pair's last prompt row receives the first head row of both completions */
     float *dh = s->dx;
     memset(dh, 0, R * C * sizeof(float));
-    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_backward(dh, grads + m->off_lm_head, dlogp, a->head_in, m->params + m->off_lm_head, a->labels, a->lse, R,
+    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_backward(dh, grads + m->lm_head.w, dlogp, a->head_in, m->params + m->lm_head.w, a->labels, a->lse, R,
                     C, V, a->logits_scratch));
     memset(s->dln, 0, T * C * sizeof(float));
     for (size_t r = 0; r < R; r++) add_inplace(s->dln + a->head_src[r] * C, dh + r * C, C);
