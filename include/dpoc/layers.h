@@ -29,26 +29,37 @@ void rmsnorm_backward(float *dinp, float *dweight, const float *dout, const floa
 /* An offset into a parameter block that is not there (no bias, no such tensor). */
 #define DPOC_NO_PARAM ((size_t)-1)
 
+/* A parameter as a layer reads it: its values, and where its gradient goes in
+ * the gradient block (the flat block of the trainable parameters' gradients),
+ * or DPOC_NO_PARAM when it is frozen. */
+typedef struct {
+    const float *v;
+    size_t g;
+} dpoc_param_ref;
+
+/* Where r's gradient is in the gradient block G, or NULL (frozen, or no G). */
+static inline float *dpoc_param_grad(const dpoc_param_ref *r, float *G) {
+    return G && r->g != DPOC_NO_PARAM ? G + r->g : NULL;
+}
+
 /* One linear layer (nn.Linear) as the model holds it: y (T,out) = x (T,in) W^T + b,
  * W (out,in) row-major. Every projection of the decoder, in training and in
  * generation, goes through linear_forward / linear_backward: a weight's storage
- * type (fp32 in the parameter block today; a frozen bf16 or GGUF block type
- * next) and an adapter change these two functions, not the call sites.
- * w and b are offsets (in floats) into the parameter block P a call passes; the
- * gradient block G has the same layout. */
+ * type (fp32 today; a frozen bf16 or GGUF block type next) and an adapter
+ * change these two functions, not the call sites. */
 typedef struct {
     size_t in, out;
-    dpoc_dtype wtype; /* W's storage: DPOC_DT_F32 is the only one computed with so far */
-    size_t w;         /* W in the parameter block */
-    size_t b;         /* the bias in the parameter block, or DPOC_NO_PARAM */
+    dpoc_dtype wtype;  /* W's storage: DPOC_DT_F32 is the only one computed with so far */
+    const void *w;     /* W, out rows of in values stored as wtype */
+    const float *bias; /* (out) or NULL */
+    size_t gw, gb;     /* W's and the bias's gradients in the gradient block; DPOC_NO_PARAM: frozen or absent */
 } dpoc_linear;
 
 /* out (T, L->out) = inp (T, L->in) @ W^T + b. Overwrites out. */
-void linear_forward(const dpoc_linear *L, const float *P, float *out, const float *inp, size_t T);
-/* dinp (T, in) += dout (T, out) @ W, unless dinp is NULL; with G (a gradient block
- * of P's layout) not NULL, dW += dout^T @ inp and db += column sums of dout. */
-void linear_backward(const dpoc_linear *L, const float *P, float *G, float *dinp, const float *dout,
-                     const float *inp, size_t T);
+void linear_forward(const dpoc_linear *L, float *out, const float *inp, size_t T);
+/* dinp (T, in) += dout (T, out) @ W, unless dinp is NULL; with a gradient block G
+ * (not NULL), dW += dout^T @ inp and db += column sums of dout for those not frozen. */
+void linear_backward(const dpoc_linear *L, float *G, float *dinp, const float *dout, const float *inp, size_t T);
 
 /* out (T,OC) = inp (T,C) @ weight(OC,C)^T + bias(OC); bias may be NULL. Overwrites out. */
 void matmul_forward(float *out, const float *inp, const float *weight, const float *bias, size_t T,

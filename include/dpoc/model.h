@@ -3,9 +3,10 @@
  * All parameters live in ONE flat float block described by a size table
  * (name, shape, offset), in the order of dpoc_model_param_names; gradients use a
  * second block of the same layout, so one buffer is allreduced and one is
- * checkpointed. Layer views are offsets, turned into pointers against any base
- * (parameters or gradients): each projection is a dpoc_linear (dpoc/layers.h),
- * computed by linear_forward / linear_backward whatever its storage. */
+ * checkpointed. The layers read their parameters through views made at init
+ * (dpoc/layers.h: dpoc_param_ref, and dpoc_linear for each projection, computed by
+ * linear_forward / linear_backward whatever its storage), each with its values
+ * and the offset of its gradient in the gradient block. */
 #ifndef DPOC_MODEL_H
 #define DPOC_MODEL_H
 
@@ -59,11 +60,13 @@ typedef struct {
     int trainable;    /* 1: in the flat block, with a gradient and optimizer state */
 } dpoc_param_info;
 
-/* One decoder layer: its two RMSNorm weights (offsets in floats) and its seven
- * projections. */
+/* One decoder layer: its two RMSNorm weights and its seven projections, as views
+ * into the model's blocks. grad_from: where the layer's gradients start in the
+ * gradient block (its trainable tensors lie together, in table order). */
 typedef struct {
-    size_t attn_norm, mlp_norm;
+    dpoc_param_ref attn_norm, mlp_norm;
     dpoc_linear q, k, v, o, gate, up, down;
+    size_t grad_from;
 } dpoc_layer;
 
 typedef struct {
@@ -72,10 +75,11 @@ typedef struct {
     dpoc_param_info *info;
     size_t numel;   /* total parameters */
     float *params;  /* the flat block */
-    size_t off_wte, off_final_norm;
-    /* The LM head (V,C): the embedding's block when tied. Training computes it in
+    dpoc_param_ref wte, final_norm;
+    /* The LM head (V,C): the embedding's values when tied. Training computes it in
      * vocabulary chunks (lmhead_forward), generation through linear_forward. */
     dpoc_linear lm_head;
+    size_t tail_grad_from; /* where the final norm's and the head's gradients start */
     dpoc_layer *layers;
 } dpoc_model;
 

@@ -10,11 +10,11 @@
 #include "dpoc/prof.h"
 
 /* q (T,QD), k and v (T,KD) = the layer's projections of ln (T,C), biases included. */
-void decoder_qkv_forward(const dpoc_model *m, const dpoc_layer *L, float *q, float *k, float *v, const float *ln,
+void decoder_qkv_forward(const dpoc_layer *L, float *q, float *k, float *v, const float *ln,
                          size_t T, dpoc_prof *prof);
 /* out (T,C) = down(silu(gate(ln)) * up(ln)) of ln (T,C); gate, up and act (T,F)
  * keep the inner values (backward reads them). Overwrites out. */
-void decoder_mlp_forward(const dpoc_model *m, const dpoc_layer *L, float *out, float *gate, float *up, float *act,
+void decoder_mlp_forward(const dpoc_layer *L, float *out, float *gate, float *up, float *act,
                          const float *ln, size_t T, dpoc_prof *prof);
 
 #endif

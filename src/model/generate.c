@@ -105,14 +105,13 @@ static void gen_step(gen_state *s, const int32_t *tokens, const size_t *seq, con
                      const size_t *out_rows, size_t n_out) {
     const dpoc_model *m = s->m;
     const dpoc_model_config *c = &m->cfg;
-    const float *W = m->params;
     const size_t C = s->C, QD = s->QD, KD = s->KD, hd = s->hd;
-    embedding_forward(s->x, tokens, W + m->off_wte, N, C);
+    embedding_forward(s->x, tokens, m->wte.v, N, C);
     float *rstd = s->rstd;
     for (size_t l = 0; l < s->L; l++) {
         const dpoc_layer *o = &m->layers[l];
-        rmsnorm_forward(s->ln, rstd, s->x, W + o->attn_norm, N, C, c->rms_norm_eps);
-        decoder_qkv_forward(m, o, s->q, s->k, s->v, s->ln, N, NULL);
+        rmsnorm_forward(s->ln, rstd, s->x, o->attn_norm.v, N, C, c->rms_norm_eps);
+        decoder_qkv_forward(o, s->q, s->k, s->v, s->ln, N, NULL);
         for (size_t r = 0; r < N; r++) {
             const float *cs = s->cos_t + pos[r] * (hd / 2), *sn = s->sin_t + pos[r] * (hd / 2);
             rope_forward(s->q + r * QD, cs, sn, 1, s->nh, hd);
@@ -130,15 +129,15 @@ static void gen_step(gen_state *s, const int32_t *tokens, const size_t *seq, con
                                      cache_at(s, s->vcache, seq[r0], l, 0), p0, cache_at(s, s->kcache, seq[r0], l, p0),
                                      cache_at(s, s->vcache, seq[r0], l, p0), r1 - r0, s->nh, s->nkv, hd);
         }
-        linear_forward(&o->o, W, s->tmp, s->atty, N);
+        linear_forward(&o->o, s->tmp, s->atty, N);
         for (size_t i = 0; i < N * C; i++) s->x[i] += s->tmp[i];
-        rmsnorm_forward(s->ln, rstd, s->x, W + o->mlp_norm, N, C, c->rms_norm_eps);
-        decoder_mlp_forward(m, o, s->tmp, s->gate, s->up, s->act, s->ln, N, NULL);
+        rmsnorm_forward(s->ln, rstd, s->x, o->mlp_norm.v, N, C, c->rms_norm_eps);
+        decoder_mlp_forward(o, s->tmp, s->gate, s->up, s->act, s->ln, N, NULL);
         for (size_t i = 0; i < N * C; i++) s->x[i] += s->tmp[i];
     }
     for (size_t i = 0; i < n_out; i++) memcpy(s->tmp + i * C, s->x + out_rows[i] * C, C * sizeof(float));
-    rmsnorm_forward(s->ln, rstd, s->tmp, W + m->off_final_norm, n_out, C, c->rms_norm_eps);
-    linear_forward(&m->lm_head, W, s->logits, s->ln, n_out);
+    rmsnorm_forward(s->ln, rstd, s->tmp, m->final_norm.v, n_out, C, c->rms_norm_eps);
+    linear_forward(&m->lm_head, s->logits, s->ln, n_out);
 }
 
 /* ---- choosing the next token ---- */

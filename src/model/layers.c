@@ -109,17 +109,16 @@ void matmul_forward(float *restrict out, const float *restrict inp, const float 
     linear_gemm(0, 1, T, OC, C, inp, C, weight, C, 1.0f, out, OC);
 }
 
-void linear_forward(const dpoc_linear *L, const float *P, float *out, const float *inp, size_t T) {
+void linear_forward(const dpoc_linear *L, float *out, const float *inp, size_t T) {
     assert(L->wtype == DPOC_DT_F32);
-    matmul_forward(out, inp, P + L->w, L->b == DPOC_NO_PARAM ? NULL : P + L->b, T, L->in, L->out);
+    matmul_forward(out, inp, L->w, L->bias, T, L->in, L->out);
 }
 
-void linear_backward(const dpoc_linear *L, const float *P, float *G, float *dinp, const float *dout,
-                     const float *inp, size_t T) {
+void linear_backward(const dpoc_linear *L, float *G, float *dinp, const float *dout, const float *inp, size_t T) {
     assert(L->wtype == DPOC_DT_F32);
-    float *dw = G ? G + L->w : NULL;
-    float *db = G && L->b != DPOC_NO_PARAM ? G + L->b : NULL;
-    matmul_backward(dinp, dw, db, dout, inp, P + L->w, T, L->in, L->out);
+    float *dw = G && L->gw != DPOC_NO_PARAM ? G + L->gw : NULL;
+    float *db = G && L->gb != DPOC_NO_PARAM ? G + L->gb : NULL;
+    matmul_backward(dinp, dw, db, dout, inp, L->w, T, L->in, L->out);
 }
 
 /* dinp (T,C) += dout (T,OC) @ weight (OC,C); dweight (OC,C) += dout^T @ inp (T,C);

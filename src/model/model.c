@@ -31,24 +31,50 @@ static size_t add_param(dpoc_model *m, const char *name, size_t d0, size_t d1) {
     return p->offset;
 }
 
+/* A parameter by its offset in the block, while the table is built; its values
+ * are bound by bind_views once the block exists. */
+static dpoc_param_ref ref_to(size_t off) { return (dpoc_param_ref){NULL, off}; }
+
 /* A projection (out, in) named "model.layers.<l>.<module>.weight", with its bias when has_bias. */
 static dpoc_linear add_linear(dpoc_model *m, size_t l, const char *module, size_t out, size_t in, int has_bias) {
     char name[DPOC_PARAM_NAME_MAX];
-    dpoc_linear L = {.in = in, .out = out, .wtype = DPOC_DT_F32, .b = DPOC_NO_PARAM};
+    dpoc_linear L = {.in = in, .out = out, .wtype = DPOC_DT_F32, .gb = DPOC_NO_PARAM};
     snprintf(name, sizeof name, "model.layers.%zu.%s.weight", l, module);
-    L.w = add_param(m, name, out, in);
+    L.gw = add_param(m, name, out, in);
     if (has_bias) {
         snprintf(name, sizeof name, "model.layers.%zu.%s.bias", l, module);
-        L.b = add_param(m, name, out, 0);
+        L.gb = add_param(m, name, out, 0);
     }
     return L;
 }
 
 /* An RMSNorm weight (C) named "model.layers.<l>.<module>.weight". */
-static size_t add_norm(dpoc_model *m, size_t l, const char *module, size_t C) {
+static dpoc_param_ref add_norm(dpoc_model *m, size_t l, const char *module, size_t C) {
     char name[DPOC_PARAM_NAME_MAX];
     snprintf(name, sizeof name, "model.layers.%zu.%s.weight", l, module);
-    return add_param(m, name, C, 0);
+    return ref_to(add_param(m, name, C, 0));
+}
+
+static void bind_ref(const dpoc_model *m, dpoc_param_ref *r) { r->v = m->params + r->g; }
+
+static void bind_linear(const dpoc_model *m, dpoc_linear *L) {
+    L->w = m->params + L->gw;
+    L->bias = L->gb == DPOC_NO_PARAM ? NULL : m->params + L->gb;
+}
+
+/* Points every view at its values in the parameter block (every parameter is
+ * trainable and fp32 so far: a view's values sit at its gradient's offset). */
+static void bind_views(dpoc_model *m) {
+    bind_ref(m, &m->wte);
+    for (size_t l = 0; l < m->cfg.n_layers; l++) {
+        dpoc_layer *L = &m->layers[l];
+        bind_ref(m, &L->attn_norm);
+        bind_ref(m, &L->mlp_norm);
+        dpoc_linear *lin[] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+        for (size_t i = 0; i < sizeof lin / sizeof lin[0]; i++) bind_linear(m, lin[i]);
+    }
+    bind_ref(m, &m->final_norm);
+    bind_linear(m, &m->lm_head);
 }
 
 /* Tensors per layer: 2 norms, 7 projections, 3 optional q/k/v biases. */
@@ -68,12 +94,13 @@ int dpoc_model_init(dpoc_model *m, const dpoc_model_config *cfg, dpoc_err *err) 
         dpoc_model_free(m);
         return DPOC_ENOMEM;
     }
-    /* the order of Hugging Face's state dict; the gradient hook relies on each
-     * layer's tensors lying together, starting with its input norm */
-    m->off_wte = add_param(m, "model.embed_tokens.weight", V, C);
+    /* the order of Hugging Face's state dict: each layer's tensors together, so
+     * its gradients are final together (the gradient hook) */
+    m->wte = ref_to(add_param(m, "model.embed_tokens.weight", V, C));
     const int bias = cfg->qkv_bias;
     for (size_t l = 0; l < cfg->n_layers; l++) {
         dpoc_layer *L = &m->layers[l];
+        L->grad_from = m->numel;
         L->attn_norm = add_norm(m, l, "input_layernorm", C);
         L->q = add_linear(m, l, "self_attn.q_proj", QD, C, bias);
         L->k = add_linear(m, l, "self_attn.k_proj", KD, C, bias);
@@ -84,14 +111,16 @@ int dpoc_model_init(dpoc_model *m, const dpoc_model_config *cfg, dpoc_err *err) 
         L->up = add_linear(m, l, "mlp.up_proj", F, C, 0);
         L->down = add_linear(m, l, "mlp.down_proj", C, F, 0);
     }
-    m->off_final_norm = add_param(m, "model.norm.weight", C, 0);
-    m->lm_head = (dpoc_linear){.in = C, .out = V, .wtype = DPOC_DT_F32, .b = DPOC_NO_PARAM};
-    m->lm_head.w = cfg->tie_word_embeddings ? m->off_wte : add_param(m, "lm_head.weight", V, C);
+    m->tail_grad_from = m->numel;
+    m->final_norm = ref_to(add_param(m, "model.norm.weight", C, 0));
+    m->lm_head = (dpoc_linear){.in = C, .out = V, .wtype = DPOC_DT_F32, .gb = DPOC_NO_PARAM};
+    m->lm_head.gw = cfg->tie_word_embeddings ? m->wte.g : add_param(m, "lm_head.weight", V, C);
     m->params = dpoc_calloc(m->numel, sizeof(float), "model parameters", err);
     if (!m->params) {
         dpoc_model_free(m);
         return DPOC_ENOMEM;
     }
+    bind_views(m);
     return 0;
 }
 
@@ -272,6 +301,11 @@ static void add_inplace(float *restrict y, const float *restrict x, size_t n) {
     for (size_t i = 0; i < n; i++) y[i] += x[i];
 }
 
+/* The LM head's gradient (the embedding's when tied), or NULL when frozen. */
+static float *lmhead_grad(const dpoc_model *m, float *G) {
+    return G && m->lm_head.gw != DPOC_NO_PARAM ? G + m->lm_head.gw : NULL;
+}
+
 /* ---- the row layout: one causal sequence, or preference pairs with shared prompts ----
  *
  * Only RoPE and attention care which rows are which; every other op is
@@ -373,21 +407,19 @@ static void attention_rows_backward(const dpoc_acts *a, float *dq, float *dk, fl
         dpoc_prof_add(prof, kind, t0_);                  \
     } while (0)
 
-void decoder_qkv_forward(const dpoc_model *m, const dpoc_layer *L, float *q, float *k, float *v, const float *ln,
+void decoder_qkv_forward(const dpoc_layer *L, float *q, float *k, float *v, const float *ln,
                          size_t T, dpoc_prof *prof) {
-    const float *W = m->params;
-    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->q, W, q, ln, T));
-    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->k, W, k, ln, T));
-    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->v, W, v, ln, T));
+    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->q, q, ln, T));
+    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->k, k, ln, T));
+    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->v, v, ln, T));
 }
 
-void decoder_mlp_forward(const dpoc_model *m, const dpoc_layer *L, float *out, float *gate, float *up, float *act,
+void decoder_mlp_forward(const dpoc_layer *L, float *out, float *gate, float *up, float *act,
                          const float *ln, size_t T, dpoc_prof *prof) {
-    const float *W = m->params;
-    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->gate, W, gate, ln, T));
-    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->up, W, up, ln, T));
+    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->gate, gate, ln, T));
+    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->up, up, ln, T));
     TIMED(prof, DPOC_PROF_POINTWISE, swiglu_forward(act, gate, up, T * L->gate.out));
-    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->down, W, out, act, T));
+    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->down, out, act, T));
 }
 
 /* Layer l from a->layers[l].x_in to x_next (T,C), keeping what its backward
@@ -397,20 +429,19 @@ static void layer_forward(const dpoc_model *m, dpoc_acts *a, size_t l, float *x_
     const size_t C = cfg->hidden_size;
     const size_t nh = cfg->n_heads, nkv = cfg->n_kv_heads, hd = cfg->head_dim;
     const size_t T = a->T;
-    const float *W = m->params;
     const dpoc_layer *o = &m->layers[l];
     dpoc_layer_acts *la = &a->layers[l];
     // attention block: x_mid = x_in + o_proj(attn(rope(q), rope(k), v))
-    TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_forward(la->ln1, la->rstd1, la->x_in, W + o->attn_norm, T, C, cfg->rms_norm_eps));
-    decoder_qkv_forward(m, o, la->q, la->k, la->v, la->ln1, T, a->prof);
+    TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_forward(la->ln1, la->rstd1, la->x_in, o->attn_norm.v, T, C, cfg->rms_norm_eps));
+    decoder_qkv_forward(o, la->q, la->k, la->v, la->ln1, T, a->prof);
     TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, la->q, nh, hd, 0));
     TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, la->k, nkv, hd, 0));
     TIMED(a->prof, DPOC_PROF_ATTENTION, attention_rows_forward(a, la->atty, la->att_lse, la->q, la->k, la->v, nh, nkv, hd));
-    TIMED(a->prof, DPOC_PROF_GEMM, linear_forward(&o->o, W, la->x_mid, la->atty, T));
+    TIMED(a->prof, DPOC_PROF_GEMM, linear_forward(&o->o, la->x_mid, la->atty, T));
     TIMED(a->prof, DPOC_PROF_POINTWISE, add_inplace(la->x_mid, la->x_in, T * C));
     // MLP block: x_next = x_mid + down(silu(gate(ln2)) * up(ln2))
-    TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_forward(la->ln2, la->rstd2, la->x_mid, W + o->mlp_norm, T, C, cfg->rms_norm_eps));
-    decoder_mlp_forward(m, o, x_next, la->gate, la->up, la->act, la->ln2, T, a->prof);
+    TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_forward(la->ln2, la->rstd2, la->x_mid, o->mlp_norm.v, T, C, cfg->rms_norm_eps));
+    decoder_mlp_forward(o, x_next, la->gate, la->up, la->act, la->ln2, T, a->prof);
     TIMED(a->prof, DPOC_PROF_POINTWISE, add_inplace(x_next, la->x_mid, T * C));
 }
 
@@ -420,7 +451,7 @@ static void forward_trunk(const dpoc_model *m, dpoc_acts *a) {
     const dpoc_model_config *cfg = &m->cfg;
     for (size_t l = 0; l < cfg->n_layers; l++)
         layer_forward(m, a, l, l + 1 < cfg->n_layers ? a->layers[l + 1].x_in : a->x_out);
-    TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_forward(a->lnf, a->rstdf, a->x_out, m->params + m->off_final_norm, a->T,
+    TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_forward(a->lnf, a->rstdf, a->x_out, m->final_norm.v, a->T,
                                                         cfg->hidden_size, cfg->rms_norm_eps));
 }
 
@@ -428,23 +459,21 @@ void dpoc_model_forward(const dpoc_model *m, dpoc_acts *a, const int32_t *tokens
                         size_t R) {
     const dpoc_model_config *cfg = &m->cfg;
     const size_t C = cfg->hidden_size, V = cfg->vocab_size;
-    const float *W = m->params;
     a->T = T;
     a->row0 = row0;
     a->R = R;
     a->n_pairs = 0;
     TIMED(a->prof, DPOC_PROF_POINTWISE, rope_tables(a->cos_t, a->sin_t, T, cfg->head_dim, cfg->rope_theta));
-    TIMED(a->prof, DPOC_PROF_POINTWISE, embedding_forward(a->layers[0].x_in, tokens, W + m->off_wte, T, C));
+    TIMED(a->prof, DPOC_PROF_POINTWISE, embedding_forward(a->layers[0].x_in, tokens, m->wte.v, T, C));
     forward_trunk(m, a);
     for (size_t r = 0; r < R; r++) a->labels[r] = tokens[row0 + r + 1];
     lmhead_out out = {a->logp, a->lse, a->entropy, a->mean_logit, a->log_sum_sq_probs, a->is_top1};
-    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_forward(&out, a->lnf + row0 * C, W + m->lm_head.w, a->labels, R, C, V, a->logits_scratch));
+    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_forward(&out, a->lnf + row0 * C, m->lm_head.w, a->labels, R, C, V, a->logits_scratch));
 }
 
 void dpoc_model_forward_pairs(const dpoc_model *m, dpoc_acts *a, const dpoc_pair_tokens *pairs, size_t n) {
     const dpoc_model_config *cfg = &m->cfg;
     const size_t C = cfg->hidden_size, V = cfg->vocab_size;
-    const float *W = m->params;
     assert(n >= 1 && n <= a->max_T);
     size_t T = 0, R = 0, max_pos = 0;
     for (size_t i = 0; i < n; i++) {
@@ -476,12 +505,12 @@ void dpoc_model_forward_pairs(const dpoc_model *m, dpoc_acts *a, const dpoc_pair
     a->n_pairs = n;
     /* positions 0 .. Tp + max(na, nb) - 1 of the longest pair: prompts', then completions' from Tp */
     TIMED(a->prof, DPOC_PROF_POINTWISE, rope_tables(a->cos_t, a->sin_t, max_pos, cfg->head_dim, cfg->rope_theta));
-    TIMED(a->prof, DPOC_PROF_POINTWISE, embedding_forward(a->layers[0].x_in, a->tokens, W + m->off_wte, T, C));
+    TIMED(a->prof, DPOC_PROF_POINTWISE, embedding_forward(a->layers[0].x_in, a->tokens, m->wte.v, T, C));
     forward_trunk(m, a);
     /* every pair's completions in one head call: one pass over the (V,C) head weight */
     for (size_t r = 0; r < R; r++) memcpy(a->head_in + r * C, a->lnf + a->head_src[r] * C, C * sizeof(float));
     lmhead_out out = {a->logp, a->lse, a->entropy, a->mean_logit, a->log_sum_sq_probs, a->is_top1};
-    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_forward(&out, a->head_in, W + m->lm_head.w, a->labels, R, C, V, a->logits_scratch));
+    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_forward(&out, a->head_in, m->lm_head.w, a->labels, R, C, V, a->logits_scratch));
 }
 
 void dpoc_model_forward_shared(const dpoc_model *m, dpoc_acts *a, const int32_t *prompt, size_t Tp,
@@ -500,13 +529,12 @@ static void backward_trunk(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc
     const size_t nh = cfg->n_heads, nkv = cfg->n_kv_heads, hd = cfg->head_dim;
     const size_t QD = nh * hd, KD = nkv * hd;
     const size_t T = a->T;
-    const float *W = m->params;
     float *G = grads;
 
     memset(s->dx, 0, T * C * sizeof(float));
-    TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_backward(s->dx, G + m->off_final_norm, s->dln, a->x_out, W + m->off_final_norm, a->rstdf, T, C));
+    TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_backward(s->dx, dpoc_param_grad(&m->final_norm, G), s->dln, a->x_out, m->final_norm.v, a->rstdf, T, C));
     /* the final norm and an untied head sit at the end of the block; a tied head is the embedding */
-    if (hook) hook->ready(hook->ctx, m->off_final_norm);
+    if (hook) hook->ready(hook->ctx, m->tail_grad_from);
     for (size_t li = cfg->n_layers; li-- > 0;) {
         const dpoc_layer *o = &m->layers[li];
         dpoc_layer_acts *la = &a->layers[li];
@@ -515,17 +543,17 @@ static void backward_trunk(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc
         if (a->recompute) layer_forward(m, a, li, a->recompute_out);
         // dx holds dLoss/d(layer output). MLP branch first; the residual passes dx through.
         memset(s->dact, 0, T * F * sizeof(float));
-        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->down, W, G, s->dact, s->dx, la->act, T));
+        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->down, G, s->dact, s->dx, la->act, T));
         memset(s->dgate, 0, T * F * sizeof(float));
         memset(s->dup, 0, T * F * sizeof(float));
         TIMED(a->prof, DPOC_PROF_POINTWISE, swiglu_backward(s->dgate, s->dup, s->dact, la->gate, la->up, T * F));
         memset(s->dln, 0, T * C * sizeof(float));
-        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->gate, W, G, s->dln, s->dgate, la->ln2, T));
-        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->up, W, G, s->dln, s->dup, la->ln2, T));
-        TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_backward(s->dx, G + o->mlp_norm, s->dln, la->x_mid, W + o->mlp_norm, la->rstd2, T, C));
+        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->gate, G, s->dln, s->dgate, la->ln2, T));
+        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->up, G, s->dln, s->dup, la->ln2, T));
+        TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_backward(s->dx, dpoc_param_grad(&o->mlp_norm, G), s->dln, la->x_mid, o->mlp_norm.v, la->rstd2, T, C));
         // dx now holds dLoss/d(x_mid); attention branch.
         memset(s->datty, 0, T * QD * sizeof(float));
-        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->o, W, G, s->datty, s->dx, la->atty, T));
+        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->o, G, s->datty, s->dx, la->atty, T));
         memset(s->dq, 0, T * QD * sizeof(float));
         memset(s->dk, 0, T * KD * sizeof(float));
         memset(s->dv, 0, T * KD * sizeof(float));
@@ -534,14 +562,14 @@ static void backward_trunk(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc
         TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, s->dq, nh, hd, 1));
         TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, s->dk, nkv, hd, 1));
         memset(s->dln, 0, T * C * sizeof(float));
-        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->q, W, G, s->dln, s->dq, la->ln1, T));
-        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->k, W, G, s->dln, s->dk, la->ln1, T));
-        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->v, W, G, s->dln, s->dv, la->ln1, T));
-        TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_backward(s->dx, G + o->attn_norm, s->dln, la->x_in, W + o->attn_norm, la->rstd1, T, C));
-        /* layers are laid out in order, each starting with its input norm */
-        if (hook) hook->ready(hook->ctx, o->attn_norm);
+        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->q, G, s->dln, s->dq, la->ln1, T));
+        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->k, G, s->dln, s->dk, la->ln1, T));
+        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->v, G, s->dln, s->dv, la->ln1, T));
+        TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_backward(s->dx, dpoc_param_grad(&o->attn_norm, G), s->dln, la->x_in, o->attn_norm.v, la->rstd1, T, C));
+        /* layers are laid out in order: this one's gradients are final, and all after it */
+        if (hook) hook->ready(hook->ctx, o->grad_from);
     }
-    TIMED(a->prof, DPOC_PROF_POINTWISE, embedding_backward(G + m->off_wte, s->dx, tokens, T, C));
+    TIMED(a->prof, DPOC_PROF_POINTWISE, embedding_backward(dpoc_param_grad(&m->wte, G), s->dx, tokens, T, C));
     if (hook) hook->ready(hook->ctx, 0);
 }
 
@@ -550,8 +578,8 @@ void dpoc_model_backward(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_g
     const size_t C = m->cfg.hidden_size, V = m->cfg.vocab_size;
     assert(a->n_pairs == 0); /* a pairs forward needs dpoc_model_backward_pairs */
     memset(s->dln, 0, a->T * C * sizeof(float));
-    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_backward(s->dln + a->row0 * C, grads + m->lm_head.w, dlogp, a->lnf + a->row0 * C,
-                    m->params + m->lm_head.w, a->labels, a->lse, a->R, C, V, a->logits_scratch));
+    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_backward(s->dln + a->row0 * C, lmhead_grad(m, grads), dlogp, a->lnf + a->row0 * C,
+                    m->lm_head.w, a->labels, a->lse, a->R, C, V, a->logits_scratch));
     backward_trunk(m, grads, a, s, tokens, hook);
 }
 
@@ -565,7 +593,7 @@ void dpoc_model_backward_pairs(const dpoc_model *m, float *grads, dpoc_acts *a, 
      * pair's last prompt row receives the first head row of both completions */
     float *dh = s->dx;
     memset(dh, 0, R * C * sizeof(float));
-    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_backward(dh, grads + m->lm_head.w, dlogp, a->head_in, m->params + m->lm_head.w, a->labels, a->lse, R,
+    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_backward(dh, lmhead_grad(m, grads), dlogp, a->head_in, m->lm_head.w, a->labels, a->lse, R,
                     C, V, a->logits_scratch));
     memset(s->dln, 0, T * C * sizeof(float));
     for (size_t r = 0; r < R; r++) add_inplace(s->dln + a->head_src[r] * C, dh + r * C, C);

@@ -130,7 +130,7 @@ static void test_logits(void **state) {
         dpoc_model_forward(m, &a, ids.ids, T, 0, T - 1);
         float *logits = malloc(T * V * sizeof *logits);
         assert_non_null(logits);
-        matmul_forward(logits, a.lnf, m->params + m->lm_head.w, NULL, T, C, V);
+        matmul_forward(logits, a.lnf, (const float *)m->lm_head.w, NULL, T, C, V);
 
         double max_logit = 0, max_lse = 0, max_head_lse = 0;
         for (size_t t = 0; t < T; t++) {
