@@ -18,6 +18,29 @@ typedef enum { DPOC_SCHED_CONSTANT, DPOC_SCHED_CONSTANT_WARMUP, DPOC_SCHED_LINEA
 /* grad_allreduce: how ranks average gradients (see dpoc/dist.h). */
 typedef enum { DPOC_ALLREDUCE_AUTO, DPOC_ALLREDUCE_SHARED, DPOC_ALLREDUCE_MPI } dpoc_allreduce_kind;
 
+/* LoRA (peft's LoraConfig, TRL's ModelConfig key names; see dpoc/lora.h). */
+#define DPOC_LORA_MAX_TARGETS 16
+#define DPOC_LORA_TARGET_MAX 128
+/* lora_target_modules: a list of module names (peft: a module whose name equals
+ * one or ends with "." + one), "all-linear" (every projection but the LM head) or
+ * any other string: a regular expression the whole module name must match. */
+typedef enum { DPOC_LORA_TARGETS_LIST, DPOC_LORA_TARGETS_ALL_LINEAR, DPOC_LORA_TARGETS_REGEX } dpoc_lora_targets_kind;
+/* init_lora_weights: true (A kaiming-uniform a=sqrt(5), B zeros), "gaussian"
+ * (A normal with std 1/r, B zeros), false (both as nn.Linear initialises them). */
+typedef enum { DPOC_LORA_INIT_DEFAULT, DPOC_LORA_INIT_GAUSSIAN, DPOC_LORA_INIT_RANDOM } dpoc_lora_init;
+typedef struct {
+    int use_peft;
+    size_t r;
+    double alpha;
+    double dropout; /* accepted; has no effect while dropout is disabled (disable_dropout) */
+    int use_rslora; /* scale alpha / sqrt(r) instead of alpha / r */
+    dpoc_lora_init init;
+    dpoc_lora_targets_kind targets_kind;
+    size_t n_targets;
+    char targets[DPOC_LORA_MAX_TARGETS][DPOC_LORA_TARGET_MAX]; /* the list, or targets[0] = the expression */
+    char adapter_name_or_path[DPOC_PATH_MAX]; /* a PEFT adapter directory to start from (its config wins) */
+} dpoc_lora_cfg;
+
 typedef struct {
     char model_name_or_path[DPOC_PATH_MAX];
     char ref_model_name_or_path[DPOC_PATH_MAX]; /* empty: frozen copy of the starting policy */
@@ -68,6 +91,8 @@ typedef struct {
     double collective_timeout_s; /* watchdog: abort when a step makes no progress this long */
     size_t num_threads;         /* BLAS/kernel threads per rank (0: cores / ranks on the node) */
     int model_loading_broadcast; /* model_loading: "each_rank" (0, mmap on every rank) or "broadcast" (1) */
+
+    dpoc_lora_cfg lora; /* use_peft, lora_* */
 } dpoc_config;
 
 /* bf16: false keeps every product fp32; true gives the linear layers' products (forward

@@ -47,19 +47,37 @@ static inline float *dpoc_param_grad(const dpoc_param_ref *r, float *G) {
  * generation, goes through linear_forward / linear_backward: a weight's storage
  * type (fp32 today; a frozen bf16 or GGUF block type next) and an adapter
  * change these two functions, not the call sites. */
+/* A LoRA adapter on a linear layer (peft's LoraLayer): the layer computes
+ * W x + b + scale * B (A x). A (r, in) and B (out, r) are trainable, in the
+ * parameter block; r = 0: no adapter. on = 0 computes the base layer alone
+ * (peft's disable_adapter(): the reference model). */
+typedef struct {
+    size_t r;
+    float scale; /* alpha / r, or alpha / sqrt(r) (rsLoRA) */
+    const float *A, *B;
+    size_t gA, gB; /* their gradients in the gradient block */
+    int on;
+} dpoc_adapter;
+
 typedef struct {
     size_t in, out;
     dpoc_dtype wtype;  /* W's storage: DPOC_DT_F32 is the only one computed with so far */
     const void *w;     /* W, out rows of in values stored as wtype */
     const float *bias; /* (out) or NULL */
     size_t gw, gb;     /* W's and the bias's gradients in the gradient block; DPOC_NO_PARAM: frozen or absent */
+    dpoc_adapter lora;
 } dpoc_linear;
 
-/* out (T, L->out) = inp (T, L->in) @ W^T + b. Overwrites out. */
-void linear_forward(const dpoc_linear *L, float *out, const float *inp, size_t T);
-/* dinp (T, in) += dout (T, out) @ W, unless dinp is NULL; with a gradient block G
- * (not NULL), dW += dout^T @ inp and db += column sums of dout for those not frozen. */
-void linear_backward(const dpoc_linear *L, float *G, float *dinp, const float *dout, const float *inp, size_t T);
+/* Floats of workspace linear_forward / linear_backward need for T rows: 2 T r
+ * with an adapter that is on, else 0 (ws may then be NULL). */
+size_t linear_workspace(const dpoc_linear *L, size_t T);
+/* out (T, L->out) = inp (T, L->in) @ W^T + b (+ the adapter). Overwrites out. */
+void linear_forward(const dpoc_linear *L, float *out, const float *inp, size_t T, float *ws);
+/* dinp (T, in) += dout (T, out) @ W (+ through the adapter), unless dinp is NULL;
+ * with a gradient block G (not NULL), dW += dout^T @ inp, db += column sums of
+ * dout, dA and dB += theirs, for those not frozen. */
+void linear_backward(const dpoc_linear *L, float *G, float *dinp, const float *dout, const float *inp, size_t T,
+                     float *ws);
 
 /* out (T,OC) = inp (T,C) @ weight(OC,C)^T + bias(OC); bias may be NULL. Overwrites out. */
 void matmul_forward(float *out, const float *inp, const float *weight, const float *bias, size_t T,

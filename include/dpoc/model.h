@@ -37,6 +37,9 @@ typedef struct {
     int bos_token_id; /* -1 when absent */
     int eos_token_id;
     int pad_token_id;
+    /* Not the architecture: the largest LoRA rank attached (dpoc_lora_attach; 0:
+     * none), so activations reserve the adapters' workspace. */
+    size_t lora_r_max;
 } dpoc_model_config;
 
 /* Reads a Hugging Face config.json (transformers 4 and 5 spellings: rope_theta or
@@ -73,8 +76,12 @@ typedef struct {
     dpoc_model_config cfg;
     size_t n_tensors;
     dpoc_param_info *info;
-    size_t numel;   /* total parameters */
-    float *params;  /* the flat block */
+    size_t numel;   /* trainable parameters */
+    float *params;  /* the flat block of the trainable parameters */
+    /* With LoRA (dpoc_lora_attach) the base's fp32 parameters: frozen, the table's
+     * rows with trainable 0 at their offsets here; NULL when every parameter trains. */
+    float *frozen;
+    size_t frozen_numel;
     dpoc_param_ref wte, final_norm;
     /* The LM head (V,C): the embedding's values when tied. Training computes it in
      * vocabulary chunks (lmhead_forward), generation through linear_forward. */
@@ -125,6 +132,7 @@ typedef struct {
     float *x_out, *lnf, *rstdf; /* (T,C), (T,C), (T) */
     float *cos_t, *sin_t;       /* rope tables (max_T, hd/2) */
     float *logits_scratch;      /* lm head chunk scratch */
+    float *lora_ws;             /* (2 max_T lora_r_max) the adapters' workspace (linear_workspace) */
     float *head_in;             /* (R,C) the head's input rows gathered from lnf (shared layout only) */
     int32_t *tokens;            /* (T) the token of each row (shared layout only) */
     int32_t *labels;            /* (R) */

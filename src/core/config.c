@@ -260,6 +260,101 @@ static cJSON *get_bf16(const dpoc_config *c) {
     return c->bf16 == DPOC_BF16_AUTO ? cJSON_CreateString("auto") : cJSON_CreateBool(c->bf16 == DPOC_BF16_TRUE);
 }
 
+/* ---- LoRA keys (peft LoraConfig / TRL ModelConfig) ---- */
+
+static int set_lora_targets(dpoc_config *c, const key_def *k, const cJSON *v, const char *where, dpoc_err *err) {
+    dpoc_lora_cfg *L = &c->lora;
+    if (cJSON_IsNull(v)) { /* peft's None: the architecture's default, q_proj and v_proj */
+        L->targets_kind = DPOC_LORA_TARGETS_LIST;
+        L->n_targets = 2;
+        strcpy(L->targets[0], "q_proj");
+        strcpy(L->targets[1], "v_proj");
+        return 0;
+    }
+    if (cJSON_IsString(v)) {
+        if (strlen(v->valuestring) >= DPOC_LORA_TARGET_MAX) return bad_type(k, where, "a shorter string", err);
+        const int all = strcmp(v->valuestring, "all-linear") == 0;
+        L->targets_kind = all ? DPOC_LORA_TARGETS_ALL_LINEAR : DPOC_LORA_TARGETS_REGEX;
+        L->n_targets = all ? 0 : 1;
+        strcpy(L->targets[0], v->valuestring);
+        return 0;
+    }
+    if (!cJSON_IsArray(v) || cJSON_GetArraySize(v) == 0 || cJSON_GetArraySize(v) > DPOC_LORA_MAX_TARGETS)
+        return dpoc_errf(err, DPOC_EINPUT,
+                         "%s: config key '%s' must be \"all-linear\", a regular expression or a list of 1 to %d "
+                         "module names",
+                         where, k->name, DPOC_LORA_MAX_TARGETS);
+    L->targets_kind = DPOC_LORA_TARGETS_LIST;
+    L->n_targets = 0;
+    const cJSON *it;
+    cJSON_ArrayForEach(it, v) {
+        if (!cJSON_IsString(it) || !it->valuestring[0] || strlen(it->valuestring) >= DPOC_LORA_TARGET_MAX)
+            return bad_type(k, where, "a list of module names (non-empty strings)", err);
+        strcpy(L->targets[L->n_targets++], it->valuestring);
+    }
+    return 0;
+}
+static cJSON *get_lora_targets(const dpoc_config *c) {
+    const dpoc_lora_cfg *L = &c->lora;
+    if (L->targets_kind != DPOC_LORA_TARGETS_LIST) return cJSON_CreateString(L->targets[0]);
+    cJSON *a = cJSON_CreateArray();
+    for (size_t i = 0; i < L->n_targets; i++) cJSON_AddItemToArray(a, cJSON_CreateString(L->targets[i]));
+    return a;
+}
+
+static int set_lora_init(dpoc_config *c, const key_def *k, const cJSON *v, const char *where, dpoc_err *err) {
+    if (cJSON_IsBool(v)) {
+        c->lora.init = cJSON_IsTrue(v) ? DPOC_LORA_INIT_DEFAULT : DPOC_LORA_INIT_RANDOM;
+        return 0;
+    }
+    if (cJSON_IsString(v) && strcmp(v->valuestring, "gaussian") == 0) {
+        c->lora.init = DPOC_LORA_INIT_GAUSSIAN;
+        return 0;
+    }
+    return dpoc_errf(err, DPOC_EINPUT,
+                     "%s: config key '%s' must be true, false or \"gaussian\" (peft's other initialisations, "
+                     "e.g. pissa, olora, loftq, are not supported)",
+                     where, k->name);
+}
+static cJSON *get_lora_init(const dpoc_config *c) {
+    if (c->lora.init == DPOC_LORA_INIT_GAUSSIAN) return cJSON_CreateString("gaussian");
+    return cJSON_CreateBool(c->lora.init == DPOC_LORA_INIT_DEFAULT);
+}
+
+/* A key whose only supported value is one string (case as peft writes it). */
+static int require_string(const key_def *k, const cJSON *v, const char *where, const char *only, const char *why,
+                          dpoc_err *err) {
+    if (cJSON_IsNull(v) || (cJSON_IsString(v) && strcmp(v->valuestring, only) == 0)) return 0;
+    return dpoc_errf(err, DPOC_EINPUT, "%s: config key '%s': only \"%s\" is supported (%s)", where, k->name, only,
+                     why);
+}
+static int set_lora_bias(dpoc_config *c, const key_def *k, const cJSON *v, const char *where, dpoc_err *err) {
+    (void)c;
+    return require_string(k, v, where, "none", "biases stay frozen", err);
+}
+static int set_lora_task(dpoc_config *c, const key_def *k, const cJSON *v, const char *where, dpoc_err *err) {
+    (void)c;
+    return require_string(k, v, where, "CAUSAL_LM", "dpoc trains causal language models", err);
+}
+static int set_base_dtype(dpoc_config *c, const key_def *k, const cJSON *v, const char *where, dpoc_err *err) {
+    (void)c;
+    return require_string(k, v, where, "fp32", "bf16 and keep are not built yet", err);
+}
+static int set_use_dora(dpoc_config *c, const key_def *k, const cJSON *v, const char *where, dpoc_err *err) {
+    (void)c;
+    if (cJSON_IsFalse(v) || cJSON_IsNull(v)) return 0;
+    return dpoc_errf(err, DPOC_EINPUT, "%s: config key '%s': only false is supported (DoRA is not built)", where,
+                     k->name);
+}
+/* Keys with no supported value but the empty one (null, false, [] or ""). */
+static int set_must_be_empty(dpoc_config *c, const key_def *k, const cJSON *v, const char *where, dpoc_err *err) {
+    (void)c;
+    if (cJSON_IsNull(v) || cJSON_IsFalse(v) || (cJSON_IsArray(v) && cJSON_GetArraySize(v) == 0) ||
+        (cJSON_IsString(v) && !v->valuestring[0]))
+        return 0;
+    return dpoc_errf(err, DPOC_EINPUT, "%s: config key '%s' is not supported yet (leave it unset)", where, k->name);
+}
+
 static const key_def KEYS[] = {
     {"model_name_or_path", K_PATH, OFF(model_name_or_path), 0, 0, 0, 0, "policy model: a GGUF file or a Hugging Face model directory"},
     {"ref_model_name_or_path", K_PATH, OFF(ref_model_name_or_path), 0, 0, 0, 0,
@@ -344,6 +439,27 @@ static const key_def KEYS[] = {
      "softmax and losses stay fp32) or auto (measure both on the model's shapes at start, keep the faster)"},
     {"fp16", K_CUSTOM, 0, 0, 0, set_must_be_false, 0, "must be false"},
     {"disable_dropout", K_CUSTOM, 0, 0, 0, set_must_be_true, 0, "must be true"},
+    /* LoRA: peft's LoraConfig semantics, TRL's ModelConfig names */
+    {"use_peft", K_BOOL, OFF(lora.use_peft), 0, 0, 0, 0,
+     "train LoRA adapters on a frozen base instead of every weight (the reference: the base, adapters off)"},
+    {"lora_r", K_SIZE, OFF(lora.r), 1, 4096, 0, 0, "LoRA rank"},
+    {"lora_alpha", K_DOUBLE, OFF(lora.alpha), 1e-30, BIG, 0, 0, "LoRA alpha: the update is scaled by alpha / r"},
+    {"lora_dropout", K_DOUBLE, OFF(lora.dropout), 0, 0.999999, 0, 0,
+     "dropout on the adapters' input; no effect while disable_dropout is true (TRL's default), as in TRL"},
+    {"lora_target_modules", K_CUSTOM, 0, 0, 0, set_lora_targets, get_lora_targets,
+     "modules given adapters: a list of names (a module named so, or ending in \".\" + a name), "
+     "\"all-linear\" (every projection but the LM head) or a regular expression matching whole module names"},
+    {"use_rslora", K_BOOL, OFF(lora.use_rslora), 0, 0, 0, 0, "rank-stabilized LoRA: scale alpha / sqrt(r)"},
+    {"init_lora_weights", K_CUSTOM, 0, 0, 0, set_lora_init, get_lora_init,
+     "true (A kaiming-uniform, B zeros: the adapter starts as the identity), \"gaussian\" or false (A and B random)"},
+    {"lora_bias", K_CUSTOM, 0, 0, 0, set_lora_bias, 0, "must be \"none\" (peft's bias)"},
+    {"lora_task_type", K_CUSTOM, 0, 0, 0, set_lora_task, 0, "must be \"CAUSAL_LM\""},
+    {"lora_modules_to_save", K_CUSTOM, 0, 0, 0, set_must_be_empty, 0, "not supported yet"},
+    {"use_dora", K_CUSTOM, 0, 0, 0, set_use_dora, 0, "must be false"},
+    {"adapter_name_or_path", K_PATH, OFF(lora.adapter_name_or_path), 0, 0, 0, 0,
+     "a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to continue training; its "
+     "r, alpha and targets are used (implies use_peft)"},
+    {"base_weights_dtype", K_CUSTOM, 0, 0, 0, set_base_dtype, 0, "storage of the frozen base with use_peft: fp32"},
 };
 #define N_KEYS (sizeof KEYS / sizeof KEYS[0])
 
@@ -383,6 +499,12 @@ void dpoc_config_defaults(dpoc_config *c) {
     c->bucket_size_mb = 25.0;
     c->grad_allreduce = DPOC_ALLREDUCE_AUTO;
     c->collective_timeout_s = 1800.0;
+    c->lora.r = 8;       /* peft's defaults */
+    c->lora.alpha = 8.0;
+    c->lora.targets_kind = DPOC_LORA_TARGETS_LIST;
+    c->lora.n_targets = 2;
+    strcpy(c->lora.targets[0], "q_proj");
+    strcpy(c->lora.targets[1], "v_proj");
 }
 
 static const key_def *find_key(const char *name) {
@@ -489,6 +611,7 @@ int dpoc_config_finalize(dpoc_config *c, dpoc_err *err) {
                              "config key 'lr_scheduler_kwargs': cosine_with_min_lr needs exactly one of min_lr, "
                              "min_lr_rate");
     }
+    if (c->lora.adapter_name_or_path[0]) c->lora.use_peft = 1;
     if (c->max_steps <= 0 && !(c->num_train_epochs > 0))
         return dpoc_errf(err, DPOC_EINPUT, "config keys 'max_steps' / 'num_train_epochs': one must be > 0");
     return dpoc_loss_cfg_validate(&c->loss, err);

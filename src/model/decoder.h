@@ -1,6 +1,7 @@
 /* The parts of a decoder layer that training (model.c) and generation
  * (generate.c) run alike, so both compute a projection the same way. Internal
- * to model/. prof may be NULL (not measured). */
+ * to model/. prof may be NULL (not measured); ws: the adapters' workspace,
+ * linear_workspace floats of the layer's largest adapter. */
 #ifndef DPOC_MODEL_DECODER_H
 #define DPOC_MODEL_DECODER_H
 
@@ -11,10 +12,10 @@
 
 /* q (T,QD), k and v (T,KD) = the layer's projections of ln (T,C), biases included. */
 void decoder_qkv_forward(const dpoc_layer *L, float *q, float *k, float *v, const float *ln,
-                         size_t T, dpoc_prof *prof);
+                         size_t T, dpoc_prof *prof, float *ws);
 /* out (T,C) = down(silu(gate(ln)) * up(ln)) of ln (T,C); gate, up and act (T,F)
  * keep the inner values (backward reads them). Overwrites out. */
 void decoder_mlp_forward(const dpoc_layer *L, float *out, float *gate, float *up, float *act,
-                         const float *ln, size_t T, dpoc_prof *prof);
+                         const float *ln, size_t T, dpoc_prof *prof, float *ws);
 
 #endif

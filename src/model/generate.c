@@ -36,6 +36,7 @@ typedef struct {
     /* step buffers, (max_rows, ...) */
     float *x, *ln, *rstd, *q, *k, *v, *atty, *lse, *tmp, *gate, *up, *act;
     float *logits; /* (n_seq, V) */
+    float *lora_ws; /* (max_rows, 2 lora_r_max): the adapters' workspace, or NULL */
 } gen_state;
 
 static void gen_free(gen_state *s) {
@@ -56,6 +57,7 @@ static void gen_free(gen_state *s) {
     free(s->rstd);
     free(s->lse);
     free(s->logits);
+    free(s->lora_ws);
     memset(s, 0, sizeof *s);
 }
 
@@ -85,6 +87,11 @@ static int gen_alloc(gen_state *s, const dpoc_model *m, size_t n_seq, size_t cap
     s->rstd = dpoc_malloc(max_rows * sizeof(float), "generation buffers", err);
     s->lse = dpoc_malloc(max_rows * s->nh * sizeof(float), "generation buffers", err); /* attention statistics */
     s->logits = dpoc_malloc(n_seq * s->V * sizeof(float), "generation buffers", err);
+    const size_t ws = 2 * max_rows * c->lora_r_max;
+    if (ws && !(s->lora_ws = dpoc_malloc(ws * sizeof(float), "adapter workspace", err))) {
+        gen_free(s);
+        return DPOC_ENOMEM;
+    }
     if (!s->kcache || !s->vcache || !s->cos_t || !s->sin_t || !s->x || !s->ln || !s->q || !s->k || !s->v ||
         !s->atty || !s->tmp || !s->gate || !s->up || !s->act || !s->rstd || !s->lse || !s->logits) {
         gen_free(s);
@@ -111,7 +118,7 @@ static void gen_step(gen_state *s, const int32_t *tokens, const size_t *seq, con
     for (size_t l = 0; l < s->L; l++) {
         const dpoc_layer *o = &m->layers[l];
         rmsnorm_forward(s->ln, rstd, s->x, o->attn_norm.v, N, C, c->rms_norm_eps);
-        decoder_qkv_forward(o, s->q, s->k, s->v, s->ln, N, NULL);
+        decoder_qkv_forward(o, s->q, s->k, s->v, s->ln, N, NULL, s->lora_ws);
         for (size_t r = 0; r < N; r++) {
             const float *cs = s->cos_t + pos[r] * (hd / 2), *sn = s->sin_t + pos[r] * (hd / 2);
             rope_forward(s->q + r * QD, cs, sn, 1, s->nh, hd);
@@ -129,15 +136,15 @@ static void gen_step(gen_state *s, const int32_t *tokens, const size_t *seq, con
                                      cache_at(s, s->vcache, seq[r0], l, 0), p0, cache_at(s, s->kcache, seq[r0], l, p0),
                                      cache_at(s, s->vcache, seq[r0], l, p0), r1 - r0, s->nh, s->nkv, hd);
         }
-        linear_forward(&o->o, s->tmp, s->atty, N);
+        linear_forward(&o->o, s->tmp, s->atty, N, s->lora_ws);
         for (size_t i = 0; i < N * C; i++) s->x[i] += s->tmp[i];
         rmsnorm_forward(s->ln, rstd, s->x, o->mlp_norm.v, N, C, c->rms_norm_eps);
-        decoder_mlp_forward(o, s->tmp, s->gate, s->up, s->act, s->ln, N, NULL);
+        decoder_mlp_forward(o, s->tmp, s->gate, s->up, s->act, s->ln, N, NULL, s->lora_ws);
         for (size_t i = 0; i < N * C; i++) s->x[i] += s->tmp[i];
     }
     for (size_t i = 0; i < n_out; i++) memcpy(s->tmp + i * C, s->x + out_rows[i] * C, C * sizeof(float));
     rmsnorm_forward(s->ln, rstd, s->tmp, m->final_norm.v, n_out, C, c->rms_norm_eps);
-    linear_forward(&m->lm_head, s->logits, s->ln, n_out);
+    linear_forward(&m->lm_head, s->logits, s->ln, n_out, NULL);
 }
 
 /* ---- choosing the next token ---- */

@@ -52,6 +52,13 @@ static void linear_gemm(int ta, int tb, size_t M, size_t N, size_t K, const floa
     dpoc_gemm(p, ta, tb, M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
 }
 
+/* The same with a scale on the product: C = alpha * op(A) op(B) + beta * C. */
+static void linear_gemm_scaled(int ta, int tb, size_t M, size_t N, size_t K, float alpha, const float *A, size_t lda,
+                               const float *B, size_t ldb, float beta, float *C, size_t ldc) {
+    const dpoc_gemm_precision p = dpoc_rt()->precision == DPOC_PRECISION_BF16 ? DPOC_GEMM_BF16 : DPOC_GEMM_FP32;
+    dpoc_gemm(p, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
 static size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
 
 /* ------------------------------------------------------------------------ */
@@ -109,16 +116,39 @@ void matmul_forward(float *restrict out, const float *restrict inp, const float 
     linear_gemm(0, 1, T, OC, C, inp, C, weight, C, 1.0f, out, OC);
 }
 
-void linear_forward(const dpoc_linear *L, float *out, const float *inp, size_t T) {
+static int adapter_on(const dpoc_linear *L) { return L->lora.r > 0 && L->lora.on; }
+
+size_t linear_workspace(const dpoc_linear *L, size_t T) { return adapter_on(L) ? 2 * T * L->lora.r : 0; }
+
+void linear_forward(const dpoc_linear *L, float *out, const float *inp, size_t T, float *ws) {
     assert(L->wtype == DPOC_DT_F32);
     matmul_forward(out, inp, L->w, L->bias, T, L->in, L->out);
+    if (!adapter_on(L) || T == 0) return;
+    /* as peft: lora_B(lora_A(x)) * scaling, added to the base layer's output */
+    const dpoc_adapter *a = &L->lora;
+    float *t = ws; /* (T, r) = x A^T */
+    linear_gemm_scaled(0, 1, T, a->r, L->in, 1.0f, inp, L->in, a->A, L->in, 0.0f, t, a->r);
+    linear_gemm_scaled(0, 1, T, L->out, a->r, a->scale, t, a->r, a->B, a->r, 1.0f, out, L->out);
 }
 
-void linear_backward(const dpoc_linear *L, float *G, float *dinp, const float *dout, const float *inp, size_t T) {
+void linear_backward(const dpoc_linear *L, float *G, float *dinp, const float *dout, const float *inp, size_t T,
+                     float *ws) {
     assert(L->wtype == DPOC_DT_F32);
     float *dw = G && L->gw != DPOC_NO_PARAM ? G + L->gw : NULL;
     float *db = G && L->gb != DPOC_NO_PARAM ? G + L->gb : NULL;
     matmul_backward(dinp, dw, db, dout, inp, L->w, T, L->in, L->out);
+    if (!adapter_on(L) || T == 0) return;
+    const dpoc_adapter *a = &L->lora;
+    const size_t r = a->r, in = L->in, out = L->out;
+    float *t = ws, *u = ws + T * r;
+    /* t = x A^T again (cheaper to recompute than to keep per layer); with
+     * g = scale * dout, the adapter's output gradient: dB += g^T t, u = g B,
+     * dA += u^T x, dx += u A */
+    linear_gemm_scaled(0, 1, T, r, in, 1.0f, inp, in, a->A, in, 0.0f, t, r);
+    if (G && a->gB != DPOC_NO_PARAM) linear_gemm_scaled(1, 0, out, r, T, a->scale, dout, out, t, r, 1.0f, G + a->gB, r);
+    linear_gemm_scaled(0, 0, T, r, out, a->scale, dout, out, a->B, r, 0.0f, u, r);
+    if (G && a->gA != DPOC_NO_PARAM) linear_gemm_scaled(1, 0, r, in, T, 1.0f, u, r, inp, in, 1.0f, G + a->gA, in);
+    if (dinp) linear_gemm_scaled(0, 0, T, in, r, 1.0f, u, r, a->A, in, 1.0f, dinp, in);
 }
 
 /* dinp (T,C) += dout (T,OC) @ weight (OC,C); dweight (OC,C) += dout^T @ inp (T,C);

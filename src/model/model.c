@@ -128,6 +128,7 @@ void dpoc_model_free(dpoc_model *m) {
     free(m->info);
     free(m->layers);
     free(m->params);
+    free(m->frozen);
     memset(m, 0, sizeof *m);
 }
 
@@ -197,7 +198,8 @@ int dpoc_acts_alloc_mode(dpoc_acts *a, const dpoc_model_config *cfg, size_t max_
     /* recompute: every layer keeps only x_in; one set of inner arrays is shared by
      * all layers, plus a (T,C) sink for the recomputed layer's output */
     const size_t layers_size = recompute ? T * C * L + inner + T * C : (T * C + inner) * L;
-    const size_t tail = T * C * 3 + T + T * cfg->head_dim /* cos+sin */ + T * chunk + T * 5;
+    const size_t lora_ws = 2 * T * cfg->lora_r_max;
+    const size_t tail = T * C * 3 + T + T * cfg->head_dim /* cos+sin */ + T * chunk + T * 5 + lora_ws;
     a->max_T = max_T;
     a->recompute = recompute;
     a->block = dpoc_malloc((layers_size + tail) * sizeof(float), "activations", err);
@@ -252,6 +254,7 @@ int dpoc_acts_alloc_mode(dpoc_acts *a, const dpoc_model_config *cfg, size_t max_
     TAKE(a->entropy, T);
     TAKE(a->mean_logit, T);
     TAKE(a->log_sum_sq_probs, T);
+    TAKE(a->lora_ws, lora_ws);
 #undef TAKE
     assert((size_t)(p - a->block) == layers_size + tail);
     return 0;
@@ -408,18 +411,18 @@ static void attention_rows_backward(const dpoc_acts *a, float *dq, float *dk, fl
     } while (0)
 
 void decoder_qkv_forward(const dpoc_layer *L, float *q, float *k, float *v, const float *ln,
-                         size_t T, dpoc_prof *prof) {
-    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->q, q, ln, T));
-    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->k, k, ln, T));
-    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->v, v, ln, T));
+                         size_t T, dpoc_prof *prof, float *ws) {
+    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->q, q, ln, T, ws));
+    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->k, k, ln, T, ws));
+    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->v, v, ln, T, ws));
 }
 
 void decoder_mlp_forward(const dpoc_layer *L, float *out, float *gate, float *up, float *act,
-                         const float *ln, size_t T, dpoc_prof *prof) {
-    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->gate, gate, ln, T));
-    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->up, up, ln, T));
+                         const float *ln, size_t T, dpoc_prof *prof, float *ws) {
+    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->gate, gate, ln, T, ws));
+    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->up, up, ln, T, ws));
     TIMED(prof, DPOC_PROF_POINTWISE, swiglu_forward(act, gate, up, T * L->gate.out));
-    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->down, out, act, T));
+    TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->down, out, act, T, ws));
 }
 
 /* Layer l from a->layers[l].x_in to x_next (T,C), keeping what its backward
@@ -433,15 +436,15 @@ static void layer_forward(const dpoc_model *m, dpoc_acts *a, size_t l, float *x_
     dpoc_layer_acts *la = &a->layers[l];
     // attention block: x_mid = x_in + o_proj(attn(rope(q), rope(k), v))
     TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_forward(la->ln1, la->rstd1, la->x_in, o->attn_norm.v, T, C, cfg->rms_norm_eps));
-    decoder_qkv_forward(o, la->q, la->k, la->v, la->ln1, T, a->prof);
+    decoder_qkv_forward(o, la->q, la->k, la->v, la->ln1, T, a->prof, a->lora_ws);
     TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, la->q, nh, hd, 0));
     TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, la->k, nkv, hd, 0));
     TIMED(a->prof, DPOC_PROF_ATTENTION, attention_rows_forward(a, la->atty, la->att_lse, la->q, la->k, la->v, nh, nkv, hd));
-    TIMED(a->prof, DPOC_PROF_GEMM, linear_forward(&o->o, la->x_mid, la->atty, T));
+    TIMED(a->prof, DPOC_PROF_GEMM, linear_forward(&o->o, la->x_mid, la->atty, T, a->lora_ws));
     TIMED(a->prof, DPOC_PROF_POINTWISE, add_inplace(la->x_mid, la->x_in, T * C));
     // MLP block: x_next = x_mid + down(silu(gate(ln2)) * up(ln2))
     TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_forward(la->ln2, la->rstd2, la->x_mid, o->mlp_norm.v, T, C, cfg->rms_norm_eps));
-    decoder_mlp_forward(o, x_next, la->gate, la->up, la->act, la->ln2, T, a->prof);
+    decoder_mlp_forward(o, x_next, la->gate, la->up, la->act, la->ln2, T, a->prof, a->lora_ws);
     TIMED(a->prof, DPOC_PROF_POINTWISE, add_inplace(x_next, la->x_mid, T * C));
 }
 
@@ -543,17 +546,17 @@ static void backward_trunk(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc
         if (a->recompute) layer_forward(m, a, li, a->recompute_out);
         // dx holds dLoss/d(layer output). MLP branch first; the residual passes dx through.
         memset(s->dact, 0, T * F * sizeof(float));
-        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->down, G, s->dact, s->dx, la->act, T));
+        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->down, G, s->dact, s->dx, la->act, T, a->lora_ws));
         memset(s->dgate, 0, T * F * sizeof(float));
         memset(s->dup, 0, T * F * sizeof(float));
         TIMED(a->prof, DPOC_PROF_POINTWISE, swiglu_backward(s->dgate, s->dup, s->dact, la->gate, la->up, T * F));
         memset(s->dln, 0, T * C * sizeof(float));
-        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->gate, G, s->dln, s->dgate, la->ln2, T));
-        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->up, G, s->dln, s->dup, la->ln2, T));
+        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->gate, G, s->dln, s->dgate, la->ln2, T, a->lora_ws));
+        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->up, G, s->dln, s->dup, la->ln2, T, a->lora_ws));
         TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_backward(s->dx, dpoc_param_grad(&o->mlp_norm, G), s->dln, la->x_mid, o->mlp_norm.v, la->rstd2, T, C));
         // dx now holds dLoss/d(x_mid); attention branch.
         memset(s->datty, 0, T * QD * sizeof(float));
-        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->o, G, s->datty, s->dx, la->atty, T));
+        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->o, G, s->datty, s->dx, la->atty, T, a->lora_ws));
         memset(s->dq, 0, T * QD * sizeof(float));
         memset(s->dk, 0, T * KD * sizeof(float));
         memset(s->dv, 0, T * KD * sizeof(float));
@@ -562,9 +565,9 @@ static void backward_trunk(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc
         TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, s->dq, nh, hd, 1));
         TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, s->dk, nkv, hd, 1));
         memset(s->dln, 0, T * C * sizeof(float));
-        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->q, G, s->dln, s->dq, la->ln1, T));
-        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->k, G, s->dln, s->dk, la->ln1, T));
-        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->v, G, s->dln, s->dv, la->ln1, T));
+        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->q, G, s->dln, s->dq, la->ln1, T, a->lora_ws));
+        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->k, G, s->dln, s->dk, la->ln1, T, a->lora_ws));
+        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->v, G, s->dln, s->dv, la->ln1, T, a->lora_ws));
         TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_backward(s->dx, dpoc_param_grad(&o->attn_norm, G), s->dln, la->x_in, o->attn_norm.v, la->rstd1, T, C));
         /* layers are laid out in order: this one's gradients are final, and all after it */
         if (hook) hook->ready(hook->ctx, o->grad_from);

@@ -1,0 +1,41 @@
+/* LoRA adapters on a model's projections, with peft's semantics (peft 0.x
+ * LoraConfig / LoraLayer, TRL's ModelConfig key names):
+ *   y = W x + b + scale * B (A x),  scale = alpha / r (rsLoRA: alpha / sqrt(r)),
+ * A (r, in), B (out, r); the base W, b, the norms, the embedding and the head
+ * are frozen. Attaching moves the base's parameters out of the trainable block
+ * (into m->frozen) and makes the trainable block hold only the adapters, A
+ * then B of each adapted projection, layer after layer in the projection order
+ * q, k, v, o, gate, up, down: the gradients of the last layer are still final
+ * first. Table names are peft's state-dict keys without the PeftModel prefix
+ * "base_model.model." (model.layers.N.self_attn.q_proj.lora_A.weight). */
+#ifndef DPOC_LORA_H
+#define DPOC_LORA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "dpoc/config.h"
+#include "dpoc/err.h"
+#include "dpoc/model.h"
+
+/* peft's prefix of every key in adapter_model.safetensors. */
+#define DPOC_PEFT_KEY_PREFIX "base_model.model."
+
+/* 1 when the projection named module (e.g. "model.layers.3.self_attn.q_proj")
+ * is a target of cfg, as peft decides: all-linear, a name in the list equal to
+ * module or ending it after a ".", or the expression matching all of module.
+ * regex: the compiled expression for DPOC_LORA_TARGETS_REGEX (internal). */
+int dpoc_lora_is_target(const dpoc_lora_cfg *cfg, const char *module, const void *regex);
+
+/* Attaches an adapter of rank cfg->r to every projection cfg targets, initialised
+ * as cfg->init says (random draws from seed). Errors (DPOC_EINPUT, naming
+ * lora_target_modules): an expression that does not compile, a listed name that
+ * matches no projection, no projection matched at all. m is unchanged on error. */
+int dpoc_lora_attach(dpoc_model *m, const dpoc_lora_cfg *cfg, uint64_t seed, dpoc_err *err);
+
+/* 1 when m carries adapters. */
+int dpoc_lora_attached(const dpoc_model *m);
+/* Switches every adapter on (1) or off (0: the base model, peft's disable_adapter()). */
+void dpoc_lora_enable(dpoc_model *m, int on);
+
+#endif
