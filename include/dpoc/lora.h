@@ -38,4 +38,24 @@ int dpoc_lora_attached(const dpoc_model *m);
 /* Switches every adapter on (1) or off (0: the base model, peft's disable_adapter()). */
 void dpoc_lora_enable(dpoc_model *m, int on);
 
+/* ---- PEFT adapter directories (adapter_config.json + adapter_model.safetensors) ---- */
+
+/* Reads dir/adapter_config.json into *cfg (the LoRA keys; init is left as it is:
+ * the tensors give the values). Refused, naming the file and the key: a
+ * peft_type other than LORA, DoRA, fan_in_fan_out, bias other than "none",
+ * per-module rank or alpha patterns, layers_to_transform, modules_to_save. */
+int dpoc_lora_read_peft_config(dpoc_lora_cfg *cfg, const char *dir, dpoc_err *err);
+/* Attaches the adapter stored in dir to m (its config, then every tensor of
+ * adapter_model.safetensors, peft's key names, shapes checked; a missing or an
+ * unexpected tensor is an error naming it). On error m is as it was, or, after
+ * attaching, carries zero-initialised adapters (the caller frees it). cfg_out
+ * (may be NULL) receives the adapter's config. */
+int dpoc_lora_load_peft(dpoc_model *m, const char *dir, dpoc_lora_cfg *cfg_out, dpoc_err *err);
+/* Writes m's adapters as a PEFT directory dir that PeftModel.from_pretrained
+ * loads: adapter_model.safetensors (F32, peft's keys) and adapter_config.json
+ * (cfg's r, alpha, targets, rsLoRA; base_model_name_or_path = base). Each file is
+ * written under a temporary name and renamed into place. */
+int dpoc_lora_save_peft(const dpoc_model *m, const dpoc_lora_cfg *cfg, const char *base, const char *dir,
+                        dpoc_err *err);
+
 #endif

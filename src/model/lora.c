@@ -11,9 +11,9 @@
 
 #include "core/fileutil.h"
 #include "core/rng.h"
+#include "model/lora_internal.h"
 
-/* The seven projections of a layer, in table order, with their module names. */
-#define PROJECTIONS 7
+#define PROJECTIONS LORA_PROJECTIONS
 static const char *const PROJ_NAMES[PROJECTIONS] = {
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj",
@@ -64,11 +64,10 @@ static int compile_targets(const dpoc_lora_cfg *cfg, pcre2_code **re, dpoc_err *
                      cfg->targets[0], (const char *)msg, (size_t)eoff);
 }
 
-/* Room for a module name, leaving room in a table name for ".lora_A.weight". */
-#define MODULE_NAME_MAX (DPOC_PARAM_NAME_MAX - 16)
+#define MODULE_NAME_MAX LORA_MODULE_NAME_MAX
+#define module_name lora_module_name
 
-/* The module name of projection p of layer l. */
-static void module_name(char *out, size_t n, size_t l, size_t p) {
+void lora_module_name(char *out, size_t n, size_t l, size_t p) {
     snprintf(out, n, "model.layers.%zu.%s", l, PROJ_NAMES[p]);
 }
 
@@ -156,21 +155,27 @@ static void freeze_base(dpoc_model *m) {
 }
 
 int dpoc_lora_attach(dpoc_model *m, const dpoc_lora_cfg *cfg, uint64_t seed, dpoc_err *err) {
+    unsigned char *flags = dpoc_calloc(m->cfg.n_layers * PROJECTIONS, 1, "adapter targets", err);
+    if (!flags) return DPOC_ENOMEM;
+    int rc = choose_targets(m, cfg, flags, err);
+    if (!rc) rc = lora_attach_where(m, cfg, flags, seed, err);
+    free(flags);
+    return rc;
+}
+
+int lora_attach_where(dpoc_model *m, const dpoc_lora_cfg *cfg, const unsigned char *flags, uint64_t seed,
+                      dpoc_err *err) {
     if (m->frozen) return dpoc_errf(err, DPOC_EINTERNAL, "the model already carries adapters");
     if (cfg->r == 0) return dpoc_errf(err, DPOC_EINPUT, "config key 'lora_r' must be at least 1");
     const size_t L = m->cfg.n_layers, r = cfg->r;
-    unsigned char *flags = dpoc_calloc(L * PROJECTIONS, 1, "adapter targets", err);
-    if (!flags) return DPOC_ENOMEM;
-    int rc = choose_targets(m, cfg, flags, err);
+    int rc = 0;
     size_t n_adapters = 0, numel = 0;
     for (size_t i = 0; i < L * PROJECTIONS; i++) n_adapters += flags[i];
     dpoc_param_info *info = NULL;
     float *block = NULL;
-    if (!rc) {
-        info = realloc(m->info, (m->n_tensors + 2 * n_adapters) * sizeof *info);
-        if (!info) rc = dpoc_errf(err, DPOC_ENOMEM, "out of memory for the adapter table");
-        else m->info = info;
-    }
+    info = realloc(m->info, (m->n_tensors + 2 * n_adapters) * sizeof *info);
+    if (!info) rc = dpoc_errf(err, DPOC_ENOMEM, "out of memory for the adapter table");
+    else m->info = info;
     /* sizes first: one allocation for every adapter */
     for (size_t l = 0; !rc && l < L; l++) {
         dpoc_linear *proj[PROJECTIONS];
@@ -179,10 +184,7 @@ int dpoc_lora_attach(dpoc_model *m, const dpoc_lora_cfg *cfg, uint64_t seed, dpo
             if (flags[l * PROJECTIONS + p]) numel += r * (proj[p]->in + proj[p]->out);
     }
     if (!rc && !(block = dpoc_calloc(numel, sizeof(float), "LoRA adapters", err))) rc = DPOC_ENOMEM;
-    if (rc) {
-        free(flags);
-        return rc;
-    }
+    if (rc) return rc;
     /* from here on nothing fails: the base moves to the frozen side */
     freeze_base(m);
     m->frozen = m->params;
@@ -211,7 +213,6 @@ int dpoc_lora_attach(dpoc_model *m, const dpoc_lora_cfg *cfg, uint64_t seed, dpo
     }
     m->tail_grad_from = m->numel;
     if (r > m->cfg.lora_r_max) m->cfg.lora_r_max = r;
-    free(flags);
     return 0;
 }
 

@@ -1,0 +1,202 @@
+/* LoRA against TRL 1.16 + peft 0.21.2 (tests/fixtures/lora/, written by
+ * tools/make_lora_fixtures.py; tests/fixtures/README.md describes every field).
+ *
+ * Per case (tiny Llama / Qwen2; all-linear and q/v; rsLoRA once; B = 0 once):
+ * the base fixture model with the case's initial adapter (adapter-init/, peft's
+ * own files, loaded by dpoc_lora_load_peft) must give
+ * - every completion token's log-prob of batch.json's 8 sequences with the
+ *   adapter on (TRL's policy) and off (TRL's reference: disable_adapter());
+ * - d loss / d every adapter tensor (grads-step1.safetensors, peft's keys) when
+ *   the per-token loss gradients TRL recorded are run backward, the base frozen;
+ * and the adapter written back by dpoc_lora_save_peft reads back the same. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "testutil.h"
+
+#include "dpoc/lora.h"
+#include "dpoc/model.h"
+#include "dpoc/safetensors.h"
+#include "dpoc/source.h"
+
+#define LOGP_RTOL 1e-5 /* per-token log-prob, relative, as the full-model fixtures */
+#define LOGP_ATOL 1e-6
+#define GRAD_RTOL 1e-4 /* adapter gradients at step 1, relative max-abs */
+#define REL_FLOOR 1e-8
+
+static const char *const CASES[] = {"llama-all", "llama-qv-rslora", "qwen2-all", "qwen2-qv-default-init"};
+#define N_CASES (sizeof CASES / sizeof CASES[0])
+
+typedef struct {
+    cJSON *batch;
+    dpoc_model m;
+    dpoc_lora_cfg cfg;
+} lcase;
+
+static void open_case(lcase *c, const char *name) {
+    char rel[256];
+    snprintf(rel, sizeof rel, "lora/%s/batch.json", name);
+    c->batch = load_json_fixture(rel);
+    const cJSON *lora = cJSON_GetObjectItem(c->batch, "lora");
+    const char *model = cJSON_GetObjectItem(lora, "model")->valuestring; /* "tiny-llama/" */
+    dpoc_err err;
+    if (dpoc_source_load_model(&c->m, fixture_path(model), &err)) fail_msg("%s: %s", model, err.msg);
+    snprintf(rel, sizeof rel, "lora/%s/adapter-init", name);
+    if (dpoc_lora_load_peft(&c->m, fixture_path(rel), &c->cfg, &err)) fail_msg("%s: %s", rel, err.msg);
+    /* the scale peft computed */
+    const double scaling = cJSON_GetObjectItem(lora, "scaling")->valuedouble;
+    assert_close(c->cfg.use_rslora ? c->cfg.alpha / sqrt((double)c->cfg.r) : c->cfg.alpha / (double)c->cfg.r, scaling,
+                 1e-12, 0, "%s scaling", name);
+    assert_int_equal(c->m.numel, (size_t)cJSON_GetObjectItem(lora, "trainable_parameters")->valuedouble);
+}
+
+static void close_case(lcase *c) {
+    cJSON_Delete(c->batch);
+    dpoc_model_free(&c->m);
+}
+
+/* Row s of batch.json: its tokens, length (attention mask) and completion span
+ * [c0, c0 + nc): the scored rows are c0 - 1 .. c0 + nc - 2. */
+typedef struct {
+    int32_t tok[64];
+    size_t T, c0, nc;
+} seq;
+
+static seq get_seq(const cJSON *batch, size_t s) {
+    seq q;
+    memset(&q, 0, sizeof q);
+    const cJSON *ids = cJSON_GetArrayItem(cJSON_GetObjectItem(batch, "input_ids"), (int)s);
+    const cJSON *am = cJSON_GetArrayItem(cJSON_GetObjectItem(batch, "attention_mask"), (int)s);
+    const cJSON *cm = cJSON_GetArrayItem(cJSON_GetObjectItem(batch, "completion_mask"), (int)s);
+    const size_t n = (size_t)cJSON_GetArraySize(ids);
+    assert_true(n <= 64);
+    for (size_t i = 0; i < n; i++) {
+        if (cJSON_GetArrayItem(am, (int)i)->valueint) q.tok[q.T++] = cJSON_GetArrayItem(ids, (int)i)->valueint;
+        if (cJSON_GetArrayItem(cm, (int)i)->valueint) {
+            if (!q.nc) q.c0 = i;
+            q.nc++;
+        }
+    }
+    assert_true(q.c0 >= 1 && q.c0 + q.nc <= q.T);
+    return q;
+}
+
+/* want: batch[field][chosen|rejected][i] for sequence s (0..3 chosen, 4..7 rejected). */
+static const cJSON *per_token(const cJSON *batch, const char *field, size_t s) {
+    const cJSON *f = cJSON_GetObjectItem(batch, field);
+    return cJSON_GetArrayItem(cJSON_GetObjectItem(f, s < 4 ? "chosen" : "rejected"), (int)(s % 4));
+}
+
+static void check_logps(const lcase *c, dpoc_acts *a, const char *field, const char *name) {
+    for (size_t s = 0; s < 8; s++) {
+        seq q = get_seq(c->batch, s);
+        dpoc_model_forward(&c->m, a, q.tok, q.T, q.c0 - 1, q.nc);
+        const cJSON *want = per_token(c->batch, field, s);
+        assert_int_equal((size_t)cJSON_GetArraySize(want), q.nc);
+        for (size_t r = 0; r < q.nc; r++)
+            assert_close(a->logp[r], cJSON_GetArrayItem(want, (int)r)->valuedouble, LOGP_RTOL, LOGP_ATOL,
+                         "%s %s seq %zu token %zu", name, field, s, r);
+    }
+}
+
+static void test_logps(void **state) {
+    (void)state;
+    for (size_t k = 0; k < N_CASES; k++) {
+        lcase c;
+        open_case(&c, CASES[k]);
+        dpoc_acts a;
+        dpoc_err err;
+        if (dpoc_acts_alloc(&a, &c.m.cfg, 64, &err)) fail_msg("%s", err.msg);
+        check_logps(&c, &a, "policy_token_logps", CASES[k]);
+        dpoc_lora_enable(&c.m, 0);
+        check_logps(&c, &a, "ref_token_logps", CASES[k]);
+        dpoc_acts_free(&a);
+        close_case(&c);
+    }
+}
+
+/* Every adapter gradient against grads-step1.safetensors. */
+static void compare_grads(const lcase *c, const float *G, const char *name) {
+    char rel[256];
+    snprintf(rel, sizeof rel, "lora/%s/grads-step1.safetensors", name);
+    st_model st;
+    dpoc_err err;
+    if (st_open_file(&st, fixture_path(rel), &err)) fail_msg("%s", err.msg);
+    size_t compared = 0;
+    for (size_t i = 0; i < c->m.n_tensors; i++) {
+        const dpoc_param_info *p = &c->m.info[i];
+        if (!p->trainable) continue;
+        char key[256];
+        snprintf(key, sizeof key, "%s%s", DPOC_PEFT_KEY_PREFIX, p->name);
+        const st_tensor *t = st_find(&st, key);
+        if (!t) fail_msg("%s: no '%s'", rel, key);
+        float *want = malloc(p->numel * sizeof *want);
+        if (st_read_f32(t, want, p->ndim, p->shape, &err)) fail_msg("%s", err.msg);
+        const double e = rel_maxabs_err(G + p->offset, want, p->numel, REL_FLOOR);
+        if (e > GRAD_RTOL) fail_msg("%s: %s relative error %.3g", name, key, e);
+        free(want);
+        compared++;
+    }
+    assert_int_equal(compared, st.n_tensors);
+    st_close(&st);
+}
+
+static void test_grads(void **state) {
+    (void)state;
+    for (size_t k = 0; k < N_CASES; k++) {
+        lcase c;
+        open_case(&c, CASES[k]);
+        dpoc_acts a;
+        dpoc_grad_scratch sc;
+        dpoc_err err;
+        if (dpoc_acts_alloc(&a, &c.m.cfg, 64, &err) || dpoc_grad_scratch_alloc(&sc, &c.m.cfg, 64, &err))
+            fail_msg("%s", err.msg);
+        float *G = calloc(c.m.numel, sizeof *G);
+        for (size_t s = 0; s < 8; s++) {
+            seq q = get_seq(c.batch, s);
+            const cJSON *dl = per_token(c.batch, "dloss_dtoken_logps", s);
+            float dlogp[64];
+            for (size_t r = 0; r < q.nc; r++) dlogp[r] = (float)cJSON_GetArrayItem(dl, (int)r)->valuedouble;
+            dpoc_model_forward(&c.m, &a, q.tok, q.T, q.c0 - 1, q.nc);
+            dpoc_model_backward(&c.m, G, &a, &sc, q.tok, dlogp, NULL);
+        }
+        compare_grads(&c, G, CASES[k]);
+        free(G);
+        dpoc_grad_scratch_free(&sc);
+        dpoc_acts_free(&a);
+        close_case(&c);
+    }
+}
+
+/* dpoc_lora_save_peft writes what dpoc_lora_load_peft reads back, bit for bit. */
+static void test_save_roundtrip(void **state) {
+    (void)state;
+    lcase c;
+    open_case(&c, "llama-qv-rslora");
+    const char *dir = make_temp_dir();
+    dpoc_err err;
+    if (dpoc_lora_save_peft(&c.m, &c.cfg, "tests/fixtures/tiny-llama", dir, &err)) fail_msg("%s", err.msg);
+    dpoc_model m2;
+    if (dpoc_source_load_model(&m2, fixture_path("tiny-llama"), &err)) fail_msg("%s", err.msg);
+    dpoc_lora_cfg cfg2;
+    if (dpoc_lora_load_peft(&m2, dir, &cfg2, &err)) fail_msg("%s", err.msg);
+    assert_int_equal(m2.numel, c.m.numel);
+    assert_memory_equal(m2.params, c.m.params, c.m.numel * sizeof(float));
+    assert_int_equal(cfg2.r, c.cfg.r);
+    assert_true(cfg2.alpha == c.cfg.alpha && cfg2.use_rslora == c.cfg.use_rslora);
+    assert_int_equal(cfg2.n_targets, 2); /* q_proj, v_proj in every layer: the short names */
+    assert_string_equal(cfg2.targets[0], "q_proj");
+    dpoc_model_free(&m2);
+    close_case(&c);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_logps),
+        cmocka_unit_test(test_grads),
+        cmocka_unit_test(test_save_roundtrip),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
