@@ -38,6 +38,11 @@ int dpoc_lora_attached(const dpoc_model *m);
 /* Switches every adapter on (1) or off (0: the base model, peft's disable_adapter()). */
 void dpoc_lora_enable(dpoc_model *m, int on);
 
+/* *out = a plain model (every parameter trainable, no adapters) whose weights
+ * are m's base with each adapter merged in: W + scale * B A, as peft's
+ * merge_and_unload (computed in double, rounded once). m must carry adapters. */
+int dpoc_lora_merge(const dpoc_model *m, dpoc_model *out, dpoc_err *err);
+
 /* ---- PEFT adapter directories (adapter_config.json + adapter_model.safetensors) ---- */
 
 /* Reads dir/adapter_config.json into *cfg (the LoRA keys; init is left as it is:

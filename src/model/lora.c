@@ -225,3 +225,30 @@ void dpoc_lora_enable(dpoc_model *m, int on) {
         for (size_t p = 0; p < PROJECTIONS; p++) proj[p]->lora.on = on;
     }
 }
+
+int dpoc_lora_merge(const dpoc_model *m, dpoc_model *out, dpoc_err *err) {
+    if (!m->frozen) return dpoc_errf(err, DPOC_EINTERNAL, "the model carries no adapters");
+    dpoc_model_config cfg = m->cfg;
+    cfg.lora_r_max = 0;
+    DPOC_TRY(dpoc_model_init(out, &cfg, err));
+    /* the base's table rows come first and in the same order in both */
+    memcpy(out->params, m->frozen, m->frozen_numel * sizeof(float));
+    for (size_t l = 0; l < m->cfg.n_layers; l++) {
+        dpoc_linear *src[PROJECTIONS], *dst[PROJECTIONS];
+        layer_projections((dpoc_layer *)&m->layers[l], src);
+        layer_projections(&out->layers[l], dst);
+        for (size_t p = 0; p < PROJECTIONS; p++) {
+            const dpoc_adapter *a = &src[p]->lora;
+            if (!a->r) continue;
+            float *W = (float *)dst[p]->w;
+            const size_t in = src[p]->in, o = src[p]->out;
+            for (size_t i = 0; i < o; i++)
+                for (size_t j = 0; j < in; j++) {
+                    double d = 0;
+                    for (size_t k = 0; k < a->r; k++) d += (double)a->B[i * a->r + k] * a->A[k * in + j];
+                    W[i * in + j] = (float)((double)W[i * in + j] + (double)a->scale * d);
+                }
+        }
+    }
+    return 0;
+}

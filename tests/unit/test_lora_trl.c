@@ -8,6 +8,7 @@
  *   adapter on (TRL's policy) and off (TRL's reference: disable_adapter());
  * - d loss / d every adapter tensor (grads-step1.safetensors, peft's keys) when
  *   the per-token loss gradients TRL recorded are run backward, the base frozen;
+ * - the policy's log-probs from the merged model (W + scale B A);
  * and the adapter written back by dpoc_lora_save_peft reads back the same. */
 #include <math.h>
 #include <stdio.h>
@@ -170,6 +171,26 @@ static void test_grads(void **state) {
     }
 }
 
+/* The merged model (peft's merge_and_unload) gives the policy's log-probs. */
+static void test_merge(void **state) {
+    (void)state;
+    for (size_t k = 0; k < N_CASES; k++) {
+        lcase c;
+        open_case(&c, CASES[k]);
+        lcase merged = c;
+        dpoc_err err;
+        if (dpoc_lora_merge(&c.m, &merged.m, &err)) fail_msg("%s", err.msg);
+        assert_false(dpoc_lora_attached(&merged.m));
+        assert_int_equal(merged.m.numel, c.m.frozen_numel);
+        dpoc_acts a;
+        if (dpoc_acts_alloc(&a, &merged.m.cfg, 64, &err)) fail_msg("%s", err.msg);
+        check_logps(&merged, &a, "policy_token_logps", CASES[k]);
+        dpoc_acts_free(&a);
+        dpoc_model_free(&merged.m);
+        close_case(&c);
+    }
+}
+
 /* dpoc_lora_save_peft writes what dpoc_lora_load_peft reads back, bit for bit. */
 static void test_save_roundtrip(void **state) {
     (void)state;
@@ -196,6 +217,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_logps),
         cmocka_unit_test(test_grads),
+        cmocka_unit_test(test_merge),
         cmocka_unit_test(test_save_roundtrip),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
