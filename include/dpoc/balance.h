@@ -20,6 +20,11 @@
  * rank computes the same split. order is scratch of n entries. */
 void dpoc_balance_ranks(const double *cost, size_t n, size_t n_ranks, size_t per_rank, size_t *rank_of,
                         size_t *order);
+/* The same with the per-rank tables as scratch too (load and count, n_ranks
+ * entries each), for a caller that must not allocate (the training step);
+ * dpoc_balance_ranks keeps them on the stack, or on the heap for many ranks. */
+void dpoc_balance_ranks_with(const double *cost, size_t n, size_t n_ranks, size_t per_rank, size_t *rank_of,
+                             size_t *order, double *load, size_t *count);
 
 /* The largest per-rank cost sum of an assignment. */
 double dpoc_balance_makespan(const double *cost, size_t n, size_t n_ranks, const size_t *rank_of);

@@ -81,9 +81,25 @@ typedef struct {
     double *rejected_logps; /* (B) */
 } dpoc_loss_out;
 
-/* chosen[i], rejected[i] for i < B. dchosen[i] / drejected[i] (n_tok floats each)
- * receive dLoss/d(policy token log-prob), scaled by grad_scale (e.g. 1/GA).
- * out->chosen_logps / rejected_logps must point at B doubles each. */
+/* The scratch of dpoc_loss_compute_in for micro-batches of up to max_B pairs,
+ * made once so that a training step allocates nothing (its layout is loss.c's). */
+typedef struct {
+    size_t max_B;
+    void *block;
+} dpoc_loss_work;
+
+int dpoc_loss_work_init(dpoc_loss_work *w, size_t max_B, dpoc_err *err);
+void dpoc_loss_work_free(dpoc_loss_work *w);
+
+/* chosen[i], rejected[i] for i < B (B <= w->max_B). dchosen[i] / drejected[i]
+ * (n_tok floats each) receive dLoss/d(policy token log-prob), scaled by
+ * grad_scale (e.g. 1/GA). out->chosen_logps / rejected_logps must point at B
+ * doubles each. Allocates nothing. */
+int dpoc_loss_compute_in(dpoc_loss_work *w, const dpoc_loss_cfg *c, size_t B, const dpoc_loss_seq *chosen,
+                         const dpoc_loss_seq *rejected, double grad_scale, float *const *dchosen,
+                         float *const *drejected, dpoc_loss_out *out, dpoc_err *err);
+
+/* The same with a scratch made and freed for this call (one-off callers, tests). */
 int dpoc_loss_compute(const dpoc_loss_cfg *c, size_t B, const dpoc_loss_seq *chosen,
                       const dpoc_loss_seq *rejected, double grad_scale, float *const *dchosen,
                       float *const *drejected, dpoc_loss_out *out, dpoc_err *err);

@@ -1,7 +1,11 @@
 /* The DPO training loop: micro-batches of pairs through the policy and the
  * frozen reference, TRL's loss and metrics, gradient accumulation with HF
  * Trainer's scaling, gradient averaging across MPI ranks, clipping, AdamW and
- * the LR schedule. */
+ * the LR schedule.
+ *
+ * Every buffer a step needs is made by dpoc_trainer_init, sized by the
+ * configured maxima (per_device_train_batch_size, the longest sequence after
+ * max_length): an optimizer step allocates nothing. */
 #ifndef DPOC_TRAINER_H
 #define DPOC_TRAINER_H
 
@@ -13,6 +17,7 @@
 #include "dpoc/dataset.h"
 #include "dpoc/dist.h"
 #include "dpoc/err.h"
+#include "dpoc/loss.h"
 #include "dpoc/model.h"
 #include "dpoc/prof.h"
 #include "dpoc/optim.h"
@@ -68,6 +73,25 @@ typedef struct {
     char perturb_tensor[DPOC_PARAM_NAME_MAX];
 } dpoc_test_hooks;
 
+/* What dpoc_trainer_forward_loss leaves for dpoc_trainer_backward: the
+ * micro-batch's sequences, where each one's head outputs are, and the loss's
+ * inputs and dLoss/dlogp. Arrays sized at init for per_device_train_batch_size
+ * pairs; sequence s is the chosen one of pair s for s < B, the rejected one of
+ * pair s - B otherwise (TRL's order). */
+typedef struct {
+    size_t B;               /* pairs of the forward waiting for its backward; 0: none */
+    dpoc_seq *seq;          /* (2B) */
+    size_t *actp, *offp;    /* (2B) sequence s's head outputs: acts[actp[s]] rows [offp[s], offp[s] + R) */
+    dpoc_pair_tokens *ptok; /* (B) the pairs layout of the shared path */
+    dpoc_loss_seq *ls;      /* (2B) the loss's view of each sequence (policy and reference log-probs) */
+    float **dtok;           /* (2B) dLoss/dlogp of each sequence's tokens: inside tok_buf */
+    double *logps;          /* (2B) policy per-sequence log-probs (ld-weighted): chosen [0, B), rejected [B, 2B) */
+    double *ref_pair;       /* (2B) reference log-probs pair by pair: chosen 2b, rejected 2b + 1 */
+    double *fwd_flops;      /* (n_fwd) FLOPs of each policy forward (a sequence, or a pair when shared) */
+    size_t n_fwd;
+    int ran_ref;            /* the in-memory reference ran too (its log-probs were not precomputed) */
+} dpoc_micro_batch;
+
 typedef struct {
     dpoc_config cfg;
     dpoc_dist *dist; /* NULL: one process, no MPI */
@@ -84,6 +108,8 @@ typedef struct {
     int balance;        /* split each global batch over the ranks by cost (dpoc/balance.h) */
     double *bal_cost;   /* (ranks x batch size) scratch of the split */
     size_t *bal_pairs, *bal_rank, *bal_order;
+    double *bal_load;   /* (ranks) scratch of the split */
+    size_t *bal_count;
     dpoc_acts *acts;
     dpoc_acts ref_acts; /* reused for every reference forward */
     dpoc_grad_scratch scratch;
@@ -92,6 +118,9 @@ typedef struct {
     size_t *order;      /* data order of the current epoch */
     size_t *mb_pairs;   /* pairs of the current micro-batch */
     double *step_sums;  /* (gradient_accumulation_steps, DPOC_MB_N) */
+    dpoc_micro_batch mb;          /* the micro-batch between its forward and its backward */
+    dpoc_loss_work loss_work;     /* the loss's scratch */
+    uint64_t *replica_sums;       /* (2 x tensors) checksums of dpoc_trainer_check_replicas */
     long order_epoch;
 
     long total_steps, warmup_steps;
@@ -140,11 +169,33 @@ void dpoc_trainer_weights_changed(dpoc_trainer *t);
 /* Frees the reference model and its activations once t->ref_logps holds everything. */
 void dpoc_trainer_drop_ref(dpoc_trainer *t);
 
-/* One micro-batch on this rank: forward policy and reference for pairs[0..B),
- * loss, and backward with dLoss scaled by grad_scale, accumulated into t->grads.
- * sums (DPOC_MB_N) receives this rank's metric sums. When sync_tail is set the
- * finished gradient buckets start their allreduce during the last backward
- * (grad_allreduce mpi; the shared path waits for dpoc_grad_sync_finish). */
+/* Forward and loss of one micro-batch on this rank, no gradient work: the
+ * policy (and, without precomputed reference log-probs, the in-memory
+ * reference) over pairs[0..B) of data, the loss, and into sums (DPOC_MB_N)
+ * this rank's metric sums. dLoss/dlogp, scaled by grad_scale, and the state the
+ * backward needs stay in t->mb and t's activations until the next forward.
+ *
+ * ref_logps: (data's pairs, 2) precomputed reference log-probs (chosen,
+ * rejected), or NULL to run t->ref. A training step passes t->data and
+ * t->ref_logps; an evaluation pass (forward only, metrics out) its own data set
+ * and reference log-probs, and any grad_scale (1). Another data set must fit
+ * what init sized: B <= per_device_train_batch_size, sequences no longer than
+ * the training set's longest, and prompts shared like the training set's when
+ * t->shared; a set that does not is an error (DPOC_EINPUT), nothing is run.
+ * The FLOPs of the forwards are left in t->mb, not counted in t->flops. */
+int dpoc_trainer_forward_loss(dpoc_trainer *t, const dpoc_dataset *data, const double *ref_logps,
+                              const size_t *pairs, size_t B, double grad_scale, double *sums, dpoc_err *err);
+
+/* Backward of the micro-batch the last dpoc_trainer_forward_loss ran (once per
+ * forward): the policy's backward with the saved dLoss/dlogp, accumulated into
+ * t->grads. When sync_tail is set the finished gradient buckets start their
+ * allreduce during this backward (grad_allreduce mpi; the shared path waits
+ * for dpoc_grad_sync_finish). */
+int dpoc_trainer_backward(dpoc_trainer *t, int sync_tail, dpoc_err *err);
+
+/* One training micro-batch on this rank: dpoc_trainer_forward_loss over t's
+ * training data, its FLOPs (forward, backward, reference) added to t->flops,
+ * then dpoc_trainer_backward. */
 int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, double grad_scale, double *sums,
                              int sync_tail, dpoc_err *err);
 

@@ -18,20 +18,9 @@ static void sort_by_cost_desc(const double *cost, size_t *order, size_t n) {
     }
 }
 
-void dpoc_balance_ranks(const double *cost, size_t n, size_t n_ranks, size_t per_rank, size_t *rank_of,
-                        size_t *order) {
+void dpoc_balance_ranks_with(const double *cost, size_t n, size_t n_ranks, size_t per_rank, size_t *rank_of,
+                             size_t *order, double *load, size_t *count) {
     sort_by_cost_desc(cost, order, n);
-    /* each rank's load and item count: on the stack for the usual rank counts */
-    enum { STACK_RANKS = 64 };
-    double load_s[STACK_RANKS];
-    size_t count_s[STACK_RANKS];
-    double *load = n_ranks <= STACK_RANKS ? load_s : calloc(n_ranks, sizeof *load);
-    size_t *count = n_ranks <= STACK_RANKS ? count_s : calloc(n_ranks, sizeof *count);
-    if (!load || !count) { /* no memory for the tables: the contiguous split */
-        for (size_t i = 0; i < n; i++) rank_of[i] = i / per_rank;
-        if (n_ranks > STACK_RANKS) free(load), free(count);
-        return;
-    }
     for (size_t r = 0; r < n_ranks; r++) load[r] = 0.0, count[r] = 0;
     for (size_t k = 0; k < n; k++) {
         const size_t i = order[k];
@@ -41,6 +30,22 @@ void dpoc_balance_ranks(const double *cost, size_t n, size_t n_ranks, size_t per
         rank_of[i] = best;
         load[best] += cost[i];
         count[best]++;
+    }
+}
+
+void dpoc_balance_ranks(const double *cost, size_t n, size_t n_ranks, size_t per_rank, size_t *rank_of,
+                        size_t *order) {
+    /* each rank's load and item count: on the stack for the usual rank counts */
+    enum { STACK_RANKS = 64 };
+    double load_s[STACK_RANKS];
+    size_t count_s[STACK_RANKS];
+    double *load = n_ranks <= STACK_RANKS ? load_s : calloc(n_ranks, sizeof *load);
+    size_t *count = n_ranks <= STACK_RANKS ? count_s : calloc(n_ranks, sizeof *count);
+    if (load && count) {
+        dpoc_balance_ranks_with(cost, n, n_ranks, per_rank, rank_of, order, load, count);
+    } else { /* no memory for the tables: the contiguous split */
+        sort_by_cost_desc(cost, order, n);
+        for (size_t i = 0; i < n; i++) rank_of[i] = i / per_rank;
     }
     if (n_ranks > STACK_RANKS) free(load), free(count);
 }

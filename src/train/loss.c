@@ -5,7 +5,8 @@
  * Evaluating the batch loss with pair i seeded gives dLoss/dlogp for pair i; the
  * per-token gradient follows because a sequence log-prob is a (weighted) sum of
  * its token log-probs. sft is linear in the token log-probs and is handled
- * directly. */
+ * directly. All scratch lives in a dpoc_loss_work made once for the largest
+ * micro-batch: computing a loss allocates nothing. */
 #include "dpoc/loss.h"
 
 #include <math.h>
@@ -132,10 +133,76 @@ static int cmp_item(const void *x, const void *y) {
     size_t i = ((const sort_item *)x)->idx, j = ((const sort_item *)y)->idx;
     return i < j ? -1 : i > j;
 }
-static void sort_duals(dual *v, size_t n, sort_item *tmp) {
+/* Bottom-up merge sort of a[0..n) by cmp_item, aux (n items) as the other
+ * buffer. Not qsort: glibc's sorts through a heap buffer above 1 KiB. cmp_item
+ * is a total order (ties go by index), so any correct sort gives the same
+ * permutation as qsort did. */
+static void sort_items(sort_item *a, sort_item *aux, size_t n) {
+    sort_item *src = a, *dst = aux;
+    for (size_t width = 1; width < n; width *= 2) {
+        for (size_t lo = 0; lo < n; lo += 2 * width) {
+            const size_t mid = n - lo > width ? lo + width : n;
+            const size_t hi = n - mid > width ? mid + width : n;
+            size_t i = lo, j = mid, k = lo;
+            while (i < mid && j < hi) dst[k++] = cmp_item(&src[j], &src[i]) < 0 ? src[j++] : src[i++];
+            while (i < mid) dst[k++] = src[i++];
+            while (j < hi) dst[k++] = src[j++];
+        }
+        sort_item *t = src;
+        src = dst;
+        dst = t;
+    }
+    if (src != a) memcpy(a, src, n * sizeof *a);
+}
+
+static void sort_duals(dual *v, size_t n, sort_item *tmp, sort_item *aux) {
     for (size_t i = 0; i < n; i++) tmp[i] = (sort_item){v[i], i};
-    qsort(tmp, n, sizeof *tmp, cmp_item);
+    sort_items(tmp, aux, n);
     for (size_t i = 0; i < n; i++) v[i] = tmp[i].v;
+}
+
+/* ---- the scratch ---- */
+
+/* Per pair: rc, rr, len_c, len_r, wpo, dA, dB, shared (doubles); batch_loss's
+ * four working arrays and the two sorted ones of aot (duals); the sort's two
+ * item buffers. */
+enum { WORK_DOUBLES = 8, WORK_DUALS = 6, WORK_SORT_ITEMS = 2 };
+#define WORK_BYTES_PER_PAIR \
+    (WORK_DOUBLES * sizeof(double) + WORK_DUALS * sizeof(dual) + WORK_SORT_ITEMS * sizeof(sort_item))
+
+/* Where each array sits in a block of max_B pairs (every element type has
+ * double's alignment, which the block's start has). */
+typedef struct {
+    double *d;
+    dual *duals;
+    sort_item *items;
+} work_view;
+
+static work_view work_view_of(const dpoc_loss_work *w) {
+    unsigned char *p = w->block;
+    const size_t doubles_bytes = WORK_DOUBLES * w->max_B * sizeof(double);
+    const size_t duals_bytes = WORK_DUALS * w->max_B * sizeof(dual);
+    work_view v;
+    v.d = (double *)(void *)p;
+    v.duals = (dual *)(void *)(p + doubles_bytes);
+    v.items = (sort_item *)(void *)(p + doubles_bytes + duals_bytes);
+    return v;
+}
+
+int dpoc_loss_work_init(dpoc_loss_work *w, size_t max_B, dpoc_err *err) {
+    w->max_B = 0;
+    w->block = NULL;
+    if (max_B == 0) return dpoc_errf(err, DPOC_EINTERNAL, "loss scratch for an empty micro-batch");
+    w->block = dpoc_calloc(max_B, WORK_BYTES_PER_PAIR, "loss buffers", err);
+    if (!w->block) return DPOC_ENOMEM;
+    w->max_B = max_B;
+    return 0;
+}
+
+void dpoc_loss_work_free(dpoc_loss_work *w) {
+    free(w->block);
+    w->block = NULL;
+    w->max_B = 0;
 }
 
 typedef struct {
@@ -147,7 +214,8 @@ typedef struct {
     const double *wpo;         /* per-pair WPO weight, or NULL */
     double sft_loss;           /* the scalar sft batch loss (value only) */
     dual *w1, *w2, *w3, *w4;   /* scratch (B each) */
-    sort_item *sort_tmp;
+    dual *sa, *sb;             /* aot's sorted log-ratios (B each) */
+    sort_item *sort_tmp, *sort_aux;
 } batch_ctx;
 
 /* The batch loss with pair `seed` seeded (seed >= B: no seeding). The sft term
@@ -168,21 +236,8 @@ static dual batch_loss(const batch_ctx *x, size_t seed) {
         dpoc_loss_kind k = c->types[li];
         dual sum = dc(0.0);
         /* aot variants sort across the batch first */
-        dual sorted_a[64], sorted_b[64];
-        dual *sa = sorted_a, *sb = sorted_b;
-        dual *heap_a = NULL, *heap_b = NULL;
+        dual *sa = x->sa, *sb = x->sb;
         if (k == DPOC_LOSS_AOT || k == DPOC_LOSS_AOT_UNPAIRED) {
-            if (B > 64) {
-                heap_a = malloc(B * sizeof *heap_a);
-                heap_b = malloc(B * sizeof *heap_b);
-                if (!heap_a || !heap_b) {
-                    free(heap_a);
-                    free(heap_b);
-                    return dc(NAN);
-                }
-                sa = heap_a;
-                sb = heap_b;
-            }
             for (size_t j = 0; j < B; j++) {
                 if (k == DPOC_LOSS_AOT) {
                     sa[j] = dsub(pc[j], pr[j]);              /* policy log-ratios */
@@ -192,8 +247,8 @@ static dual batch_loss(const batch_ctx *x, size_t seed) {
                     sb[j] = rl[j];
                 }
             }
-            sort_duals(sa, B, x->sort_tmp);
-            sort_duals(sb, B, x->sort_tmp);
+            sort_duals(sa, B, x->sort_tmp, x->sort_aux);
+            sort_duals(sb, B, x->sort_tmp, x->sort_aux);
         }
         for (size_t j = 0; j < B; j++) {
             dual cs = fdiv_score(c, cl[j]), rs = fdiv_score(c, rl[j]);
@@ -265,26 +320,20 @@ static dual batch_loss(const batch_ctx *x, size_t seed) {
             if (x->wpo) l = dscale(l, x->wpo[j]);
             sum = dadd(sum, l);
         }
-        free(heap_a);
-        free(heap_b);
         total = dadd(total, dscale(sum, c->weights[li] / (double)B));
     }
     return total;
 }
 
-int dpoc_loss_compute(const dpoc_loss_cfg *c, size_t B, const dpoc_loss_seq *chosen, const dpoc_loss_seq *rejected,
-                      double grad_scale, float *const *dchosen, float *const *drejected, dpoc_loss_out *out,
-                      dpoc_err *err) {
+int dpoc_loss_compute_in(dpoc_loss_work *w, const dpoc_loss_cfg *c, size_t B, const dpoc_loss_seq *chosen,
+                         const dpoc_loss_seq *rejected, double grad_scale, float *const *dchosen,
+                         float *const *drejected, dpoc_loss_out *out, dpoc_err *err) {
     if (B == 0) return dpoc_errf(err, DPOC_EINTERNAL, "loss on an empty micro-batch");
-    double *buf = dpoc_calloc(8 * B, sizeof(double), "loss buffers", err);
-    dual *duals = dpoc_calloc(4 * B, sizeof(dual), "loss buffers", err);
-    sort_item *tmp = dpoc_calloc(B, sizeof(sort_item), "loss buffers", err);
-    if (!buf || !duals || !tmp) {
-        free(buf);
-        free(duals);
-        free(tmp);
-        return DPOC_ENOMEM;
-    }
+    if (B > w->max_B)
+        return dpoc_errf(err, DPOC_EINTERNAL, "loss on %zu pairs, its scratch holds %zu", B, w->max_B);
+    const work_view v = work_view_of(w);
+    double *buf = v.d;
+    dual *duals = v.duals;
     double *rc = buf, *rr = buf + B, *len_c = buf + 2 * B, *len_r = buf + 3 * B, *wpo = buf + 4 * B;
     double *dA = buf + 5 * B, *dB = buf + 6 * B, *shared = buf + 7 * B;
     /* per-sequence log-probs with LD weighting; sft over all chosen label tokens */
@@ -316,7 +365,8 @@ int dpoc_loss_compute(const dpoc_loss_cfg *c, size_t B, const dpoc_loss_seq *cho
     batch_ctx x = {.B = B, .c = c, .pc = out->chosen_logps, .pr = out->rejected_logps, .rc = rc, .rr = rr,
                    .len_c = len_c, .len_r = len_r, .wpo = c->use_weighting ? wpo : NULL,
                    .sft_loss = sft_n ? -sft_sum / (double)sft_n : NAN,
-                   .w1 = duals, .w2 = duals + B, .w3 = duals + 2 * B, .w4 = duals + 3 * B, .sort_tmp = tmp};
+                   .w1 = duals, .w2 = duals + B, .w3 = duals + 2 * B, .w4 = duals + 3 * B,
+                   .sa = duals + 4 * B, .sb = duals + 5 * B, .sort_tmp = v.items, .sort_aux = v.items + B};
     int needs_pairs = 0;
     double sft_weight = 0.0; /* d loss / d sft_loss */
     double mean_wpo = 0.0;
@@ -349,9 +399,17 @@ int dpoc_loss_compute(const dpoc_loss_cfg *c, size_t B, const dpoc_loss_seq *cho
             }
         }
     }
-    free(buf);
-    free(duals);
-    free(tmp);
     if (!isfinite(out->loss)) return dpoc_errf(err, DPOC_EINPUT, "the loss is not finite (%g)", out->loss);
     return 0;
+}
+
+int dpoc_loss_compute(const dpoc_loss_cfg *c, size_t B, const dpoc_loss_seq *chosen, const dpoc_loss_seq *rejected,
+                      double grad_scale, float *const *dchosen, float *const *drejected, dpoc_loss_out *out,
+                      dpoc_err *err) {
+    if (B == 0) return dpoc_errf(err, DPOC_EINTERNAL, "loss on an empty micro-batch");
+    dpoc_loss_work w;
+    DPOC_TRY(dpoc_loss_work_init(&w, B, err));
+    const int rc = dpoc_loss_compute_in(&w, c, B, chosen, rejected, grad_scale, dchosen, drejected, out, err);
+    dpoc_loss_work_free(&w);
+    return rc;
 }

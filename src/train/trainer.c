@@ -1,4 +1,4 @@
-/* Single-process DPO training loop (see trainer.h). The numbers follow TRL 1.16's
+/* The DPO training loop (see trainer.h). The numbers follow TRL 1.16's
  * DPOTrainer on top of transformers 5's Trainer:
  * - each micro-batch loss is divided by the number of micro-batches in its
  *   optimizer step (the epoch's last step may have fewer) before backward;
@@ -17,7 +17,13 @@
  * loss is the mean over ranks; TRL's metrics are computed from sums over all ranks.
  * Epoch tail: one process takes a smaller last micro-batch (HF, drop_last false);
  * several ranks fill the last micro-batches from the start of the epoch's order,
- * as accelerate's even_batches does, so every rank always has a full batch. */
+ * as accelerate's even_batches does, so every rank always has a full batch.
+ *
+ * A micro-batch is a forward-and-loss part (policy and reference forwards, the
+ * loss, dLoss/dlogp and the metric sums; an evaluation pass runs only this)
+ * and a backward part that turns the saved dLoss/dlogp into gradients. Every
+ * buffer the two parts and the step use is made at init: a step allocates
+ * nothing (tests/unit/test_trainer_alloc.c counts). */
 #include "dpoc/gemm.h"
 #include "dpoc/precision.h"
 #include "dpoc/runtime.h"
@@ -229,6 +235,40 @@ static int choose_precision(dpoc_trainer *t, dpoc_err *err) {
     return 0;
 }
 
+static void micro_batch_free(dpoc_micro_batch *mb) {
+    free(mb->seq);
+    free(mb->actp);
+    free(mb->offp);
+    free(mb->ptok);
+    free(mb->ls);
+    free(mb->dtok);
+    free(mb->logps);
+    free(mb->ref_pair);
+    free(mb->fwd_flops);
+    memset(mb, 0, sizeof *mb);
+}
+
+/* The views of a micro-batch of up to bs pairs (2 bs sequences, at most one forward each). */
+static int micro_batch_alloc(dpoc_micro_batch *mb, size_t bs, dpoc_err *err) {
+    const size_t n_seq = 2 * bs;
+    memset(mb, 0, sizeof *mb);
+    mb->seq = dpoc_malloc(n_seq * sizeof *mb->seq, "sequences", err);
+    mb->actp = dpoc_malloc(n_seq * sizeof *mb->actp, "sequence views", err);
+    mb->offp = dpoc_malloc(n_seq * sizeof *mb->offp, "sequence views", err);
+    mb->ptok = dpoc_malloc(bs * sizeof *mb->ptok, "pair views", err);
+    mb->ls = dpoc_malloc(n_seq * sizeof *mb->ls, "loss inputs", err);
+    mb->dtok = dpoc_malloc(n_seq * sizeof *mb->dtok, "loss gradients", err);
+    mb->logps = dpoc_malloc(n_seq * sizeof *mb->logps, "log-probs", err);
+    mb->ref_pair = dpoc_malloc(n_seq * sizeof *mb->ref_pair, "log-probs", err);
+    mb->fwd_flops = dpoc_malloc(n_seq * sizeof *mb->fwd_flops, "FLOP counts", err);
+    if (!mb->seq || !mb->actp || !mb->offp || !mb->ptok || !mb->ls || !mb->dtok || !mb->logps || !mb->ref_pair ||
+        !mb->fwd_flops) {
+        micro_batch_free(mb);
+        return DPOC_ENOMEM;
+    }
+    return 0;
+}
+
 int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, dpoc_err *err) {
     memset(t, 0, sizeof *t);
     t->cfg = *cfg;
@@ -284,15 +324,21 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
         t->bal_pairs = dpoc_malloc(gb * sizeof *t->bal_pairs, "batch balancing", err);
         t->bal_rank = dpoc_malloc(gb * sizeof *t->bal_rank, "batch balancing", err);
         t->bal_order = dpoc_malloc(gb * sizeof *t->bal_order, "batch balancing", err);
-        if (!t->bal_cost || !t->bal_pairs || !t->bal_rank || !t->bal_order) {
+        t->bal_load = dpoc_malloc((size_t)world_of(t) * sizeof *t->bal_load, "batch balancing", err);
+        t->bal_count = dpoc_malloc((size_t)world_of(t) * sizeof *t->bal_count, "batch balancing", err);
+        if (!t->bal_cost || !t->bal_pairs || !t->bal_rank || !t->bal_order || !t->bal_load || !t->bal_count) {
             rc = DPOC_ENOMEM;
             goto fail;
         }
     }
-    if (!t->acts || !t->seq_buf || !t->tok_buf || !t->order || !t->mb_pairs || !t->step_sums) {
+    if (world_of(t) > 1)
+        t->replica_sums = dpoc_malloc(2 * t->policy.n_tensors * sizeof *t->replica_sums, "checksums", err);
+    if (!t->acts || !t->seq_buf || !t->tok_buf || !t->order || !t->mb_pairs || !t->step_sums ||
+        (world_of(t) > 1 && !t->replica_sums)) {
         rc = DPOC_ENOMEM;
         goto fail;
     }
+    if ((rc = micro_batch_alloc(&t->mb, bs, err)) || (rc = dpoc_loss_work_init(&t->loss_work, bs, err))) goto fail;
     for (size_t s = 0; s < t->n_acts; s++)
         if ((rc = dpoc_acts_alloc_mode(&t->acts[s], &t->policy.cfg, t->act_T,
                                        cfg->gradient_checkpointing ? DPOC_ACTS_RECOMPUTE : DPOC_ACTS_KEEP, err)))
@@ -375,6 +421,11 @@ void dpoc_trainer_free(dpoc_trainer *t) {
     free(t->bal_pairs);
     free(t->bal_rank);
     free(t->bal_order);
+    free(t->bal_load);
+    free(t->bal_count);
+    micro_batch_free(&t->mb);
+    dpoc_loss_work_free(&t->loss_work);
+    free(t->replica_sums);
     dpoc_dataset_free(&t->data);
     dpoc_tokenizer_free(t->tok);
     dpoc_model_free(&t->policy);
@@ -483,9 +534,8 @@ static uint64_t tensor_checksum(const float *v, size_t n) { return dpoc_fnv1a(DP
 int dpoc_trainer_check_replicas(dpoc_trainer *t, dpoc_err *err) {
     if (world_of(t) == 1) return 0;
     const size_t n = t->policy.n_tensors;
-    uint64_t *mn = dpoc_malloc(2 * n * sizeof *mn, "checksums", err);
-    if (!mn) return DPOC_ENOMEM;
-    uint64_t *mx = mn + n;
+    DPOC_CHECK(t->replica_sums, err); /* made by init for more than one rank */
+    uint64_t *mn = t->replica_sums, *mx = mn + n;
     for (size_t i = 0; i < n; i++)
         mn[i] = mx[i] = tensor_checksum(t->policy.params + t->policy.info[i].offset, t->policy.info[i].numel);
     int rc = dpoc_dist_min_max_u64(t->dist, mn, mx, n, err);
@@ -495,23 +545,10 @@ int dpoc_trainer_check_replicas(dpoc_trainer *t, dpoc_err *err) {
                            "replica mismatch at step %ld: tensor '%s' differs between ranks (first of the tensors "
                            "that differ)",
                            t->global_step, t->policy.info[i].name);
-    free(mn);
     return rc;
 }
 
-/* ---- one micro-batch ---- */
-
-
-typedef struct {
-    dpoc_trainer *t;
-    int rc;
-    dpoc_err *err;
-} sync_ctx;
-
-static void on_grads_ready(void *ctx, size_t ready_from) {
-    sync_ctx *c = ctx;
-    if (!c->rc) c->rc = dpoc_grad_sync_ready(&c->t->sync, ready_from, c->err);
-}
+/* ---- one micro-batch: forward and loss ---- */
 
 void dpoc_mb_metrics_from_sums(const double *s, dpoc_mb_metrics *m) {
     const double pairs = s[MB_PAIRS] > 0 ? s[MB_PAIRS] : 1.0;
@@ -530,94 +567,212 @@ void dpoc_mb_metrics_from_sums(const double *s, dpoc_mb_metrics *m) {
     m->num_tokens = (size_t)s[MB_NUM_TOKENS];
 }
 
-int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, double grad_scale, double *sums,
-                             int sync_tail, dpoc_err *err) {
-    const dpoc_config *cfg = &t->cfg;
-    if (B == 0 || B > cfg->per_device_train_batch_size)
-        return dpoc_errf(err, DPOC_EINTERNAL, "micro-batch of %zu pairs", B);
-    dpoc_seq *seq = dpoc_malloc(2 * B * sizeof *seq, "sequences", err);
-    dpoc_loss_seq *ls = dpoc_malloc(2 * B * sizeof *ls, "loss inputs", err);
-    float **dtok = dpoc_malloc(2 * B * sizeof *dtok, "loss gradients", err);
-    double *logps = dpoc_malloc(2 * B * sizeof *logps, "log-probs", err);
-    /* where sequence s's head outputs are: acts[actp[s]] rows [offp[s], offp[s] + R) */
-    size_t *actp = dpoc_malloc(2 * B * sizeof *actp, "sequence views", err);
-    size_t *offp = dpoc_malloc(2 * B * sizeof *offp, "sequence views", err);
-    dpoc_pair_tokens *ptok = dpoc_malloc(B * sizeof *ptok, "pair views", err);
-    int rc = 0;
-    if (!seq || !ls || !dtok || !logps || !actp || !offp || !ptok) {
-        rc = DPOC_ENOMEM;
-        goto out;
+/* Tokens of a sequence as dpoc_dataset_collate truncates it, without collating it. */
+static size_t collated_len(const dpoc_dataset *d, size_t pair, int rejected, long max_length) {
+    const dpoc_pair *p = &d->pairs[pair];
+    const size_t full = p->prompt_len + (rejected ? p->rejected_len : p->chosen_len);
+    return max_length > 0 && full > (size_t)max_length ? (size_t)max_length : full;
+}
+
+/* Init measured the training set; another one (an evaluation pass's) must fit
+ * the token and activation buffers, checked before anything is written. */
+static int check_seq_fit(const dpoc_trainer *t, const dpoc_dataset *data, const size_t *pairs, size_t B,
+                         dpoc_err *err) {
+    if (data == &t->data) return 0;
+    for (size_t b = 0; b < B; b++) {
+        if (pairs[b] >= data->n_pairs)
+            return dpoc_errf(err, DPOC_EINTERNAL, "pair %zu of a data set of %zu pairs", pairs[b], data->n_pairs);
+        for (int r = 0; r < 2; r++) {
+            const size_t T = collated_len(data, pairs[b], r, t->cfg.max_length);
+            if (T > t->max_T)
+                return dpoc_errf(err, DPOC_EINPUT,
+                                 "pair on line %zu: its %s sequence has %zu tokens, more than the %zu the trainer "
+                                 "sized its buffers for (the training set's longest)",
+                                 data->pairs[pairs[b]].line, r ? "rejected" : "chosen", T, t->max_T);
+        }
     }
-    memset(sums, 0, DPOC_MB_N * sizeof *sums);
-    for (size_t i = 0; i < t->n_acts; i++) t->acts[i].prof = t->prof;
-    t->ref_acts.prof = t->prof;
-    /* sequence s: chosen of pair s for s < B, rejected of pair s-B otherwise (TRL's order) */
+    return 0;
+}
+
+/* The shared path runs every pair with its prompt computed once, in act_T rows
+ * for the whole micro-batch: another data set's pairs must allow that too. */
+static int check_shared_fit(const dpoc_trainer *t, const dpoc_dataset *data, const size_t *pairs, size_t B,
+                            dpoc_err *err) {
+    if (!t->shared || data == &t->data) return 0;
+    const dpoc_seq *seq = t->mb.seq;
+    size_t rows = 0;
+    for (size_t b = 0; b < B; b++) {
+        const int32_t *c = t->seq_buf + b * t->max_T, *r = t->seq_buf + (B + b) * t->max_T;
+        if (!pair_shares_prompt(&seq[b], &seq[B + b], c, r))
+            return dpoc_errf(err, DPOC_EINPUT,
+                             "pair on line %zu cannot run with its prompt shared, as the training set's pairs do",
+                             data->pairs[pairs[b]].line);
+        rows += seq[b].comp_start + seq[b].R + seq[B + b].R;
+    }
+    if (rows > t->act_T)
+        return dpoc_errf(err, DPOC_EINPUT, "a micro-batch of %zu rows, more than the %zu the trainer sized for", rows,
+                         t->act_T);
+    return 0;
+}
+
+/* Collates pairs[0..B) of data into seq_buf and t->mb.seq; counts their tokens. */
+static void collate_micro_batch(dpoc_trainer *t, const dpoc_dataset *data, const size_t *pairs, size_t B,
+                                double *sums) {
+    const dpoc_config *cfg = &t->cfg;
     for (size_t s = 0; s < 2 * B; s++) {
         const double t0 = dpoc_prof_start(t->prof);
-        dpoc_dataset_collate(&t->data, pairs[s % B], s >= B, cfg->max_length, cfg->truncation_keep_end,
-                             t->seq_buf + s * t->max_T, &seq[s]);
+        dpoc_dataset_collate(data, pairs[s % B], s >= B, cfg->max_length, cfg->truncation_keep_end,
+                             t->seq_buf + s * t->max_T, &t->mb.seq[s]);
         dpoc_prof_add(t->prof, DPOC_PROF_DATA, t0);
-        sums[MB_NUM_TOKENS] += (double)seq[s].T;
+        sums[MB_NUM_TOKENS] += (double)t->mb.seq[s].T;
     }
-    const double ref_factor = t->ref_logps ? 0.0 : 1.0;
+}
+
+/* The policy over the collated micro-batch; t->mb records where each
+ * sequence's head outputs are and each forward's FLOPs. */
+static void policy_forward(dpoc_trainer *t, size_t B) {
+    dpoc_micro_batch *mb = &t->mb;
+    const dpoc_seq *seq = mb->seq;
+    mb->n_fwd = 0;
     if (t->shared) {
         /* the whole micro-batch in one pairs layout; head rows pair by pair, chosen first */
         size_t head = 0;
         for (size_t b = 0; b < B; b++) {
             const int32_t *c = t->seq_buf + b * t->max_T, *r = t->seq_buf + (B + b) * t->max_T;
             const size_t Tp = seq[b].comp_start, Ta = seq[b].R, Tb = seq[B + b].R;
-            t->flops += shared_forward_flops(&t->policy.cfg, Tp, Ta, Tb) * (DPOC_FLOPS_TRAIN_FACTOR + ref_factor);
-            ptok[b] = (dpoc_pair_tokens){c, Tp, c + Tp, Ta, r + Tp, Tb};
-            actp[b] = actp[B + b] = 0;
-            offp[b] = head, offp[B + b] = head + Ta;
+            mb->fwd_flops[mb->n_fwd++] = shared_forward_flops(&t->policy.cfg, Tp, Ta, Tb);
+            mb->ptok[b] = (dpoc_pair_tokens){c, Tp, c + Tp, Ta, r + Tp, Tb};
+            mb->actp[b] = mb->actp[B + b] = 0;
+            mb->offp[b] = head, mb->offp[B + b] = head + Ta;
             head += Ta + Tb;
         }
-        dpoc_model_forward_pairs(&t->policy, &t->acts[0], ptok, B);
+        dpoc_model_forward_pairs(&t->policy, &t->acts[0], mb->ptok, B);
         t->progress_time = dpoc_now_s();
-    } else {
-        for (size_t s = 0; s < 2 * B; s++) {
-            const double fwd =
-                dpoc_flops_forward(&t->policy.cfg, seq[s].T, dpoc_flops_causal_pairs(seq[s].T), seq[s].R);
-            t->flops += fwd * (DPOC_FLOPS_TRAIN_FACTOR + ref_factor);
-            dpoc_model_forward(&t->policy, &t->acts[s], t->seq_buf + s * t->max_T, seq[s].T, seq[s].row0, seq[s].R);
-            actp[s] = s, offp[s] = 0;
-            t->progress_time = dpoc_now_s();
-        }
-    }
-    if (!t->ref_logps && !t->ref.params) {
-        rc = dpoc_errf(err, DPOC_EINTERNAL, "precomputed reference log-probs are missing");
-        goto out;
+        return;
     }
     for (size_t s = 0; s < 2 * B; s++) {
-        const dpoc_acts *a = &t->acts[actp[s]];
-        ls[s].n_tok = seq[s].R;
-        ls[s].n_completion = seq[s].T - seq[s].comp_start;
-        ls[s].policy_tok_logp = a->logp + offp[s];
-        ls[s].log_sum_sq_probs = a->log_sum_sq_probs + offp[s];
+        mb->fwd_flops[mb->n_fwd++] =
+            dpoc_flops_forward(&t->policy.cfg, seq[s].T, dpoc_flops_causal_pairs(seq[s].T), seq[s].R);
+        dpoc_model_forward(&t->policy, &t->acts[s], t->seq_buf + s * t->max_T, seq[s].T, seq[s].row0, seq[s].R);
+        mb->actp[s] = s, mb->offp[s] = 0;
+        t->progress_time = dpoc_now_s();
+    }
+}
+
+/* The loss's view of each sequence: its policy log-probs (and WPO terms) in the
+ * activations, where its dLoss/dlogp goes, and its reference log-prob when
+ * precomputed (ref_logps: by pair of the data set). */
+static void loss_inputs(dpoc_trainer *t, const double *ref_logps, const size_t *pairs, size_t B) {
+    dpoc_micro_batch *mb = &t->mb;
+    for (size_t s = 0; s < 2 * B; s++) {
+        const dpoc_acts *a = &t->acts[mb->actp[s]];
+        dpoc_loss_seq *ls = &mb->ls[s];
+        ls->n_tok = mb->seq[s].R;
+        ls->n_completion = mb->seq[s].T - mb->seq[s].comp_start;
+        ls->policy_tok_logp = a->logp + mb->offp[s];
+        ls->log_sum_sq_probs = a->log_sum_sq_probs + mb->offp[s];
         /* dLoss/dlogp in the head-row order backward_pairs takes, or per sequence */
-        dtok[s] = t->tok_buf + (t->shared ? offp[s] : s * t->max_T);
-        if (t->ref_logps) ls[s].ref_logp = t->ref_logps[2 * pairs[s % B] + (s >= B)];
+        mb->dtok[s] = t->tok_buf + (t->shared ? mb->offp[s] : s * t->max_T);
+        if (ref_logps) ls->ref_logp = ref_logps[2 * pairs[s % B] + (s >= B)];
     }
-    if (!t->ref_logps) {
-        /* the reference over the same layout: the whole micro-batch in one forward
-         * when shared; logps (2B) is free until the loss writes it */
-        if (t->shared) pairs_ref_logps(t, &t->ref, ptok, B, logps);
-        for (size_t b = 0; !t->shared && b < B; b++) {
-            const int32_t *const ids[2] = {t->seq_buf + b * t->max_T, t->seq_buf + (B + b) * t->max_T};
-            const dpoc_seq pair_seq[2] = {seq[b], seq[B + b]};
-            pair_ref_logps(t, &t->ref, ids, pair_seq, logps + 2 * b);
-        }
-        for (size_t b = 0; b < B; b++) {
-            ls[b].ref_logp = logps[2 * b];
-            ls[B + b].ref_logp = logps[2 * b + 1];
-        }
+}
+
+/* The in-memory reference over the policy's layout (the whole micro-batch in
+ * one forward when shared), its log-probs into the loss inputs. */
+static void reference_forward(dpoc_trainer *t, size_t B) {
+    dpoc_micro_batch *mb = &t->mb;
+    if (t->shared) pairs_ref_logps(t, &t->ref, mb->ptok, B, mb->ref_pair);
+    for (size_t b = 0; !t->shared && b < B; b++) {
+        const int32_t *const ids[2] = {t->seq_buf + b * t->max_T, t->seq_buf + (B + b) * t->max_T};
+        const dpoc_seq pair_seq[2] = {mb->seq[b], mb->seq[B + b]};
+        pair_ref_logps(t, &t->ref, ids, pair_seq, mb->ref_pair + 2 * b);
     }
+    for (size_t b = 0; b < B; b++) {
+        mb->ls[b].ref_logp = mb->ref_pair[2 * b];
+        mb->ls[B + b].ref_logp = mb->ref_pair[2 * b + 1];
+    }
+}
+
+/* TRL's metric sums of one micro-batch, from the loss (its per-sequence
+ * log-probs in t->mb.logps) and the policy's head outputs. */
+static void metric_sums(const dpoc_trainer *t, size_t B, double loss, double *sums) {
+    const dpoc_micro_batch *mb = &t->mb;
+    const double beta = t->cfg.loss.beta;
+    const double *chosen = mb->logps, *rejected = mb->logps + B;
+    sums[MB_LOSS] = loss;
+    sums[MB_RANKS] = 1.0;
+    sums[MB_PAIRS] = (double)B;
+    for (size_t i = 0; i < B; i++) {
+        double rw_c = beta * (chosen[i] - mb->ls[i].ref_logp);
+        double rw_r = beta * (rejected[i] - mb->ls[B + i].ref_logp);
+        sums[MB_REW_C] += rw_c;
+        sums[MB_REW_R] += rw_r;
+        sums[MB_ACC] += rw_c > rw_r;
+        sums[MB_MARGIN] += rw_c - rw_r;
+        sums[MB_LOGP_C] += chosen[i];
+        sums[MB_LOGP_R] += rejected[i];
+    }
+    for (size_t s = 0; s < 2 * B; s++) {
+        const dpoc_acts *a = &t->acts[mb->actp[s]];
+        const int is_rejected = s >= B;
+        for (size_t r = mb->offp[s]; r < mb->offp[s] + mb->seq[s].R; r++) {
+            sums[MB_ENT] += a->entropy[r];
+            sums[is_rejected ? MB_LOGIT_R : MB_LOGIT_C] += a->mean_logit[r];
+            if (!is_rejected) sums[MB_TOP1] += a->is_top1[r];
+        }
+        sums[is_rejected ? MB_TOK_R : MB_TOK_C] += (double)mb->seq[s].R;
+    }
+}
+
+int dpoc_trainer_forward_loss(dpoc_trainer *t, const dpoc_dataset *data, const double *ref_logps,
+                              const size_t *pairs, size_t B, double grad_scale, double *sums, dpoc_err *err) {
+    const dpoc_config *cfg = &t->cfg;
+    dpoc_micro_batch *mb = &t->mb;
+    mb->B = 0; /* until this forward is complete, nothing waits for a backward */
+    if (B == 0 || B > cfg->per_device_train_batch_size)
+        return dpoc_errf(err, DPOC_EINTERNAL, "micro-batch of %zu pairs", B);
+    if (!ref_logps && !t->ref.params)
+        return dpoc_errf(err, DPOC_EINTERNAL, "precomputed reference log-probs are missing");
+    DPOC_TRY(check_seq_fit(t, data, pairs, B, err));
+    memset(sums, 0, DPOC_MB_N * sizeof *sums);
+    for (size_t i = 0; i < t->n_acts; i++) t->acts[i].prof = t->prof;
+    t->ref_acts.prof = t->prof;
+    collate_micro_batch(t, data, pairs, B, sums);
+    DPOC_TRY(check_shared_fit(t, data, pairs, B, err));
+    policy_forward(t, B);
+    loss_inputs(t, ref_logps, pairs, B);
+    mb->ran_ref = ref_logps == NULL;
+    if (mb->ran_ref) reference_forward(t, B);
     t->progress_time = dpoc_now_s();
-    dpoc_loss_out lo = {0, logps, logps + B};
+    dpoc_loss_out lo = {0, mb->logps, mb->logps + B};
     const double t_loss = dpoc_prof_start(t->prof);
-    rc = dpoc_loss_compute(&cfg->loss, B, ls, ls + B, grad_scale, dtok, dtok + B, &lo, err);
+    const int rc = dpoc_loss_compute_in(&t->loss_work, &cfg->loss, B, mb->ls, mb->ls + B, grad_scale, mb->dtok,
+                                        mb->dtok + B, &lo, err);
     dpoc_prof_add(t->prof, DPOC_PROF_LOSS, t_loss);
-    if (rc) goto out;
+    if (rc) return rc;
+    metric_sums(t, B, lo.loss, sums);
+    mb->B = B;
+    return 0;
+}
+
+/* ---- one micro-batch: backward ---- */
+
+typedef struct {
+    dpoc_trainer *t;
+    int rc;
+    dpoc_err *err;
+} sync_ctx;
+
+static void on_grads_ready(void *ctx, size_t ready_from) {
+    sync_ctx *c = ctx;
+    if (!c->rc) c->rc = dpoc_grad_sync_ready(&c->t->sync, ready_from, c->err);
+}
+
+int dpoc_trainer_backward(dpoc_trainer *t, int sync_tail, dpoc_err *err) {
+    dpoc_micro_batch *mb = &t->mb;
+    const size_t B = mb->B;
+    if (B == 0) return dpoc_errf(err, DPOC_EINTERNAL, "a backward without a forward to take it from");
+    mb->B = 0; /* its dLoss/dlogp goes into the gradients once */
     sync_ctx sc = {t, 0, err};
     const dpoc_backward_hook hook = {on_grads_ready, &sc};
     /* a gradient is final once the last sequence of the last micro-batch has passed its layer */
@@ -627,47 +782,28 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
     } else {
         for (size_t s = 0; s < 2 * B; s++) {
             const int last = sync_tail && s == 2 * B - 1;
-            dpoc_model_backward(&t->policy, t->grads, &t->acts[s], &t->scratch, t->seq_buf + s * t->max_T, dtok[s],
-                                last ? &hook : NULL);
+            dpoc_model_backward(&t->policy, t->grads, &t->acts[s], &t->scratch, t->seq_buf + s * t->max_T,
+                                mb->dtok[s], last ? &hook : NULL);
             t->progress_time = dpoc_now_s();
         }
     }
-    if ((rc = sc.rc)) goto out;
+    return sc.rc;
+}
 
-    /* metric sums, as TRL computes them for one micro-batch */
-    const double beta = cfg->loss.beta;
-    sums[MB_LOSS] = lo.loss;
-    sums[MB_RANKS] = 1.0;
-    sums[MB_PAIRS] = (double)B;
-    for (size_t i = 0; i < B; i++) {
-        double rw_c = beta * (lo.chosen_logps[i] - ls[i].ref_logp);
-        double rw_r = beta * (lo.rejected_logps[i] - ls[B + i].ref_logp);
-        sums[MB_REW_C] += rw_c;
-        sums[MB_REW_R] += rw_r;
-        sums[MB_ACC] += rw_c > rw_r;
-        sums[MB_MARGIN] += rw_c - rw_r;
-        sums[MB_LOGP_C] += lo.chosen_logps[i];
-        sums[MB_LOGP_R] += lo.rejected_logps[i];
-    }
-    for (size_t s = 0; s < 2 * B; s++) {
-        const dpoc_acts *a = &t->acts[actp[s]];
-        const int rejected = s >= B;
-        for (size_t r = offp[s]; r < offp[s] + seq[s].R; r++) {
-            sums[MB_ENT] += a->entropy[r];
-            sums[rejected ? MB_LOGIT_R : MB_LOGIT_C] += a->mean_logit[r];
-            if (!rejected) sums[MB_TOP1] += a->is_top1[r];
-        }
-        sums[rejected ? MB_TOK_R : MB_TOK_C] += (double)seq[s].R;
-    }
-out:
-    free(seq);
-    free(ls);
-    free(dtok);
-    free(logps);
-    free(actp);
-    free(offp);
-    free(ptok);
-    return rc;
+/* ---- one micro-batch: both ---- */
+
+/* The training FLOPs of the last forward: DPOC_FLOPS_TRAIN_FACTOR forwards'
+ * worth for the policy's forward and backward, one more when the reference ran. */
+static void count_train_flops(dpoc_trainer *t) {
+    const double ref_factor = t->mb.ran_ref ? 1.0 : 0.0;
+    for (size_t k = 0; k < t->mb.n_fwd; k++) t->flops += t->mb.fwd_flops[k] * (DPOC_FLOPS_TRAIN_FACTOR + ref_factor);
+}
+
+int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, double grad_scale, double *sums,
+                             int sync_tail, dpoc_err *err) {
+    DPOC_TRY(dpoc_trainer_forward_loss(t, &t->data, t->ref_logps, pairs, B, grad_scale, sums, err));
+    count_train_flops(t);
+    return dpoc_trainer_backward(t, sync_tail, err);
 }
 
 /* ---- logging ---- */
@@ -762,7 +898,7 @@ int dpoc_trainer_step(dpoc_trainer *t, dpoc_err *err) {
                 t->bal_pairs[k] = t->order[(m * W * bs + k) % N];
                 t->bal_cost[k] = pair_cost(t, t->bal_pairs[k], t->seq_buf);
             }
-            dpoc_balance_ranks(t->bal_cost, gb, W, bs, t->bal_rank, t->bal_order);
+            dpoc_balance_ranks_with(t->bal_cost, gb, W, bs, t->bal_rank, t->bal_order, t->bal_load, t->bal_count);
             for (size_t k = 0; k < gb; k++)
                 if (t->bal_rank[k] == r) t->mb_pairs[B++] = t->bal_pairs[k];
         } else {
