@@ -33,6 +33,14 @@ int dpoc_lora_is_target(const dpoc_lora_cfg *cfg, const char *module, const void
  * matches no projection, no projection matched at all. m is unchanged on error. */
 int dpoc_lora_attach(dpoc_model *m, const dpoc_lora_cfg *cfg, uint64_t seed, dpoc_err *err);
 
+/* Attaches adapters of cfg's rank and scale (zero-initialised: the caller fills
+ * them) to exactly the projections whose A tensor exists by has(ctx, name), name
+ * being the table name "model.layers.N.<module>.lora_A.weight". For stored
+ * adapters (a PEFT directory, a checkpoint): the tensors say where they are.
+ * DPOC_EINPUT when there is none. */
+int dpoc_lora_attach_named(dpoc_model *m, const dpoc_lora_cfg *cfg, int (*has)(void *ctx, const char *name),
+                           void *ctx, dpoc_err *err);
+
 /* 1 when m carries adapters. */
 int dpoc_lora_attached(const dpoc_model *m);
 /* Switches every adapter on (1) or off (0: the base model, peft's disable_adapter()). */

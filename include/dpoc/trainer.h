@@ -96,6 +96,9 @@ typedef struct {
     dpoc_config cfg;
     dpoc_dist *dist; /* NULL: one process, no MPI */
     dpoc_model policy, ref;
+    /* With use_peft and no ref_model_name_or_path, the reference is the policy's
+     * base: the policy with its adapters off (TRL + peft: disable_adapter()). */
+    int ref_is_base;
     dpoc_tokenizer *tok; /* NULL when the model has no tokenizer.json (pre-tokenized data only) */
     dpoc_dataset data;
     float *grads;        /* sync.grads: the gradient block, owned by sync */

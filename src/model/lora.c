@@ -216,6 +216,24 @@ int lora_attach_where(dpoc_model *m, const dpoc_lora_cfg *cfg, const unsigned ch
     return 0;
 }
 
+int dpoc_lora_attach_named(dpoc_model *m, const dpoc_lora_cfg *cfg, int (*has)(void *ctx, const char *name),
+                           void *ctx, dpoc_err *err) {
+    unsigned char *flags = dpoc_calloc(m->cfg.n_layers * PROJECTIONS, 1, "adapter targets", err);
+    if (!flags) return DPOC_ENOMEM;
+    char module[MODULE_NAME_MAX], name[DPOC_PARAM_NAME_MAX];
+    size_t n = 0;
+    for (size_t l = 0; l < m->cfg.n_layers; l++)
+        for (size_t p = 0; p < PROJECTIONS; p++) {
+            module_name(module, sizeof module, l, p);
+            snprintf(name, sizeof name, "%s.lora_A.weight", module);
+            n += flags[l * PROJECTIONS + p] = (unsigned char)(has(ctx, name) != 0);
+        }
+    int rc = n ? lora_attach_where(m, cfg, flags, 0, err)
+               : dpoc_errf(err, DPOC_EINPUT, "no adapter of this model's projections (no model.layers.N.*.lora_A.weight)");
+    free(flags);
+    return rc;
+}
+
 int dpoc_lora_attached(const dpoc_model *m) { return m->frozen != NULL; }
 
 void dpoc_lora_enable(dpoc_model *m, int on) {

@@ -129,23 +129,11 @@ static int read_adapters(dpoc_model *m, const st_model *st, const char *path, dp
     return 0;
 }
 
-/* flags[l * LORA_PROJECTIONS + p] = 1 for every projection with a lora_A tensor
- * in the file: the adapters are where the tensors are (peft loads them by key). */
-static int adapted_modules(const dpoc_model *m, const st_model *st, const char *path, unsigned char *flags,
-                           dpoc_err *err) {
-    char key[PEFT_KEY_MAX], module[LORA_MODULE_NAME_MAX];
-    size_t n = 0;
-    for (size_t l = 0; l < m->cfg.n_layers; l++)
-        for (size_t p = 0; p < LORA_PROJECTIONS; p++) {
-            lora_module_name(module, sizeof module, l, p);
-            snprintf(key, sizeof key, "%s%s.lora_A.weight", DPOC_PEFT_KEY_PREFIX, module);
-            flags[l * LORA_PROJECTIONS + p] = st_find(st, key) != NULL;
-            n += flags[l * LORA_PROJECTIONS + p];
-        }
-    if (!n)
-        return dpoc_errf(err, DPOC_EINPUT, "%s: no lora_A tensor of this model's projections (keys like '%s')", path,
-                         DPOC_PEFT_KEY_PREFIX "model.layers.0.self_attn.q_proj.lora_A.weight");
-    return 0;
+/* Whether the file has peft's key for a table name (the adapters are where the tensors are). */
+static int has_peft_tensor(void *ctx, const char *name) {
+    char key[PEFT_KEY_MAX];
+    if (snprintf(key, sizeof key, "%s%s", DPOC_PEFT_KEY_PREFIX, name) >= (int)sizeof key) return 0;
+    return st_find((const st_model *)ctx, key) != NULL;
 }
 
 int dpoc_lora_load_peft(dpoc_model *m, const char *dir, dpoc_lora_cfg *cfg_out, dpoc_err *err) {
@@ -158,11 +146,9 @@ int dpoc_lora_load_peft(dpoc_model *m, const char *dir, dpoc_lora_cfg *cfg_out, 
     st_model st;
     memset(&st, 0, sizeof st);
     DPOC_TRY(st_open_file(&st, path, err));
-    unsigned char *flags = dpoc_calloc(m->cfg.n_layers * LORA_PROJECTIONS, 1, "adapter targets", err);
-    int rc = flags ? adapted_modules(m, &st, path, flags, err) : DPOC_ENOMEM;
-    if (!rc) rc = lora_attach_where(m, &cfg, flags, 0, err);
-    if (!rc) rc = read_adapters(m, &st, path, err);
-    free(flags);
+    int rc = dpoc_lora_attach_named(m, &cfg, has_peft_tensor, &st, err);
+    if (rc) dpoc_err_prefix(err, "%s", path);
+    else rc = read_adapters(m, &st, path, err);
     st_close(&st);
     if (!rc && cfg_out) *cfg_out = cfg;
     return rc;

@@ -12,6 +12,7 @@
 
 #include "core/fileutil.h"
 #include "dpoc/checkpoint.h"
+#include "dpoc/lora.h"
 #include "dpoc/metrics.h"
 #include "dpoc/ref_logps.h"
 #include "dpoc/runtime.h"
@@ -232,7 +233,12 @@ int dpoc_run_train(const dpoc_config *cfg, dpoc_dist *dist, const char *resume, 
         /* the end of training: a final checkpoint (resume --auto then finds nothing left to do) and
          * the trained policy as a Hugging Face directory, as TRL's save_model leaves it */
         rc = checkpoint(t, err);
-        if (!rc && root) rc = dpoc_model_save(&t->policy, cfg->output_dir, cfg->model_name_or_path, err);
+        /* with LoRA the adapter alone as a PEFT directory (adapter_config.json +
+         * adapter_model.safetensors), as TRL + peft's save_model writes it */
+        if (!rc && root)
+            rc = dpoc_lora_attached(&t->policy)
+                     ? dpoc_lora_save_peft(&t->policy, &t->cfg.lora, cfg->model_name_or_path, cfg->output_dir, err)
+                     : dpoc_model_save(&t->policy, cfg->output_dir, cfg->model_name_or_path, err);
     }
     if (wd_started) {
         wd.stop = 1;

@@ -14,6 +14,7 @@
 #include <hdf5.h>
 
 #include "core/fileutil.h"
+#include "dpoc/lora.h"
 
 #ifndef DPOC_GIT_REVISION
 #define DPOC_GIT_REVISION "unknown"
@@ -196,6 +197,14 @@ static int list_ckpts(const char *dir, ckpt_entry **out, size_t *n, dpoc_err *er
 
 /* ---- content hash ---- */
 
+/* The tensors a checkpoint holds of m: its trainable ones. */
+static size_t trainable_tensors(const dpoc_model *m) {
+    size_t n = 0;
+    for (size_t i = 0; i < m->n_tensors; i++) n += m->info[i].trainable != 0;
+    return n;
+}
+
+
 /* FNV-1a 64 over every tensor of model, exp_avg and exp_avg_sq, each group in
  * name order (the order HDF5's name index iterates, so verification needs no
  * model), then the two step counters. */
@@ -209,14 +218,16 @@ static int cmp_names(const void *a, const void *b) {
 
 static int content_hash(const dpoc_model *m, const float *exp_avg, const float *exp_avg_sq, long long step,
                         long long opt_step, uint64_t *out, dpoc_err *err) {
-    named_index *idx = dpoc_malloc(m->n_tensors * sizeof *idx, "tensor order", err);
+    named_index *idx = dpoc_malloc((m->n_tensors ? m->n_tensors : 1) * sizeof *idx, "tensor order", err);
     if (!idx) return DPOC_ENOMEM;
-    for (size_t i = 0; i < m->n_tensors; i++) idx[i] = (named_index){m->info[i].name, i};
-    qsort(idx, m->n_tensors, sizeof *idx, cmp_names);
+    size_t n = 0;
+    for (size_t i = 0; i < m->n_tensors; i++)
+        if (m->info[i].trainable) idx[n++] = (named_index){m->info[i].name, i};
+    qsort(idx, n, sizeof *idx, cmp_names);
     const float *blocks[3] = {m->params, exp_avg, exp_avg_sq};
     uint64_t h = DPOC_FNV_OFFSET;
     for (int b = 0; b < 3; b++)
-        for (size_t k = 0; k < m->n_tensors; k++) {
+        for (size_t k = 0; k < n; k++) {
             const dpoc_param_info *p = &m->info[idx[k].index];
             h = dpoc_fnv1a(h, blocks[b] + p->offset, p->numel * sizeof(float));
         }
@@ -235,7 +246,9 @@ static int write_group(hid_t f, const char *name, const dpoc_model *m, const flo
     H5Pclose(lcpl);
     if (g < 0) return -1;
     int r = 0;
-    for (size_t i = 0; i < m->n_tensors && !r; i++) r = write_tensor(g, &m->info[i], block + m->info[i].offset);
+    /* the trainable tensors: with LoRA the adapters (the frozen base is named by its fingerprint) */
+    for (size_t i = 0; i < m->n_tensors && !r; i++)
+        if (m->info[i].trainable) r = write_tensor(g, &m->info[i], block + m->info[i].offset);
     H5Gclose(g);
     return r;
 }
@@ -292,6 +305,13 @@ int dpoc_ckpt_save(const dpoc_trainer *t, size_t save_total_limit, char *path_ou
     bad |= attr_u64(f, "model_fingerprint", t->fp_policy);
     bad |= attr_u64(f, "ref_model_fingerprint", t->fp_ref);
     bad |= attr_u64(f, "data_fingerprint", t->fp_data);
+    /* LoRA: /model holds the adapters; these give their rank and scale (the base is
+     * model_name_or_path, checked by model_fingerprint) */
+    if (dpoc_lora_attached(&t->policy)) {
+        bad |= attr_i64(f, "lora_r", (long long)cfg->lora.r);
+        bad |= attr_f64(f, "lora_alpha", cfg->lora.alpha);
+        bad |= attr_i64(f, "lora_use_rslora", cfg->lora.use_rslora);
+    }
     uint64_t hash = 0;
     if (content_hash(&t->policy, t->opt.m, t->opt.v, step, opt_step, &hash, err)) bad = 1;
     bad |= attr_u64(f, "content_hash", hash);
@@ -517,14 +537,27 @@ int dpoc_ckpt_restore(dpoc_trainer *t, const char *path, dpoc_err *err) {
     }
     const char *groups[3] = {"model", "optimizer/exp_avg", "optimizer/exp_avg_sq"};
     float *blocks[3] = {t->policy.params, t->opt.m, t->opt.v};
+    const int ckpt_lora = H5Aexists(h.f, "lora_r") > 0, run_lora = dpoc_lora_attached(&t->policy);
+    if (!rc && ckpt_lora != run_lora)
+        rc = dpoc_errf(err, DPOC_EINPUT, "%s: checkpoint of a %s run; this run %s (use_peft differs)", path,
+                       ckpt_lora ? "LoRA" : "full fine-tuning", run_lora ? "trains LoRA adapters" : "trains every weight");
+    long long ck_r = 0;
+    if (!rc && ckpt_lora && (attr_read(h.f, "lora_r", H5T_NATIVE_LLONG, &ck_r) < 0 || (size_t)ck_r != cfg->lora.r))
+        rc = dpoc_errf(err, DPOC_EINPUT, "%s: checkpoint adapters of rank %lld; this run's lora_r is %zu", path, ck_r,
+                       cfg->lora.r);
     for (int g = 0; g < 3 && !rc; g++) {
         hid_t grp = H5Gopen2(h.f, groups[g], H5P_DEFAULT);
         if (grp < 0) {
             rc = dpoc_errf(err, DPOC_EINPUT, "%s: group '%s' is missing", path, groups[g]);
             break;
         }
+        H5G_info_t gi;
+        if (H5Gget_info(grp, &gi) < 0 || gi.nlinks != (hsize_t)trainable_tensors(&t->policy))
+            rc = dpoc_errf(err, DPOC_EINPUT, "%s: group '%s' holds %llu tensors, this run trains %zu (other lora_* keys?)",
+                           path, groups[g], (unsigned long long)gi.nlinks, trainable_tensors(&t->policy));
         for (size_t i = 0; i < t->policy.n_tensors && !rc; i++)
-            rc = read_tensor(grp, &t->policy.info[i], blocks[g] + t->policy.info[i].offset, path, groups[g], err);
+            if (t->policy.info[i].trainable)
+                rc = read_tensor(grp, &t->policy.info[i], blocks[g] + t->policy.info[i].offset, path, groups[g], err);
         H5Gclose(grp);
     }
     long long v = 0;
@@ -557,6 +590,28 @@ int dpoc_ckpt_restore(dpoc_trainer *t, const char *path, dpoc_err *err) {
     return rc;
 }
 
+static int group_has(void *ctx, const char *name) { return H5Lexists(*(hid_t *)ctx, name, H5P_DEFAULT) > 0; }
+
+/* A LoRA checkpoint's adapters attached to m (the base), as the checkpoint's
+ * attributes and tensors describe them; nothing for a full fine-tune's. */
+static int attach_checkpoint_adapters(hid_t f, hid_t g, dpoc_model *m, const char *path, dpoc_err *err) {
+    if (H5Aexists(f, "lora_r") <= 0 || dpoc_lora_attached(m)) return 0;
+    long long r = 0, rs = 0;
+    double alpha = 0;
+    if (attr_read(f, "lora_r", H5T_NATIVE_LLONG, &r) < 0 || attr_read(f, "lora_alpha", H5T_NATIVE_DOUBLE, &alpha) < 0 ||
+        attr_read(f, "lora_use_rslora", H5T_NATIVE_LLONG, &rs) < 0 || r < 1 || !(alpha > 0))
+        return dpoc_errf(err, DPOC_EINPUT, "%s: the LoRA attributes (lora_r, lora_alpha, lora_use_rslora) are unreadable",
+                         path);
+    dpoc_lora_cfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.r = (size_t)r;
+    cfg.alpha = alpha;
+    cfg.use_rslora = rs != 0;
+    int rc = dpoc_lora_attach_named(m, &cfg, group_has, &g, err);
+    if (rc) dpoc_err_prefix(err, "%s", path);
+    return rc;
+}
+
 int dpoc_ckpt_read_weights(const char *path, dpoc_model *m, dpoc_err *err) {
     ckpt_header h;
     DPOC_TRY(open_header(path, &h, err));
@@ -567,11 +622,12 @@ int dpoc_ckpt_read_weights(const char *path, dpoc_model *m, dpoc_err *err) {
         rc = dpoc_errf(err, DPOC_EINPUT, "%s: group 'model' is missing", path);
     else if (H5Gget_info(g, &info) < 0)
         rc = dpoc_errf(err, DPOC_EINPUT, "%s: group 'model' cannot be read (corrupted?)", path);
-    else if (info.nlinks != (hsize_t)m->n_tensors)
+    else rc = attach_checkpoint_adapters(h.f, g, m, path, err);
+    if (!rc && info.nlinks != (hsize_t)trainable_tensors(m))
         rc = dpoc_errf(err, DPOC_EINPUT, "%s: checkpoint has %llu model tensors, the model %zu (another model?)", path,
-                       (unsigned long long)info.nlinks, m->n_tensors);
+                       (unsigned long long)info.nlinks, trainable_tensors(m));
     for (size_t i = 0; i < m->n_tensors && !rc; i++)
-        rc = read_tensor(g, &m->info[i], m->params + m->info[i].offset, path, "model", err);
+        if (m->info[i].trainable) rc = read_tensor(g, &m->info[i], m->params + m->info[i].offset, path, "model", err);
     if (g >= 0) H5Gclose(g);
     H5Fclose(h.f);
     return rc;

@@ -42,6 +42,7 @@
 #include "dpoc/chat.h"
 #include "dpoc/flops.h"
 #include "dpoc/loss.h"
+#include "dpoc/lora.h"
 #include "dpoc/source.h"
 
 enum { W_REW_C, W_REW_R, W_REW_ACC, W_REW_MARGIN, W_LOGP_C, W_LOGP_R, W_LOGIT_C, W_LOGIT_R, W_ENTROPY, W_TOK_ACC };
@@ -77,12 +78,15 @@ static int init_optimizer(dpoc_trainer *t, dpoc_err *err) {
     int *decay = dpoc_malloc(n * sizeof *decay, "optimizer table", err);
     int rc = DPOC_ENOMEM;
     if (off && cnt && decay) {
+        size_t k = 0; /* the trainable tensors only (with LoRA: the adapters) */
         for (size_t i = 0; i < n; i++) {
-            off[i] = t->policy.info[i].offset;
-            cnt[i] = t->policy.info[i].numel;
-            decay[i] = gets_weight_decay(t->policy.info[i].name);
+            if (!t->policy.info[i].trainable) continue;
+            off[k] = t->policy.info[i].offset;
+            cnt[k] = t->policy.info[i].numel;
+            decay[k] = gets_weight_decay(t->policy.info[i].name);
+            k++;
         }
-        rc = dpoc_adamw_init(&t->opt, t->policy.numel, &t->cfg, n, off, cnt, decay, err);
+        rc = dpoc_adamw_init(&t->opt, t->policy.numel, &t->cfg, k, off, cnt, decay, err);
     }
     free(off);
     free(cnt);
@@ -269,6 +273,24 @@ static int micro_batch_alloc(dpoc_micro_batch *mb, size_t bs, dpoc_err *err) {
     return 0;
 }
 
+/* use_peft: adapters on the loaded policy, from adapter_name_or_path (its config
+ * then describes them) or new ones as the lora_* keys say, the same on every rank
+ * (the same seed). */
+static int attach_adapters(dpoc_trainer *t, dpoc_err *err) {
+    dpoc_lora_cfg *L = &t->cfg.lora;
+    if (!L->adapter_name_or_path[0]) return dpoc_lora_attach(&t->policy, L, t->cfg.seed, err);
+    dpoc_lora_cfg got;
+    DPOC_TRY(dpoc_lora_load_peft(&t->policy, L->adapter_name_or_path, &got, err));
+    /* the adapter's own r, alpha, rsLoRA and targets are what trains (and what is saved) */
+    L->r = got.r;
+    L->alpha = got.alpha;
+    L->use_rslora = got.use_rslora;
+    L->targets_kind = got.targets_kind;
+    L->n_targets = got.n_targets;
+    memcpy(L->targets, got.targets, sizeof L->targets);
+    return 0;
+}
+
 int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, dpoc_err *err) {
     memset(t, 0, sizeof *t);
     t->cfg = *cfg;
@@ -277,6 +299,10 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
     read_test_hooks(&t->hooks);
     int rc = load_model(t, &t->policy, cfg->model_name_or_path, err);
     if (rc) goto fail;
+    /* the base's fingerprint, before adapters: a LoRA run resumes only on the same base */
+    t->fp_policy = dpoc_fnv1a(DPOC_FNV_OFFSET, t->policy.params, t->policy.numel * sizeof(float));
+    if (cfg->lora.use_peft && (rc = attach_adapters(t, err))) goto fail;
+    t->ref_is_base = cfg->lora.use_peft && !cfg->ref_model_name_or_path[0];
     if (cfg->ref_model_name_or_path[0]) {
         if ((rc = load_model(t, &t->ref, cfg->ref_model_name_or_path, err))) goto fail;
         if (!same_architecture(&t->policy.cfg, &t->ref.cfg)) {
@@ -284,14 +310,14 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
                            cfg->ref_model_name_or_path, cfg->model_name_or_path);
             goto fail;
         }
-    } else if (!cfg->precompute_ref_log_probs && (rc = copy_model(&t->ref, &t->policy, err))) {
+    } else if (!cfg->precompute_ref_log_probs && !t->ref_is_base && (rc = copy_model(&t->ref, &t->policy, err))) {
         /* precomputing with the starting policy as reference needs no copy: the pass
          * runs before the first update (and before a resumed checkpoint is restored) */
         goto fail;
     }
     if (t->hooks.perturb_rank == rank_of(t)) {
         size_t i = dpoc_model_find(&t->policy, t->hooks.perturb_tensor);
-        if (i != DPOC_NO_PARAM) t->policy.params[t->policy.info[i].offset] += 1e-3f;
+        if (i != DPOC_NO_PARAM && t->policy.info[i].trainable) t->policy.params[t->policy.info[i].offset] += 1e-3f;
     }
     if ((rc = load_data(t, err))) goto fail;
     if ((rc = choose_precision(t, err))) goto fail;
@@ -362,7 +388,6 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
     t->total_steps = cfg->max_steps > 0 ? cfg->max_steps
                                         : (long)ceil(cfg->num_train_epochs * (double)t->updates_per_epoch);
     t->warmup_steps = dpoc_warmup_steps(cfg, t->total_steps);
-    t->fp_policy = dpoc_fnv1a(DPOC_FNV_OFFSET, t->policy.params, t->policy.numel * sizeof(float));
     t->fp_ref = t->ref.params ? dpoc_fnv1a(DPOC_FNV_OFFSET, t->ref.params, t->ref.numel * sizeof(float)) : t->fp_policy;
     t->fp_data = dpoc_fnv1a(DPOC_FNV_OFFSET, t->data.tokens, t->data.n_tokens * sizeof(int32_t));
     t->fp_data = dpoc_fnv1a(t->fp_data, t->data.pairs, t->data.n_pairs * sizeof(dpoc_pair));
@@ -381,8 +406,11 @@ fail:
 static int shadows_ensure(dpoc_trainer *t, dpoc_err *err) {
     if (t->shadows || dpoc_rt()->precision != DPOC_PRECISION_BF16) return 0;
     DPOC_TRY(dpoc_gemm_shadow_add(t->policy.params, t->policy.numel, err));
-    if (t->ref.params) {
-        const int rc = dpoc_gemm_shadow_add(t->ref.params, t->ref.numel, err);
+    /* with LoRA the frozen base holds the large weights */
+    const float *second = t->ref.params ? t->ref.params : t->policy.frozen;
+    const size_t second_n = t->ref.params ? t->ref.numel : t->policy.frozen_numel;
+    if (second) {
+        const int rc = dpoc_gemm_shadow_add(second, second_n, err);
         if (rc) {
             dpoc_gemm_shadow_remove(t->policy.params);
             return rc;
@@ -396,6 +424,7 @@ static void shadows_remove(dpoc_trainer *t) {
     if (!t->shadows) return;
     dpoc_gemm_shadow_remove(t->policy.params);
     if (t->ref.params) dpoc_gemm_shadow_remove(t->ref.params);
+    else if (t->policy.frozen) dpoc_gemm_shadow_remove(t->policy.frozen);
     t->shadows = 0;
 }
 
@@ -435,6 +464,19 @@ void dpoc_trainer_free(dpoc_trainer *t) {
 }
 
 /* ---- reference log-probs ---- */
+
+/* The reference model for a forward: the separate one, or the policy itself -
+ * with its adapters off when the reference is its base (end_reference turns
+ * them back on). */
+static const dpoc_model *begin_reference(dpoc_trainer *t) {
+    if (t->ref.params) return &t->ref;
+    if (t->ref_is_base) dpoc_lora_enable(&t->policy, 0);
+    return &t->policy;
+}
+
+static void end_reference(dpoc_trainer *t) {
+    if (!t->ref.params && t->ref_is_base) dpoc_lora_enable(&t->policy, 1);
+}
 
 /* The reference log-probs of n pairs as the loss takes them (LD-DPO weighting
  * included), in one forward of the pairs layout: out[2i], out[2i+1] = pair i's
@@ -490,13 +532,14 @@ int dpoc_trainer_set_ref_logps(dpoc_trainer *t, const double *values, dpoc_err *
 int dpoc_trainer_compute_ref_logps(dpoc_trainer *t, dpoc_err *err) {
     const dpoc_config *cfg = &t->cfg;
     const size_t n = t->data.n_pairs, world = (size_t)world_of(t), rank = (size_t)rank_of(t);
-    /* no separate reference: the starting policy, not yet updated, is it */
-    const dpoc_model *ref = t->ref.params ? &t->ref : &t->policy;
-    if (t->global_step != 0 && !t->ref.params)
+    /* no separate reference: the starting policy, not yet updated, is it (or,
+     * with LoRA, the policy's base at any step) */
+    if (t->global_step != 0 && !t->ref.params && !t->ref_is_base)
         return dpoc_errf(err, DPOC_EINTERNAL, "reference log-probs requested after training started");
     DPOC_TRY(shadows_ensure(t, err));
     double *v = dpoc_calloc(2 * n + 1, sizeof(double), "reference log-probs", err);
     if (!v) return DPOC_ENOMEM;
+    const dpoc_model *ref = begin_reference(t);
     dpoc_seq seq[2];
     const int32_t *const ids[2] = {t->seq_buf, t->seq_buf + t->max_T};
     for (size_t i = rank; i < n; i += world) {
@@ -506,6 +549,7 @@ int dpoc_trainer_compute_ref_logps(dpoc_trainer *t, dpoc_err *err) {
         pair_ref_logps(t, ref, ids, seq, &v[2 * i]);
         t->progress_time = dpoc_now_s();
     }
+    end_reference(t);
     /* every pair was computed by exactly one rank, the others hold 0: the sum gathers them */
     int rc = t->dist ? dpoc_dist_sum_doubles(t->dist, v, 2 * n, err) : 0;
     if (!rc) rc = dpoc_trainer_set_ref_logps(t, v, err);
@@ -536,8 +580,11 @@ int dpoc_trainer_check_replicas(dpoc_trainer *t, dpoc_err *err) {
     const size_t n = t->policy.n_tensors;
     DPOC_CHECK(t->replica_sums, err); /* made by init for more than one rank */
     uint64_t *mn = t->replica_sums, *mx = mn + n;
+    /* the trainable tensors (a frozen base is never written after loading) */
     for (size_t i = 0; i < n; i++)
-        mn[i] = mx[i] = tensor_checksum(t->policy.params + t->policy.info[i].offset, t->policy.info[i].numel);
+        mn[i] = mx[i] = t->policy.info[i].trainable
+                            ? tensor_checksum(t->policy.params + t->policy.info[i].offset, t->policy.info[i].numel)
+                            : 0;
     int rc = dpoc_dist_min_max_u64(t->dist, mn, mx, n, err);
     for (size_t i = 0; !rc && i < n; i++)
         if (mn[i] != mx[i])
@@ -681,12 +728,14 @@ static void loss_inputs(dpoc_trainer *t, const double *ref_logps, const size_t *
  * one forward when shared), its log-probs into the loss inputs. */
 static void reference_forward(dpoc_trainer *t, size_t B) {
     dpoc_micro_batch *mb = &t->mb;
-    if (t->shared) pairs_ref_logps(t, &t->ref, mb->ptok, B, mb->ref_pair);
+    const dpoc_model *ref = begin_reference(t);
+    if (t->shared) pairs_ref_logps(t, ref, mb->ptok, B, mb->ref_pair);
     for (size_t b = 0; !t->shared && b < B; b++) {
         const int32_t *const ids[2] = {t->seq_buf + b * t->max_T, t->seq_buf + (B + b) * t->max_T};
         const dpoc_seq pair_seq[2] = {mb->seq[b], mb->seq[B + b]};
-        pair_ref_logps(t, &t->ref, ids, pair_seq, mb->ref_pair + 2 * b);
+        pair_ref_logps(t, ref, ids, pair_seq, mb->ref_pair + 2 * b);
     }
+    end_reference(t);
     for (size_t b = 0; b < B; b++) {
         mb->ls[b].ref_logp = mb->ref_pair[2 * b];
         mb->ls[B + b].ref_logp = mb->ref_pair[2 * b + 1];
@@ -731,7 +780,7 @@ int dpoc_trainer_forward_loss(dpoc_trainer *t, const dpoc_dataset *data, const d
     mb->B = 0; /* until this forward is complete, nothing waits for a backward */
     if (B == 0 || B > cfg->per_device_train_batch_size)
         return dpoc_errf(err, DPOC_EINTERNAL, "micro-batch of %zu pairs", B);
-    if (!ref_logps && !t->ref.params)
+    if (!ref_logps && !t->ref.params && !t->ref_is_base)
         return dpoc_errf(err, DPOC_EINTERNAL, "precomputed reference log-probs are missing");
     DPOC_TRY(check_seq_fit(t, data, pairs, B, err));
     memset(sums, 0, DPOC_MB_N * sizeof *sums);

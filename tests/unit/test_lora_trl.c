@@ -18,6 +18,8 @@
 #include "testutil.h"
 
 #include "dpoc/lora.h"
+#include "dpoc/metrics.h"
+#include "dpoc/trainer.h"
 #include "dpoc/model.h"
 #include "dpoc/safetensors.h"
 #include "dpoc/source.h"
@@ -26,6 +28,17 @@
 #define LOGP_ATOL 1e-6
 #define GRAD_RTOL 1e-4 /* adapter gradients at step 1, relative max-abs */
 #define REL_FLOOR 1e-8
+#define WEIGHT_RTOL 1e-5 /* adapter weights after 3 steps, relative max-abs */
+/* A tensor that starts at zero (B with init_lora_weights true) is, after the
+ * steps, nothing but AdamW updates m/(sqrt(v)+eps), each ~lr whatever the size of
+ * its gradient: its relative error is the per-element relative error of its
+ * gradients, which for the small components of a tensor is ~max|g|/|g| times the
+ * fp32 summation-order noise (measured: 0.7-2.2e-5 on qwen2-qv-default-init,
+ * where every A tensor, starting nonzero, agrees to 3e-7). A tensor that starts
+ * nonzero keeps WEIGHT_RTOL. */
+#define ZERO_START_WEIGHT_RTOL 1e-4
+#define METRIC_RTOL 1e-4 /* every logged metric */
+#define METRIC_ATOL 1e-6
 
 static const char *const CASES[] = {"llama-all", "llama-qv-rslora", "qwen2-all", "qwen2-qv-default-init"};
 #define N_CASES (sizeof CASES / sizeof CASES[0])
@@ -213,12 +226,144 @@ static void test_save_roundtrip(void **state) {
     close_case(&c);
 }
 
+/* 1 when the tensor key of the peft adapter file rel is all zeros. */
+static int starts_at_zero(const char *rel, const char *key) {
+    st_model st;
+    dpoc_err err;
+    if (st_open_file(&st, fixture_path(rel), &err)) fail_msg("%s", err.msg);
+    const st_tensor *t = st_find(&st, key);
+    if (!t) fail_msg("%s: no '%s'", rel, key);
+    float *v = malloc(t->numel * sizeof *v);
+    if (st_read_f32(t, v, t->ndim, t->shape, &err)) fail_msg("%s", err.msg);
+    int zero = 1;
+    for (size_t i = 0; i < t->numel; i++) zero &= v[i] == 0.0f;
+    free(v);
+    st_close(&st);
+    return zero;
+}
+
+/* The run's adapter (t.policy's trainable block) against a peft adapter file;
+ * init_rel: the adapter it started from. */
+static void compare_adapter(const dpoc_model *m, const char *rel, const char *init_rel, double tol, const char *what) {
+    st_model st;
+    dpoc_err err;
+    if (st_open_file(&st, fixture_path(rel), &err)) fail_msg("%s", err.msg);
+    for (size_t i = 0; i < m->n_tensors; i++) {
+        const dpoc_param_info *p = &m->info[i];
+        if (!p->trainable) continue;
+        char key[256];
+        snprintf(key, sizeof key, "%s%s", DPOC_PEFT_KEY_PREFIX, p->name);
+        const st_tensor *t = st_find(&st, key);
+        if (!t) fail_msg("%s: no '%s'", rel, key);
+        float *want = malloc(p->numel * sizeof *want);
+        if (st_read_f32(t, want, p->ndim, p->shape, &err)) fail_msg("%s", err.msg);
+        const double e = rel_maxabs_err(m->params + p->offset, want, p->numel, REL_FLOOR);
+        const double limit = starts_at_zero(init_rel, key) ? ZERO_START_WEIGHT_RTOL : tol;
+        if (e > limit) fail_msg("%s: %s relative error %.3g (limit %.0e)", what, key, e, limit);
+        free(want);
+    }
+    st_close(&st);
+}
+
+/* metrics.jsonl of the run against train3.json's log_history, every number TRL logged. */
+static void compare_history(const char *name, const char *metrics_path) {
+    char rel[256];
+    snprintf(rel, sizeof rel, "lora/%s/train3.json", name);
+    cJSON *j = load_json_fixture(rel);
+    const cJSON *hist = cJSON_GetObjectItem(j, "log_history");
+    char *text = read_text_file(metrics_path, NULL);
+    if (!text) fail_msg("no metrics file %s", metrics_path);
+    size_t step = 0;
+    char *save = NULL;
+    for (char *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save), step++) {
+        cJSON *got = cJSON_Parse(line);
+        const cJSON *want = cJSON_GetArrayItem(hist, (int)step);
+        if (!got || !want) fail_msg("%s: line %zu", metrics_path, step + 1);
+        const cJSON *it;
+        size_t compared = 0;
+        cJSON_ArrayForEach(it, want) {
+            if (!cJSON_IsNumber(it)) continue;
+            const cJSON *g = cJSON_GetObjectItem(got, it->string);
+            if (!g) {
+                if (!strcmp(it->string, "total_flos") || !strncmp(it->string, "train_", 6)) continue; /* HF's bookkeeping */
+                fail_msg("%s step %zu: metric '%s' is missing", name, step + 1, it->string);
+            }
+            assert_close(g->valuedouble, it->valuedouble, METRIC_RTOL, METRIC_ATOL, "%s step %zu %s", name, step + 1,
+                         it->string);
+            compared++;
+        }
+        assert_true(compared >= 15);
+        cJSON_Delete(got);
+    }
+    assert_int_equal(step, 3);
+    free(text);
+    cJSON_Delete(j);
+}
+
+/* DPOTrainer.train() with the peft config, 3 steps (accumulation 2, warm-up,
+ * clipping), from the case's initial adapter: the adapter after step 3 and every
+ * logged metric. shared: prompts computed once per pair; gc: gradient checkpointing. */
+static void run_train3(const char *name, int shared, int gc) {
+    char rel[256];
+    snprintf(rel, sizeof rel, "lora/%s/batch.json", name);
+    cJSON *batch = load_json_fixture(rel);
+    const char *model = cJSON_GetObjectItem(cJSON_GetObjectItem(batch, "lora"), "model")->valuestring;
+    char shipped[64];
+    snprintf(shipped, sizeof shipped, "%.*s", (int)strcspn(model, "/"), model); /* configs/tiny-llama.json */
+    cJSON_Delete(batch);
+    dpoc_config c;
+    dpoc_err err;
+    load_shipped_config(&c, shipped); /* TRL's train3 settings, as the full fine-tune's */
+    c.ref_model_name_or_path[0] = 0;  /* the reference: the base, adapter off */
+    c.lora.use_peft = 1;
+    snprintf(rel, sizeof rel, "lora/%s/adapter-init", name);
+    snprintf(c.lora.adapter_name_or_path, sizeof c.lora.adapter_name_or_path, "%s", fixture_path(rel));
+    c.shared_prefix = shared;
+    c.gradient_checkpointing = gc;
+    if (dpoc_config_finalize(&c, &err)) fail_msg("%s", err.msg);
+    dpoc_trainer t;
+    if (dpoc_trainer_init(&t, &c, NULL, &err)) fail_msg("%s", err.msg);
+    assert_true(t.ref_is_base);
+    assert_null(t.ref.params); /* no second copy of the model */
+    char metrics[DPOC_PATH_MAX + 32];
+    snprintf(metrics, sizeof metrics, "%s/metrics.jsonl", c.output_dir);
+    dpoc_metrics_writer mw;
+    if (dpoc_metrics_open(&mw, c.output_dir, "{}", -1, &err)) fail_msg("%s", err.msg);
+    mw.print = 0;
+    t.on_log = dpoc_metrics_write;
+    t.on_log_ctx = &mw;
+    while (t.global_step < t.total_steps)
+        if (dpoc_trainer_step(&t, &err)) fail_msg("%s", err.msg);
+    dpoc_metrics_close(&mw);
+    char what[128], init_rel[256];
+    snprintf(rel, sizeof rel, "lora/%s/adapter-step3/adapter_model.safetensors", name);
+    snprintf(init_rel, sizeof init_rel, "lora/%s/adapter-init/adapter_model.safetensors", name);
+    snprintf(what, sizeof what, "%s adapter after 3 steps", name);
+    compare_adapter(&t.policy, rel, init_rel, WEIGHT_RTOL, what);
+    compare_history(name, metrics);
+    dpoc_trainer_free(&t);
+}
+
+static void test_train3(void **state) {
+    (void)state;
+    for (size_t k = 0; k < N_CASES; k++) run_train3(CASES[k], 1, 0);
+}
+
+/* The same training with one forward per sequence and with gradient checkpointing. */
+static void test_train3_paths(void **state) {
+    (void)state;
+    run_train3("qwen2-all", 0, 0);
+    run_train3("llama-all", 1, 1);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_logps),
         cmocka_unit_test(test_grads),
         cmocka_unit_test(test_merge),
         cmocka_unit_test(test_save_roundtrip),
+        cmocka_unit_test(test_train3),
+        cmocka_unit_test(test_train3_paths),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
