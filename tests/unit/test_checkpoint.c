@@ -98,7 +98,12 @@ static unsigned long long content_hash_of(const char *path) {
     return strtoull(out, NULL, 10);
 }
 
-static void check_bit_exact(int np, const char *extra) {
+#define LORA_ARGS                                                                                         \
+    "--set ref_model_name_or_path= --set use_peft=true --set lora_r=4 --set lora_alpha=8 "               \
+    "--set lora_target_modules=all-linear --set init_lora_weights=false"
+
+/* file: what the run leaves as its result (model.safetensors, or a LoRA run's adapter) */
+static void check_bit_exact_file(int np, const char *extra, const char *file) {
     const char *base = make_temp_dir();
     char *straight = path_in(base, "straight"), *split = path_in(base, "split"), *log = path_in(base, "log");
     expect_exit(run(np, straight, extra, NULL, log), 0, "uninterrupted run", log);
@@ -108,11 +113,43 @@ static void check_bit_exact(int np, const char *extra) {
     snprintf(args, sizeof args, "%s --resume auto", extra);
     expect_exit(run(np, split, args, NULL, log), 0, "resumed run", log);
     expect_log_has(log, "resumed from");
-    if (!files_equal(path_in(straight, "model.safetensors"), path_in(split, "model.safetensors")))
-        fail_msg("%d rank(s): weights after 3 + resume + 3 steps differ from 6 steps", np);
+    if (!files_equal(path_in(straight, file), path_in(split, file)))
+        fail_msg("%d rank(s): %s after 3 + resume + 3 steps differs from 6 steps", np, file);
     if (content_hash_of(path_in(straight, "checkpoint-6.h5")) != content_hash_of(path_in(split, "checkpoint-6.h5")))
         fail_msg("%d rank(s): optimizer state after resume differs", np);
     metrics_equal(straight, split);
+}
+
+static void check_bit_exact(int np, const char *extra) { check_bit_exact_file(np, extra, "model.safetensors"); }
+
+/* LoRA: the checkpoint holds the adapters and their AdamW state; the base is
+ * checked by its fingerprint */
+static void test_resume_bit_exact_lora(void **state) {
+    (void)state;
+    check_bit_exact_file(1, LORA_ARGS, "adapter_model.safetensors");
+    check_bit_exact_file(2, LORA_ARGS " --set per_device_train_batch_size=1", "adapter_model.safetensors");
+}
+
+/* A LoRA checkpoint is not resumed by a full fine-tune, another rank, or on another base. */
+static void test_lora_incompatible_refused(void **state) {
+    (void)state;
+    const char *base = make_temp_dir();
+    char *out = path_in(base, "out"), *log = path_in(base, "log");
+    expect_exit(run(1, out, LORA_ARGS, "DPOC_TEST_SIGNAL_AT_STEP=2", log), EXIT_CHECKPOINTED, "signalled LoRA run", log);
+    char args[1024];
+    snprintf(args, sizeof args, "--set ref_model_name_or_path= --resume %s/checkpoint-2.h5", out);
+    expect_exit(run(1, out, args, NULL, log), 2, "full fine-tune from a LoRA checkpoint", log);
+    expect_log_has(log, "use_peft differs");
+    snprintf(args, sizeof args, "%s --set lora_r=8 --resume %s/checkpoint-2.h5", LORA_ARGS, out);
+    expect_exit(run(1, out, args, NULL, log), 2, "other lora_r", log);
+    expect_log_has(log, "lora_r is 8");
+    snprintf(args, sizeof args, "%s --set lora_target_modules=[\\\"q_proj\\\"] --resume %s/checkpoint-2.h5", LORA_ARGS, out);
+    expect_exit(run(1, out, args, NULL, log), 2, "other targets", log);
+    expect_log_has(log, "this run trains");
+    snprintf(args, sizeof args, "%s --set model_name_or_path=tests/fixtures/tiny-qwen2-ref --resume %s/checkpoint-2.h5",
+             LORA_ARGS, out);
+    expect_exit(run(1, out, args, NULL, log), 2, "other base", log);
+    expect_log_has(log, "checkpoint of another starting model");
 }
 
 static void test_resume_bit_exact_1_rank(void **state) {
@@ -345,6 +382,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_resume_bit_exact_1_rank), cmocka_unit_test(test_resume_bit_exact_2_ranks),
         cmocka_unit_test(test_resume_bit_exact_bf16),
+        cmocka_unit_test(test_resume_bit_exact_lora), cmocka_unit_test(test_lora_incompatible_refused),
         cmocka_unit_test(test_resume_other_world_size), cmocka_unit_test(test_incompatible_refused),
         cmocka_unit_test(test_truncated_checkpoint_skipped), cmocka_unit_test(test_flipped_bytes_detected),
         cmocka_unit_test(test_kill_during_write), cmocka_unit_test(test_signals_during_write),

@@ -82,12 +82,13 @@ static void read_metrics(const char *out, run_log *r) {
     free(text);
 }
 
-static void compare_weights(const char *a_dir, const char *b_dir, double tol, const char *what) {
+/* file: model.safetensors, or adapter_model.safetensors of a LoRA run */
+static void compare_weights_in(const char *a_dir, const char *b_dir, const char *file, double tol, const char *what) {
     st_model a = {0}, b = {0};
     dpoc_err err;
     char pa[512], pb[512];
-    if (snprintf(pa, sizeof pa, "%s/model.safetensors", a_dir) >= (int)sizeof pa ||
-        snprintf(pb, sizeof pb, "%s/model.safetensors", b_dir) >= (int)sizeof pb)
+    if (snprintf(pa, sizeof pa, "%s/%s", a_dir, file) >= (int)sizeof pa ||
+        snprintf(pb, sizeof pb, "%s/%s", b_dir, file) >= (int)sizeof pb)
         fail_msg("path too long");
     if (st_open_file(&a, pa, &err) || st_open_file(&b, pb, &err)) fail_msg("%s", err.msg);
     assert_int_equal(a.n_tensors, b.n_tensors);
@@ -104,6 +105,49 @@ static void compare_weights(const char *a_dir, const char *b_dir, double tol, co
     }
     st_close(&a);
     st_close(&b);
+}
+
+static void compare_weights(const char *a_dir, const char *b_dir, double tol, const char *what) {
+    compare_weights_in(a_dir, b_dir, "model.safetensors", tol, what);
+}
+
+/* LoRA (all-linear, both adapter matrices random so they matter from step 1):
+ * one rank vs two (bucketed MPI and the shared window) vs four; only the
+ * adapters' gradients are averaged, the base stays as loaded on every rank. */
+static void test_invariance_lora(void **state) {
+    (void)state;
+    const char *lora = "--set ref_model_name_or_path= --set use_peft=true --set lora_r=4 --set lora_alpha=8 "
+                       "--set lora_target_modules=all-linear --set init_lora_weights=false";
+    const char *layouts[][2] = {
+        {"1", "--set per_device_train_batch_size=4 --set gradient_accumulation_steps=1"},
+        {"2", "--set per_device_train_batch_size=2 --set gradient_accumulation_steps=1 --set grad_allreduce=mpi --set bucket_size_mb=0.01"},
+        {"2", "--set per_device_train_batch_size=2 --set gradient_accumulation_steps=1 --set grad_allreduce=shared"},
+        {"4", "--set per_device_train_batch_size=1 --set gradient_accumulation_steps=1 --set grad_allreduce=shared"},
+    };
+    const char *base = make_temp_dir();
+    char out0[512];
+    run_log ref;
+    for (size_t k = 0; k < sizeof layouts / sizeof *layouts; k++) {
+        char out[512], log[512], what[512], extra[1024];
+        snprintf(out, sizeof out, "%s/lora%zu", base, k);
+        snprintf(log, sizeof log, "%s/lora%zu.log", base, k);
+        snprintf(extra, sizeof extra, "%s %s", lora, layouts[k][1]);
+        snprintf(what, sizeof what, "tiny-qwen2 LoRA: %s rank(s) %s", layouts[k][0], layouts[k][1]);
+        int rc = run_mpi(atoi(layouts[k][0]), "tiny-qwen2", out, extra, log);
+        if (rc) fail_with_log(what, rc, log);
+        run_log r;
+        read_metrics(out, &r);
+        if (k == 0) {
+            ref = r;
+            snprintf(out0, sizeof out0, "%s", out);
+            continue;
+        }
+        for (size_t s = 0; s < STEPS; s++) {
+            assert_close(r.loss[s], ref.loss[s], 0, TOL_LOSS_ABS, "%s step %zu loss", what, s + 1);
+            assert_close(r.grad_norm[s], ref.grad_norm[s], TOL_GRAD_NORM_REL, 0, "%s step %zu grad_norm", what, s + 1);
+        }
+        compare_weights_in(out, out0, "adapter_model.safetensors", TOL_WEIGHTS_REL, what);
+    }
 }
 
 static void test_invariance(void **state) {
@@ -232,6 +276,7 @@ static void test_hang_watchdog(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_invariance),
+        cmocka_unit_test(test_invariance_lora),
         cmocka_unit_test(test_shared_needs_equal_nodes),
         cmocka_unit_test(test_replica_mismatch),
         cmocka_unit_test(test_fail_fast),
