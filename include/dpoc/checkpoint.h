@@ -56,5 +56,8 @@ int dpoc_ckpt_step(const char *path, long *step, dpoc_err *err);
  * Fletcher32, every chunk it reads. The content hash is not checked here: call
  * dpoc_ckpt_verify first. */
 int dpoc_ckpt_read_weights(const char *path, dpoc_model *m, dpoc_err *err);
+/* *is_lora = 1 and *cfg's r, alpha and use_rslora when path is a LoRA run's
+ * checkpoint (the lora_* attributes), else *is_lora = 0. */
+int dpoc_ckpt_lora(const char *path, int *is_lora, dpoc_lora_cfg *cfg, dpoc_err *err);
 
 #endif

@@ -28,6 +28,7 @@ typedef struct {
     size_t n_params;  /* parameters written */
     size_t n_copied;  /* files copied from the source directory */
     char model_dir[4096]; /* the source directory used */
+    int lora;             /* 1: a LoRA run's checkpoint */
 } dpoc_export_info;
 
 /* Verifies ckpt (format version, content hash), then writes out_dir as above:
@@ -41,6 +42,23 @@ int dpoc_export_checkpoint(const char *ckpt, const char *out_dir, int bf16, dpoc
  * elsewhere); info (may be NULL) receives what was written. */
 int dpoc_export_checkpoint_ex(const char *ckpt, const char *model_dir, const char *out_dir, int bf16,
                               dpoc_export_info *info, dpoc_err *err);
+
+/* What dpoc_export_checkpoint_opts writes. A LoRA run's checkpoint (use_peft)
+ * gives, by default, its adapter as a PEFT directory (out_dir/adapter_config.json
+ * + adapter_model.safetensors, which PeftModel.from_pretrained loads on the base);
+ * merge: the merged model (W + scale B A) as the Hugging Face directory above;
+ * gguf_lora (a file path, not NULL): llama.cpp's LoRA adapter GGUF instead. A
+ * full fine-tune's checkpoint gives the directory above; merge and gguf_lora are
+ * then errors. */
+typedef struct {
+    const char *model_dir; /* as in dpoc_export_checkpoint_ex; may be NULL */
+    int bf16;
+    int merge;
+    const char *gguf_lora;
+} dpoc_export_opts;
+
+int dpoc_export_checkpoint_opts(const char *ckpt, const char *out_dir, const dpoc_export_opts *o,
+                                dpoc_export_info *info, dpoc_err *err);
 
 /* The model (and tokenizer) the checkpoint's run started from: model_name_or_path
  * and tokenizer_name_or_path (defaulting to the model) of its config attribute. */

@@ -17,7 +17,7 @@
 
 /* Options the three commands share. */
 typedef struct {
-    const char *model, *tokenizer, *chat_template, *system, *prompt, *prompts, *out, *data;
+    const char *model, *adapter, *tokenizer, *chat_template, *system, *prompt, *prompts, *out, *data;
     const char *replace;
     size_t samples;
     int jsonl;
@@ -36,6 +36,7 @@ static int parse_args(int argc, char **argv, gen_args *a, const char *cmd, dpoc_
         if (i + 1 >= argc) return dpoc_errf(err, DPOC_EINPUT, "unexpected argument '%s' (see dpoc %s --help)", k, cmd);
         const char *v = argv[++i];
         if (!strcmp(k, "--model")) a->model = v;
+        else if (!strcmp(k, "--adapter")) a->adapter = v;
         else if (!strcmp(k, "--tokenizer")) a->tokenizer = v;
         else if (!strcmp(k, "--chat-template")) a->chat_template = v;
         else if (!strcmp(k, "--system")) a->system = v;
@@ -62,6 +63,8 @@ static int parse_args(int argc, char **argv, gen_args *a, const char *cmd, dpoc_
 static const char *MODEL_HELP =
     "  --model PATH             a GGUF file, a Hugging Face model directory (dpoc train's output_dir\n"
     "                           or an exported one) or a checkpoint .h5\n"
+    "  --adapter DIR            a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors,\n"
+    "                           as dpoc train with use_peft or peft's save_pretrained writes it) on the model\n"
     "  --tokenizer PATH         tokenizer (GGUF or directory with tokenizer.json; default: the model's)\n"
     "  --chat-template NAME     chatml, qwen2.5, smollm2 or llama3 (default: the tokenizer's)\n"
     "  --system TEXT            a system message (default: the template's own default, if any)\n";
@@ -150,7 +153,7 @@ int dpoc_cli_generate(int argc, char **argv) {
     cli_lm lm;
     memset(&lm, 0, sizeof lm);
     if (!rc) rc = load_prompts(&a, &users, &n, "generate", &err);
-    if (!rc) rc = cli_lm_open(&lm, a.model, a.tokenizer, a.chat_template, &err);
+    if (!rc) rc = cli_lm_open_adapter(&lm, a.model, a.adapter, a.tokenizer, a.chat_template, &err);
     if (!rc) rc = prompt_ids(&lm, a.system, users, n, &prompts, &err);
     if (!rc && !(outs = calloc(n, sizeof *outs))) rc = dpoc_errf(&err, DPOC_ENOMEM, "out of memory");
     if (!rc) {
@@ -293,7 +296,7 @@ int dpoc_cli_build_pairs(int argc, char **argv) {
     cli_lm lm;
     memset(&lm, 0, sizeof lm);
     if (!rc) rc = load_prompts(&a, &users, &n, "build-pairs", &err);
-    if (!rc) rc = cli_lm_open(&lm, a.model, a.tokenizer, a.chat_template, &err);
+    if (!rc) rc = cli_lm_open_adapter(&lm, a.model, a.adapter, a.tokenizer, a.chat_template, &err);
     if (!rc) rc = prompt_ids(&lm, a.system, users, n, &prompts, &err);
     if (!rc && (!(answer = calloc(n, sizeof *answer)) || !(todo = calloc(n, sizeof *todo)) ||
                 !(todo_ids = calloc(n, sizeof *todo_ids)) || !(outs = calloc(n, sizeof *outs))))
@@ -379,7 +382,7 @@ int dpoc_cli_perplexity(int argc, char **argv) {
     if (!rc && !a.data) rc = dpoc_errf(&err, DPOC_EINPUT, "--data FILE.jsonl is required");
     cli_lm lm;
     memset(&lm, 0, sizeof lm);
-    if (!rc) rc = cli_lm_open(&lm, a.model, a.tokenizer, a.chat_template, &err);
+    if (!rc) rc = cli_lm_open_adapter(&lm, a.model, a.adapter, a.tokenizer, a.chat_template, &err);
     FILE *f = NULL;
     if (!rc && !(f = fopen(a.data, "rb"))) rc = dpoc_errf(&err, DPOC_EINPUT, "%s: cannot open", a.data);
     char *line = NULL;

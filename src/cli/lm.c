@@ -15,6 +15,7 @@
 #include "dpoc/checkpoint.h"
 #include "dpoc/config.h"
 #include "dpoc/export.h"
+#include "dpoc/lora.h"
 #include "dpoc/source.h"
 
 static int ends_with(const char *s, const char *suffix) {
@@ -33,11 +34,21 @@ static int open_checkpoint(cli_lm *lm, const char *ckpt, char *tok_src, size_t t
         dpoc_err_prefix(err, "%s: the model its run started from", ckpt);
         return rc;
     }
-    DPOC_TRY(dpoc_model_init(&lm->model, &cfg, err));
+    /* the base's weights first: a LoRA checkpoint holds only its adapters */
+    rc = dpoc_source_load_model(&lm->model, src, err);
+    if (rc) {
+        dpoc_err_prefix(err, "%s: the model its run started from", ckpt);
+        return rc;
+    }
     return dpoc_ckpt_read_weights(ckpt, &lm->model, err);
 }
 
 int cli_lm_open(cli_lm *lm, const char *model_path, const char *tok_path, const char *chat_template, dpoc_err *err) {
+    return cli_lm_open_adapter(lm, model_path, NULL, tok_path, chat_template, err);
+}
+
+int cli_lm_open_adapter(cli_lm *lm, const char *model_path, const char *adapter, const char *tok_path,
+                        const char *chat_template, dpoc_err *err) {
     memset(lm, 0, sizeof *lm);
     lm->chat_kind = -1;
     DPOC_TRY(cli_backend_check(err));
@@ -45,6 +56,11 @@ int cli_lm_open(cli_lm *lm, const char *model_path, const char *tok_path, const 
     snprintf(tok_src, sizeof tok_src, "%s", model_path);
     int rc = ends_with(model_path, ".h5") ? open_checkpoint(lm, model_path, tok_src, sizeof tok_src, err)
                                           : dpoc_source_load_model(&lm->model, model_path, err);
+    if (!rc && adapter) {
+        if (dpoc_lora_attached(&lm->model))
+            rc = dpoc_errf(err, DPOC_EINPUT, "--adapter: %s already carries adapters (a LoRA checkpoint)", model_path);
+        else rc = dpoc_lora_load_peft(&lm->model, adapter, NULL, err);
+    }
     if (!rc) rc = dpoc_source_load_tokenizer(&lm->tok, tok_path ? tok_path : tok_src, err);
     if (!rc && !lm->tok)
         rc = dpoc_errf(err, DPOC_EINPUT, "%s: no tokenizer found (name one with --tokenizer)",

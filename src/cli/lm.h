@@ -21,6 +21,10 @@ typedef struct {
  * from). tok_path (may be NULL): where the tokenizer is, default the model's.
  * chat_template: a template name or NULL/"auto" for the tokenizer's own. */
 int cli_lm_open(cli_lm *lm, const char *model_path, const char *tok_path, const char *chat_template, dpoc_err *err);
+/* The same with a PEFT adapter directory (adapter_config.json +
+ * adapter_model.safetensors) attached to the model; adapter may be NULL. */
+int cli_lm_open_adapter(cli_lm *lm, const char *model_path, const char *adapter, const char *tok_path,
+                        const char *chat_template, dpoc_err *err);
 void cli_lm_close(cli_lm *lm);
 
 /* The chat-templated prompt ids for [system (may be NULL)], user, with the

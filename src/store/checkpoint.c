@@ -632,3 +632,25 @@ int dpoc_ckpt_read_weights(const char *path, dpoc_model *m, dpoc_err *err) {
     H5Fclose(h.f);
     return rc;
 }
+
+int dpoc_ckpt_lora(const char *path, int *is_lora, dpoc_lora_cfg *cfg, dpoc_err *err) {
+    ckpt_header h;
+    DPOC_TRY(open_header(path, &h, err));
+    *is_lora = H5Aexists(h.f, "lora_r") > 0;
+    int rc = 0;
+    if (*is_lora) {
+        long long r = 0, rs = 0;
+        double alpha = 0;
+        if (attr_read(h.f, "lora_r", H5T_NATIVE_LLONG, &r) < 0 || attr_read(h.f, "lora_alpha", H5T_NATIVE_DOUBLE, &alpha) < 0 ||
+            attr_read(h.f, "lora_use_rslora", H5T_NATIVE_LLONG, &rs) < 0 || r < 1 || !(alpha > 0))
+            rc = dpoc_errf(err, DPOC_EINPUT, "%s: the LoRA attributes (lora_r, lora_alpha, lora_use_rslora) are unreadable",
+                           path);
+        memset(cfg, 0, sizeof *cfg);
+        cfg->use_peft = 1;
+        cfg->r = (size_t)r;
+        cfg->alpha = alpha;
+        cfg->use_rslora = rs != 0;
+    }
+    H5Fclose(h.f);
+    return rc;
+}

@@ -13,6 +13,8 @@
 #include <hdf5.h>
 
 #include "core/fileutil.h"
+#include "dpoc/lora.h"
+#include "dpoc/lora_gguf.h"
 #include "dpoc/checkpoint.h"
 #include "dpoc/config.h"
 #include "dpoc/model.h"
@@ -265,6 +267,21 @@ static int write_weights(const dpoc_model *m, const char *out_dir, int bf16, dpo
 
 int dpoc_export_checkpoint_ex(const char *ckpt, const char *model_dir, const char *out_dir, int bf16,
                               dpoc_export_info *info, dpoc_err *err) {
+    const dpoc_export_opts o = {model_dir, bf16, 0, NULL};
+    return dpoc_export_checkpoint_opts(ckpt, out_dir, &o, info, err);
+}
+
+/* A LoRA checkpoint's adapter as a PEFT directory or a llama.cpp adapter GGUF. */
+static int write_adapter(const dpoc_model *m, const dpoc_lora_cfg *lc, const char *base, const char *out_dir,
+                         const char *gguf_lora, dpoc_err *err) {
+    if (gguf_lora) return dpoc_lora_save_gguf(m, lc, gguf_lora, err);
+    return dpoc_lora_save_peft(m, lc, base, out_dir, err);
+}
+
+int dpoc_export_checkpoint_opts(const char *ckpt, const char *out_dir, const dpoc_export_opts *opts,
+                                dpoc_export_info *info, dpoc_err *err) {
+    const char *model_dir = opts->model_dir;
+    const int bf16 = opts->bf16;
     DPOC_CHECK(ckpt && out_dir, err);
     if (!ckpt[0]) return dpoc_errf(err, DPOC_EINPUT, "no checkpoint file given");
     if (!out_dir[0]) return dpoc_errf(err, DPOC_EINPUT, "no output directory given");
@@ -297,15 +314,40 @@ int dpoc_export_checkpoint_ex(const char *ckpt, const char *model_dir, const cha
         goto out;
     }
 
-    /* the model's table from the source config.json, the weights from the checkpoint */
+    int lora = 0;
+    dpoc_lora_cfg lc;
+    if ((rc = dpoc_ckpt_lora(ckpt, &lora, &lc, err))) goto out;
+    if (!lora && (opts->merge || opts->gguf_lora)) {
+        rc = dpoc_errf(err, DPOC_EINPUT, "%s: not a LoRA run's checkpoint (--merge and --gguf-lora need adapters)", ckpt);
+        goto out;
+    }
+    /* the model's table from the source config.json, the weights from the
+     * checkpoint (a LoRA checkpoint's adapters over the source's own weights) */
     dpoc_model_config mc;
     if (gguf) snprintf(cfg_path, sizeof cfg_path, "%s", mdir);
     else if ((rc = dpoc_path_join(cfg_path, sizeof cfg_path, mdir, "config.json", err))) goto out;
     if ((rc = dpoc_source_model_config(mdir, &mc, err))) goto out;
-    if ((rc = dpoc_model_init(&m, &mc, err))) goto out;
+    if ((rc = lora ? dpoc_source_load_model(&m, mdir, err) : dpoc_model_init(&m, &mc, err))) goto out;
     if ((rc = dpoc_ckpt_read_weights(ckpt, &m, err))) {
         dpoc_err_prefix(err, "with the model of %s", cfg_path);
         goto out;
+    }
+    if (info) info->lora = lora;
+    if (lora && !opts->merge) {
+        rc = write_adapter(&m, &lc, mdir, out_dir, opts->gguf_lora, err);
+        if (!rc && info) {
+            info->step = step;
+            for (size_t i = 0; i < m.n_tensors; i++) info->n_tensors += m.info[i].trainable != 0;
+            info->n_params = m.numel;
+            snprintf(info->model_dir, sizeof info->model_dir, "%s", mdir);
+        }
+        goto out;
+    }
+    if (lora) { /* --merge: the base with the adapters merged in, as a plain model */
+        dpoc_model merged;
+        if ((rc = dpoc_lora_merge(&m, &merged, err))) goto out;
+        dpoc_model_free(&m);
+        m = merged;
     }
 
     if ((rc = dpoc_mkdirs(out_dir, err))) goto out;

@@ -14,10 +14,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 
 #include "testutil.h"
 
+#include "dpoc/gguf.h"
 #include "dpoc/lora.h"
+#include "dpoc/checkpoint.h"
 #include "dpoc/metrics.h"
 #include "dpoc/trainer.h"
 #include "dpoc/model.h"
@@ -356,6 +359,93 @@ static void test_train3_paths(void **state) {
     run_train3("llama-all", 1, 1);
 }
 
+static int run_cmd(const char *cmd) {
+    int st = system(cmd);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+/* Log-probs of a fixed sequence under m, adapters as they are. */
+static void seq_logps(const dpoc_model *m, float *out, size_t n_out) {
+    static const int32_t tok[] = {1, 17, 42, 99, 7, 250, 3, 64, 128, 5};
+    const size_t T = sizeof tok / sizeof tok[0];
+    assert_true(n_out == T - 1);
+    dpoc_acts a;
+    dpoc_err err;
+    if (dpoc_acts_alloc(&a, &m->cfg, T, &err)) fail_msg("%s", err.msg);
+    dpoc_model_forward(m, &a, tok, T, 0, T - 1);
+    memcpy(out, a.logp, (T - 1) * sizeof *out);
+    dpoc_acts_free(&a);
+}
+
+/* dpoc train with use_peft, then dpoc export of its checkpoint three ways: the PEFT
+ * directory equals the run's own, byte for byte; the checkpoint read back, the
+ * PEFT directory on the base and the merged model give the same log-probs (merged:
+ * within 1e-5); the llama.cpp GGUF holds every adapter with alpha. */
+static void test_export_cli(void **state) {
+    (void)state;
+    const char *dir = make_temp_dir();
+    char cmd[4096];
+    snprintf(cmd, sizeof cmd,
+             "cd '%s' && '%s' train --config configs/tiny-llama.json --set ref_model_name_or_path= --set use_peft=true "
+             "--set lora_r=4 --set lora_alpha=8 --set lora_target_modules=all-linear --set init_lora_weights=false "
+             "--set use_rslora=true --set output_dir=%s/run > %s/log 2>&1 && "
+             "'%s' export --checkpoint %s/run/checkpoint-3.h5 --out %s/peft >> %s/log 2>&1 && "
+             "'%s' export --checkpoint %s/run/checkpoint-3.h5 --out %s/merged --merge >> %s/log 2>&1 && "
+             "'%s' export --checkpoint %s/run/checkpoint-3.h5 --gguf-lora %s/adapter.gguf >> %s/log 2>&1",
+             DPOC_SOURCE_DIR, DPOC_BIN, dir, dir, DPOC_BIN, dir, dir, dir, DPOC_BIN, dir, dir, dir, DPOC_BIN, dir, dir,
+             dir);
+    if (run_cmd(cmd) != 0) {
+        char log[512];
+        snprintf(log, sizeof log, "%s/log", dir);
+        char *text = read_text_file(log, NULL);
+        fail_msg("train/export failed:\n%s", text ? text : "(no log)");
+    }
+    char a[512], b[512];
+    snprintf(a, sizeof a, "%s/run/adapter_model.safetensors", dir);
+    snprintf(b, sizeof b, "%s/peft/adapter_model.safetensors", dir);
+    size_t na = 0, nb = 0;
+    char *x = read_text_file(a, &na), *y = read_text_file(b, &nb);
+    assert_true(x && y && na == nb && memcmp(x, y, na) == 0);
+    free(x), free(y);
+    dpoc_err err;
+    dpoc_model from_ckpt, from_peft, merged;
+    if (dpoc_source_load_model(&from_ckpt, fixture_path("tiny-llama"), &err)) fail_msg("%s", err.msg);
+    snprintf(a, sizeof a, "%s/run/checkpoint-3.h5", dir);
+    if (dpoc_ckpt_read_weights(a, &from_ckpt, &err)) fail_msg("%s", err.msg);
+    assert_true(dpoc_lora_attached(&from_ckpt));
+    if (dpoc_source_load_model(&from_peft, fixture_path("tiny-llama"), &err)) fail_msg("%s", err.msg);
+    snprintf(a, sizeof a, "%s/peft", dir);
+    if (dpoc_lora_load_peft(&from_peft, a, NULL, &err)) fail_msg("%s", err.msg);
+    snprintf(a, sizeof a, "%s/merged", dir);
+    if (dpoc_source_load_model(&merged, a, &err)) fail_msg("%s", err.msg);
+    float l1[9], l2[9], l3[9];
+    seq_logps(&from_ckpt, l1, 9);
+    seq_logps(&from_peft, l2, 9);
+    seq_logps(&merged, l3, 9);
+    assert_memory_equal(l1, l2, sizeof l1);
+    for (size_t i = 0; i < 9; i++) assert_close(l3[i], l1[i], LOGP_RTOL, LOGP_ATOL, "merged logp %zu", i);
+    /* the adapter changed the model: the base gives other log-probs */
+    dpoc_lora_enable(&from_ckpt, 0);
+    seq_logps(&from_ckpt, l3, 9);
+    assert_memory_not_equal(l1, l3, sizeof l1);
+    dpoc_gguf *g = NULL;
+    snprintf(a, sizeof a, "%s/adapter.gguf", dir);
+    if (dpoc_gguf_open(&g, a, &err)) fail_msg("%s", err.msg);
+    const char *type;
+    float alpha;
+    if (dpoc_gguf_get_str(g, "adapter.type", &type, &err) || dpoc_gguf_get_f32(g, "adapter.lora.alpha", &alpha, &err))
+        fail_msg("%s", err.msg);
+    assert_string_equal(type, "lora");
+    assert_close(alpha, 8.0 * 2.0, 1e-6, 0, "alpha' = alpha sqrt(r) for rsLoRA"); /* r = 4 */
+    assert_int_equal(dpoc_gguf_n_tensors(g), 2 * 7 * from_ckpt.cfg.n_layers);
+    assert_non_null(dpoc_gguf_find_tensor(g, "blk.0.attn_q.weight.lora_a"));
+    assert_non_null(dpoc_gguf_find_tensor(g, "blk.1.ffn_down.weight.lora_b"));
+    dpoc_gguf_close(g);
+    dpoc_model_free(&from_ckpt);
+    dpoc_model_free(&from_peft);
+    dpoc_model_free(&merged);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_logps),
@@ -364,6 +454,7 @@ int main(void) {
         cmocka_unit_test(test_save_roundtrip),
         cmocka_unit_test(test_train3),
         cmocka_unit_test(test_train3_paths),
+        cmocka_unit_test(test_export_cli),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
