@@ -12,6 +12,10 @@
 #include "core/fileutil.h"
 #include "text/tokenizer_internal.h"
 
+/* tokenizer.ggml.token_type values (llama.cpp's llama_token_type) */
+#define GGUF_TOKEN_CONTROL 3
+#define GGUF_TOKEN_USER_DEFINED 4
+
 /* Words kept in the cache (tokenizers keeps 10,000 and then stops adding; dpoc keeps more and
  * starts over when full, a few MB at most). */
 #define TOK_CACHE_WORDS 65536
@@ -348,8 +352,12 @@ static int spec_fill(dpoc_tokenizer *tok, const dpoc_tokenizer_spec *spec, dpoc_
     int32_t next_id = (int32_t)tok->bpe.vocab.n;
     if (spec->token_type)
         for (size_t i = 0; i < spec->n_tokens; i++)
-            if (spec->token_type[i] == 3 || spec->token_type[i] == 4) /* control, user-defined */
-                DPOC_TRY(tok_add_token(tok, spec->tokens[i], strlen(spec->tokens[i]), 1, 0, 0, 0, 0, &next_id, err));
+            /* control tokens are special; user-defined ones (e.g. Qwen2.5's <tool_call>) are
+             * added tokens matched whole but not special: decode(skip_special_tokens)
+             * keeps them, as the tokenizer transformers builds from the GGUF does */
+            if (spec->token_type[i] == GGUF_TOKEN_CONTROL || spec->token_type[i] == GGUF_TOKEN_USER_DEFINED)
+                DPOC_TRY(tok_add_token(tok, spec->tokens[i], strlen(spec->tokens[i]),
+                                       spec->token_type[i] == GGUF_TOKEN_CONTROL, 0, 0, 0, 0, &next_id, err));
     tok->has_decoder = 1;
     tok->n_dec = 1;
     if (spec->add_bos) {
