@@ -16,6 +16,7 @@
 #include "dpoc/config.h"
 #include "dpoc/export.h"
 #include "dpoc/source.h"
+#include "dpoc/tokenizer_source.h"
 
 static int ends_with(const char *s, const char *suffix) {
     size_t n = strlen(s), m = strlen(suffix);
