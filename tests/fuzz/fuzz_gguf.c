@@ -17,8 +17,10 @@
 
 /* Tensors larger than this are not converted (the input bounds only non-empty types). */
 #define FUZZ_MAX_ELEMS ((size_t)1 << 20)
-/* A config whose parameter block would exceed this many floats is not built. */
+/* A config whose parameter block would exceed this many floats, or with more
+ * layers than this (each adds 12 entries to the parameter table), is not built. */
 #define FUZZ_MAX_PARAMS 4e6
+#define FUZZ_MAX_LAYERS 64
 
 /* About dpoc_model_init's parameter count, in doubles (no overflow). */
 static double param_count(const dpoc_model_config *c) {
@@ -105,7 +107,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *buf, size_t size) {
         if ((dpoc_ts_to_f32(src, t, dst, t->numel, &err) == 0) != (dpoc_gguf_can_dequantize(t->dtype) != 0)) abort();
         free(dst);
     }
-    if (have_cfg && param_count(&cfg) <= FUZZ_MAX_PARAMS) {
+    if (have_cfg && cfg.n_layers <= FUZZ_MAX_LAYERS && param_count(&cfg) <= FUZZ_MAX_PARAMS) {
         dpoc_model m;
         if (dpoc_model_from_source(&m, &cfg, src, DPOC_WEIGHTS_FP32, &err) == 0) dpoc_model_free(&m);
         else if (m.params || err.msg[0] == '\0') abort(); /* an error frees the model and says why */
