@@ -1,7 +1,9 @@
-/* GGUF tensor dequantization to fp32, scalar, following ggml's dequantize_row_*
- * (ggml/src/ggml-quants.c) and the block structs of ggml-common.h. Blocks are read
- * byte by byte (no struct casts) because tensor data in a GGUF need only be
- * aligned to general.alignment, which may be 1. */
+/* Tensor data to fp32, scalar: F32, F16, BF16 and ggml's block types, following
+ * ggml's dequantize_row_* (ggml/src/ggml-quants.c) and the block structs of
+ * ggml-common.h. The one converter of every tensor source (tensor_source.c:
+ * GGUF, safetensors and memory alike). Blocks are read byte by byte (no struct
+ * casts) because tensor data in a GGUF need only be aligned to
+ * general.alignment, which may be 1 (and a safetensors data section not at all). */
 #include <stdint.h>
 #include <string.h>
 
