@@ -12,6 +12,10 @@
  * arrays are copied out (NUL-terminated, aligned) so pointers returned by the
  * getters stay valid until dpoc_gguf_close. Tensor data points into the mapping.
  *
+ * Only the file format lives here (io/): what a GGUF means as a model (config,
+ * llama.cpp's tensor names and layouts) is model/'s (dpoc/model_load.h), as a
+ * tokenizer text/'s (dpoc/tokenizer_source.h).
+ *
  * Assumes a little-endian host (as ggml does). */
 #ifndef DPOC_GGUF_H
 #define DPOC_GGUF_H
@@ -20,8 +24,6 @@
 #include <stdint.h>
 
 #include "dpoc/err.h"
-#include "dpoc/model.h"
-#include "dpoc/tokenizer.h"
 
 #define DPOC_GGUF_MAX_DIMS 4
 #define DPOC_GGUF_DEFAULT_ALIGNMENT 32
@@ -111,6 +113,10 @@ int dpoc_gguf_get_i64(const dpoc_gguf *g, const char *key, int64_t *out, dpoc_er
 int dpoc_gguf_get_f32(const dpoc_gguf *g, const char *key, float *out, dpoc_err *err);
 int dpoc_gguf_get_f64(const dpoc_gguf *g, const char *key, double *out, dpoc_err *err);
 int dpoc_gguf_get_bool(const dpoc_gguf *g, const char *key, int *out, dpoc_err *err);
+/* An optional token id (tokenizer.ggml.bos_token_id, ...): -1 when the key is absent;
+ * a value beyond INT32_MAX is DPOC_EINPUT naming the key. Shared by the model
+ * config and the tokenizer spec, which must agree on it. */
+int dpoc_gguf_get_token_id(const dpoc_gguf *g, const char *key, int32_t *out, dpoc_err *err);
 /* Array of numbers: *data points to n elements of *elem_type (a numeric
  * dpoc_gguf_vtype), suitably aligned for that type. */
 int dpoc_gguf_get_array(const dpoc_gguf *g, const char *key, dpoc_gguf_vtype *elem_type, const void **data,
@@ -138,29 +144,7 @@ size_t dpoc_ggml_type_size(uint32_t type);
 int dpoc_gguf_dequantize(const dpoc_gguf_tensor *t, float *dst, size_t n, dpoc_err *err);
 /* The same on raw blocks (n elements, a multiple of the block size, nbytes of src). */
 int dpoc_gguf_dequantize_raw(uint32_t type, const void *src, size_t nbytes, float *dst, size_t n, dpoc_err *err);
-
-/* ---- model ---- */
-
-/* general.architecture llama or qwen2 -> config: block_count, embedding_length,
- * feed_forward_length, attention.head_count(_kv), attention.layer_norm_rms_epsilon,
- * rope.freq_base, context_length; vocab from tokenizer.ggml.tokens (or the
- * token_embd.weight dims); tied when output.weight is absent; Qwen2 has q/k/v
- * biases. RoPE scaling in use (rope.scaling.*, rope_freqs.weight) is refused by name. */
-int dpoc_gguf_model_config(const dpoc_gguf *g, dpoc_model_config *cfg, dpoc_err *err);
-
-/* Initialises m from the GGUF config and fills every parameter (dequantized to fp32,
- * llama Q/K rows un-permuted back to Hugging Face order). On error m is freed. */
-int dpoc_gguf_load_model(dpoc_model *m, const char *path, dpoc_err *err);
-/* The same from an open file. */
-int dpoc_gguf_fill_model(dpoc_model *m, const dpoc_gguf *g, dpoc_err *err);
-
-/* Undoes convert_hf_to_gguf.py's permute() on rows x cols (row-major): within each
- * of n_head heads of hd = rows / n_head rows, GGUF row 2j+s holds HF row s*hd/2+j.
- * tmp holds rows*cols floats. */
-void dpoc_gguf_unpermute_rows(float *w, float *tmp, size_t rows, size_t cols, size_t n_head);
-
-/* Fills spec from tokenizer.ggml.* (and tokenizer.chat_template). Pointers are into
- * g and valid until dpoc_gguf_close. */
-int dpoc_gguf_tokenizer_spec(const dpoc_gguf *g, dpoc_tokenizer_spec *spec, dpoc_err *err);
+/* 1 when dpoc_gguf_dequantize_raw converts type (the list above), else 0. */
+int dpoc_gguf_can_dequantize(uint32_t type);
 
 #endif

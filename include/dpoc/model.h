@@ -42,12 +42,6 @@ typedef struct {
     size_t lora_r_max;
 } dpoc_model_config;
 
-/* Reads a Hugging Face config.json (transformers 4 and 5 spellings: rope_theta or
- * rope_parameters.rope_theta). Unsupported fields in use (rope_scaling, a sliding
- * window actually in use, an unknown architecture or activation) are errors naming
- * the field. */
-int dpoc_hf_config_read(dpoc_model_config *cfg, const char *config_json_path, dpoc_err *err);
-
 #define DPOC_PARAM_NAME_MAX 96
 
 /* One row of the size table. Every tensor the model has is listed, with how it
@@ -92,8 +86,6 @@ typedef struct {
 
 /* Builds the size table and allocates a zeroed parameter block. */
 int dpoc_model_init(dpoc_model *m, const dpoc_model_config *cfg, dpoc_err *err);
-/* config.json + safetensors weights of an HF directory. */
-int dpoc_model_load(dpoc_model *m, const char *dir, dpoc_err *err);
 void dpoc_model_free(dpoc_model *m);
 /* Writes dir/model.safetensors (F32, HF tensor names) and copies config.json from
  * src_dir, so dir loads as a Hugging Face model directory. Each file is written

@@ -11,6 +11,7 @@
 #include "dpoc/dataset.h"
 #include "dpoc/model.h"
 #include "dpoc/source.h"
+#include "dpoc/tokenizer_source.h"
 #include "dpoc/tokenizer.h"
 
 static int cmp_size(const void *a, const void *b) {

@@ -17,6 +17,7 @@
 #include "dpoc/export.h"
 #include "dpoc/lora.h"
 #include "dpoc/source.h"
+#include "dpoc/tokenizer_source.h"
 
 static int ends_with(const char *s, const char *suffix) {
     size_t n = strlen(s), m = strlen(suffix);

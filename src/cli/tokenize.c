@@ -12,6 +12,7 @@
 #include "dpoc/chat.h"
 #include "dpoc/gguf.h"
 #include "dpoc/tokenizer.h"
+#include "dpoc/tokenizer_source.h"
 #include "core/fileutil.h"
 
 static void tokenize_usage(FILE *f) {

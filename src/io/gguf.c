@@ -1,6 +1,7 @@
 /* GGUF reader: parsing and validation of the header, metadata and tensor infos,
- * and the metadata / tensor lookups. Dequantization is in gguf_quants.c, the
- * model and tokenizer mapping in gguf_model.c.
+ * and the metadata / tensor lookups. Dequantization is in gguf_quants.c; what a
+ * GGUF means as a model is model/'s (gguf_config.c, gguf_names.c), as a tokenizer
+ * text/'s (tokenizer_gguf.c).
  *
  * Every read goes through rd_need(), which checks the bytes are inside the file
  * before they are touched; counts are bounded by the bytes left (each element
@@ -568,6 +569,15 @@ int dpoc_gguf_get_bool(const dpoc_gguf *g, const char *key, int *out, dpoc_err *
     DPOC_TRY(get_kv(g, key, &kv, err));
     if (kv->type != DPOC_GGUF_BOOL) return wrong_type(g, kv, "a bool", err);
     *out = kv->num.u != 0;
+    return 0;
+}
+int dpoc_gguf_get_token_id(const dpoc_gguf *g, const char *key, int32_t *out, dpoc_err *err) {
+    *out = -1;
+    if (!dpoc_gguf_has_key(g, key)) return 0;
+    uint32_t v;
+    DPOC_TRY(dpoc_gguf_get_u32(g, key, &v, err));
+    if (v > INT32_MAX) return dpoc_errf(err, DPOC_EINPUT, "%s: key '%s' is out of range", g->path, key);
+    *out = (int32_t)v;
     return 0;
 }
 int dpoc_gguf_get_str(const dpoc_gguf *g, const char *key, const char **out, dpoc_err *err) {

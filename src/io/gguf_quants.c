@@ -1,7 +1,9 @@
-/* GGUF tensor dequantization to fp32, scalar, following ggml's dequantize_row_*
- * (ggml/src/ggml-quants.c) and the block structs of ggml-common.h. Blocks are read
- * byte by byte (no struct casts) because tensor data in a GGUF need only be
- * aligned to general.alignment, which may be 1. */
+/* Tensor data to fp32, scalar: F32, F16, BF16 and ggml's block types, following
+ * ggml's dequantize_row_* (ggml/src/ggml-quants.c) and the block structs of
+ * ggml-common.h. The one converter of every tensor source (tensor_source.c:
+ * GGUF, safetensors and memory alike). Blocks are read byte by byte (no struct
+ * casts) because tensor data in a GGUF need only be aligned to
+ * general.alignment, which may be 1 (and a safetensors data section not at all). */
 #include <stdint.h>
 #include <string.h>
 
@@ -125,6 +127,27 @@ static void deq_q6_k(const uint8_t *b, float *y) {
     }
 }
 
+/* The block converter of a quantized type; NULL for the plain types and for the
+ * types dpoc does not convert. */
+typedef void (*block_fn)(const uint8_t *, float *);
+static block_fn block_converter(uint32_t type) {
+    switch (type) {
+    case DPOC_GGML_Q4_0: return deq_q4_0;
+    case DPOC_GGML_Q4_1: return deq_q4_1;
+    case DPOC_GGML_Q5_0: return deq_q5_0;
+    case DPOC_GGML_Q5_1: return deq_q5_1;
+    case DPOC_GGML_Q8_0: return deq_q8_0;
+    case DPOC_GGML_Q4_K: return deq_q4_k;
+    case DPOC_GGML_Q5_K: return deq_q5_k;
+    case DPOC_GGML_Q6_K: return deq_q6_k;
+    default: return NULL;
+    }
+}
+
+int dpoc_gguf_can_dequantize(uint32_t type) {
+    return type == DPOC_GGML_F32 || type == DPOC_GGML_F16 || type == DPOC_GGML_BF16 || block_converter(type) != NULL;
+}
+
 int dpoc_gguf_dequantize_raw(uint32_t type, const void *src, size_t nbytes, float *dst, size_t n, dpoc_err *err) {
     const char *name = dpoc_ggml_type_name(type);
     const size_t blck = dpoc_ggml_block_size(type), bsize = dpoc_ggml_type_size(type);
@@ -133,7 +156,6 @@ int dpoc_gguf_dequantize_raw(uint32_t type, const void *src, size_t nbytes, floa
         return dpoc_errf(err, DPOC_EINPUT, "%s data of %zu bytes does not hold %zu elements", name, nbytes, n);
     const uint8_t *p = src;
     const size_t nb = n / blck;
-    void (*fn)(const uint8_t *, float *) = NULL;
     switch (type) {
     case DPOC_GGML_F32: if (n) memcpy(dst, p, n * 4); return 0;
     case DPOC_GGML_F16:
@@ -142,16 +164,10 @@ int dpoc_gguf_dequantize_raw(uint32_t type, const void *src, size_t nbytes, floa
     case DPOC_GGML_BF16:
         for (size_t i = 0; i < n; i++) dst[i] = st_bf16_to_f32((uint16_t)(p[2 * i] | (p[2 * i + 1] << 8)));
         return 0;
-    case DPOC_GGML_Q4_0: fn = deq_q4_0; break;
-    case DPOC_GGML_Q4_1: fn = deq_q4_1; break;
-    case DPOC_GGML_Q5_0: fn = deq_q5_0; break;
-    case DPOC_GGML_Q5_1: fn = deq_q5_1; break;
-    case DPOC_GGML_Q8_0: fn = deq_q8_0; break;
-    case DPOC_GGML_Q4_K: fn = deq_q4_k; break;
-    case DPOC_GGML_Q5_K: fn = deq_q5_k; break;
-    case DPOC_GGML_Q6_K: fn = deq_q6_k; break;
-    default: return dpoc_errf(err, DPOC_EINPUT, "ggml type %s cannot be converted to fp32 by dpoc", name);
+    default: break;
     }
+    const block_fn fn = block_converter(type);
+    if (!fn) return dpoc_errf(err, DPOC_EINPUT, "ggml type %s cannot be converted to fp32 by dpoc", name);
     for (size_t i = 0; i < nb; i++) fn(p + i * bsize, dst + i * blck);
     return 0;
 }

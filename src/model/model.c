@@ -138,48 +138,6 @@ size_t dpoc_model_find(const dpoc_model *m, const char *name) {
     return DPOC_NO_PARAM;
 }
 
-int dpoc_model_load(dpoc_model *m, const char *dir, dpoc_err *err) {
-    char path[4096];
-    dpoc_model_config cfg;
-    DPOC_TRY(dpoc_path_join(path, sizeof path, dir, "config.json", err));
-    DPOC_TRY(dpoc_hf_config_read(&cfg, path, err));
-    DPOC_TRY(dpoc_model_init(m, &cfg, err));
-    st_model st;
-    memset(&st, 0, sizeof st);
-    int rc = st_open_dir(&st, dir, err);
-    if (rc) goto fail;
-    for (size_t i = 0; i < m->n_tensors; i++) {
-        const dpoc_param_info *p = &m->info[i];
-        const st_tensor *t = st_find(&st, p->name);
-        if (!t) {
-            rc = dpoc_errf(err, DPOC_EINPUT, "%s: tensor '%s' is missing from the safetensors files", dir, p->name);
-            goto fail;
-        }
-        rc = st_read_f32(t, m->params + p->offset, p->ndim, p->shape, err);
-        if (rc) {
-            dpoc_err_prefix(err, "%s", dir);
-            goto fail;
-        }
-    }
-    /* A tensor we would not use means a model we do not understand. A tied model's
-     * file may still carry lm_head.weight; it must then equal the embedding. */
-    for (size_t i = 0; i < st.n_tensors; i++) {
-        const char *name = st.tensors[i].name;
-        if (dpoc_model_find(m, name) != DPOC_NO_PARAM) continue;
-        if (strstr(name, "rotary_emb.inv_freq")) continue; /* old checkpoints store the RoPE buffer */
-        if (cfg.tie_word_embeddings && strcmp(name, "lm_head.weight") == 0) continue;
-        rc = dpoc_errf(err, DPOC_EINPUT, "%s: unexpected tensor '%s' for %s", dir, name,
-                       cfg.arch == DPOC_ARCH_LLAMA ? "LlamaForCausalLM" : "Qwen2ForCausalLM");
-        goto fail;
-    }
-    st_close(&st);
-    return 0;
-fail:
-    st_close(&st);
-    dpoc_model_free(m);
-    return rc;
-}
-
 /* ---- activations ---- */
 
 int dpoc_acts_alloc(dpoc_acts *a, const dpoc_model_config *cfg, size_t max_T, dpoc_err *err) {

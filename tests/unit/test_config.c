@@ -6,6 +6,7 @@
 
 #include "dpoc/config.h"
 #include "dpoc/model.h"
+#include "dpoc/model_load.h"
 #include "testutil.h"
 
 static void expect_error(const char *json, const char *needle) {

@@ -25,6 +25,7 @@
 #include "dpoc/export.h"
 #include "dpoc/model.h"
 #include "dpoc/safetensors.h"
+#include "dpoc/source.h"
 #include "testutil.h"
 
 #define TOL_LOGP_ABS 1e-4
@@ -307,7 +308,7 @@ static void dpoc_logps(const char *dir, double *out) {
     dpoc_model m;
     dpoc_acts a;
     dpoc_err err;
-    if (dpoc_model_load(&m, dir, &err)) fail_msg("dpoc cannot load the export: %s", err.msg);
+    if (dpoc_source_load_model(&m, dir, &err)) fail_msg("dpoc cannot load the export: %s", err.msg);
     if (dpoc_acts_alloc(&a, &m.cfg, SEQ_T, &err)) fail_msg("%s", err.msg);
     dpoc_model_forward(&m, &a, SEQ, SEQ_T, 0, SEQ_T - 1);
     for (size_t r = 0; r + 1 < SEQ_T; r++) out[r] = a.logp[r];
@@ -391,7 +392,7 @@ static void export_model(const char *model) {
     /* dpoc reads its BF16 export back as the rounded weights */
     dpoc_model m32, m16;
     dpoc_err err;
-    if (dpoc_model_load(&m32, fp32, &err) || dpoc_model_load(&m16, bf16, &err)) fail_msg("%s", err.msg);
+    if (dpoc_source_load_model(&m32, fp32, &err) || dpoc_source_load_model(&m16, bf16, &err)) fail_msg("%s", err.msg);
     assert_int_equal(m32.numel, m16.numel);
     for (size_t i = 0; i < m32.numel; i++) {
         uint16_t h = bf16_rne_reference(m32.params[i]);

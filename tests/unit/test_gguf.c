@@ -1,7 +1,7 @@
 /* GGUF reader: dequantization of every supported type against blocks whose values
  * are derived by hand from ggml's block definitions (ggml-common.h /
  * dequantize_row_* in ggml-quants.c), round trips through small GGUF files
- * written here by a tiny writer, malformed files (status 2 with a message, never
+ * written here (gguf_image.h's tiny writer), malformed files (status 2 with a message, never
  * a crash), the model mapping with llama's Q/K permutation undone, and (when
  * tools/fetch-model has run) the real SmolLM2-135M-Instruct Q4_1 GGUF. */
 #include <math.h>
@@ -12,7 +12,12 @@
 
 #include "dpoc/gguf.h"
 #include "dpoc/model.h"
+#include "dpoc/model_load.h"
+#include "dpoc/source.h"
+#include "dpoc/tensor_source.h"
 #include "dpoc/tokenizer.h"
+#include "dpoc/tokenizer_source.h"
+#include "gguf_image.h"
 #include "testutil.h"
 
 static void expect_msg(int rc, const dpoc_err *err, int code, const char *needle) {
@@ -206,94 +211,6 @@ static void test_deq_errors(void **state) {
     expect_msg(dpoc_gguf_dequantize_raw(DPOC_GGML_Q8_0, b, 34, out, 31, &err), &err, DPOC_EINPUT, "Q8_0");
     expect_msg(dpoc_gguf_dequantize_raw(DPOC_GGML_Q8_0, b, 33, out, 32, &err), &err, DPOC_EINPUT, "33 bytes");
     expect_msg(dpoc_gguf_dequantize_raw(77, b, 4, out, 1, &err), &err, DPOC_EINPUT, "unknown ggml type 77");
-}
-
-/* ---- a tiny GGUF writer ---- */
-
-typedef struct {
-    uint8_t *p;
-    size_t n, cap;
-} buf;
-
-static void put(buf *b, const void *src, size_t n) {
-    if (b->n + n > b->cap) {
-        b->cap = (b->n + n) * 2 + 64;
-        b->p = realloc(b->p, b->cap);
-        assert_non_null(b->p);
-    }
-    if (n) memcpy(b->p + b->n, src, n);
-    b->n += n;
-}
-static void put_le(buf *b, uint64_t v, size_t n) {
-    uint8_t t[8];
-    for (size_t i = 0; i < n; i++) t[i] = (uint8_t)(v >> (8 * i));
-    put(b, t, n);
-}
-static void put_str(buf *b, const char *s) {
-    put_le(b, strlen(s), 8);
-    put(b, s, strlen(s));
-}
-static void put_f32(buf *b, float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    put_le(b, u, 4);
-}
-static void pad_to(buf *b, size_t align) {
-    while (b->n % align) put_le(b, 0, 1);
-}
-
-typedef struct {
-    const char *name;
-    uint32_t type;
-    size_t n_dims;
-    size_t ne[4];
-    const void *data;
-    size_t nbytes;
-} wtensor;
-
-/* Writes the header (magic, version, counts), then the caller's kv bytes (n_kv
- * entries already encoded), the tensor infos with offsets padded to align, padding
- * and the data. Returns the file image. */
-static buf gguf_image(uint32_t version, const buf *kvs, size_t n_kv, const wtensor *ts, size_t nt, size_t align) {
-    buf b = {0};
-    put_le(&b, 0x46554747u, 4);
-    put_le(&b, version, 4);
-    put_le(&b, nt, 8);
-    put_le(&b, n_kv, 8);
-    if (kvs) put(&b, kvs->p, kvs->n);
-    size_t off = 0;
-    for (size_t i = 0; i < nt; i++) {
-        put_str(&b, ts[i].name);
-        put_le(&b, ts[i].n_dims, 4);
-        for (size_t d = 0; d < ts[i].n_dims; d++) put_le(&b, d < 4 ? ts[i].ne[d] : 1, 8); /* n_dims may be bad on purpose */
-        put_le(&b, ts[i].type, 4);
-        put_le(&b, off, 8);
-        off += (ts[i].nbytes + align - 1) / align * align;
-    }
-    pad_to(&b, align);
-    for (size_t i = 0; i < nt; i++) {
-        put(&b, ts[i].data, ts[i].nbytes);
-        pad_to(&b, align);
-    }
-    return b;
-}
-
-static void kv_head(buf *kv, const char *key, uint32_t type) {
-    put_str(kv, key);
-    put_le(kv, type, 4);
-}
-static void kv_u32(buf *kv, const char *key, uint32_t v) { kv_head(kv, key, DPOC_GGUF_UINT32), put_le(kv, v, 4); }
-static void kv_f32(buf *kv, const char *key, float v) { kv_head(kv, key, DPOC_GGUF_FLOAT32), put_f32(kv, v); }
-static void kv_str(buf *kv, const char *key, const char *v) { kv_head(kv, key, DPOC_GGUF_STRING), put_str(kv, v); }
-
-static char *write_file(const char *name, const buf *b) {
-    static char path[4096];
-    snprintf(path, sizeof path, "%s/%s", make_temp_dir(), name);
-    FILE *f = fopen(path, "wb");
-    assert_non_null(f);
-    if (b->n) assert_int_equal(fwrite(b->p, 1, b->n, f), b->n);
-    assert_int_equal(fclose(f), 0);
-    return path;
 }
 
 /* ---- round trip ---- */
@@ -757,7 +674,7 @@ static void check_model_matches(const tiny_opts *o) {
     const char *path = write_tiny_model(o, &ref);
     dpoc_err err;
     dpoc_err_clear(&err);
-    if (dpoc_gguf_load_model(&m, path, &err)) fail_msg("load: %s", err.msg);
+    if (dpoc_source_load_model(&m, path, &err)) fail_msg("load: %s", err.msg);
     assert_int_equal(m.cfg.arch, ref.cfg.arch);
     assert_int_equal(m.cfg.vocab_size, 10);
     assert_int_equal(m.cfg.hidden_size, 8);
@@ -809,19 +726,19 @@ static void test_model_errors(void **state) {
     dpoc_err err;
     const char *path = write_tiny_model(&(tiny_opts){.extra_key = "llama.rope.scaling.type"}, &ref);
     dpoc_model_free(&ref);
-    expect_msg(dpoc_gguf_load_model(&m, path, &err), &err, DPOC_EINPUT, "llama.rope.scaling.type");
+    expect_msg(dpoc_source_load_model(&m, path, &err), &err, DPOC_EINPUT, "llama.rope.scaling.type");
     path = write_tiny_model(&(tiny_opts){.extra_tensor = "rope_freqs.weight"}, &ref);
     dpoc_model_free(&ref);
-    expect_msg(dpoc_gguf_load_model(&m, path, &err), &err, DPOC_EINPUT, "rope_freqs.weight");
+    expect_msg(dpoc_source_load_model(&m, path, &err), &err, DPOC_EINPUT, "rope_freqs.weight");
     path = write_tiny_model(&(tiny_opts){.extra_tensor = "blk.0.attn_q_norm.weight"}, &ref);
     dpoc_model_free(&ref);
-    expect_msg(dpoc_gguf_load_model(&m, path, &err), &err, DPOC_EINPUT, "unexpected tensor 'blk.0.attn_q_norm.weight'");
+    expect_msg(dpoc_source_load_model(&m, path, &err), &err, DPOC_EINPUT, "unexpected tensor 'blk.0.attn_q_norm.weight'");
     /* unsupported architecture */
     buf kv = {0};
     kv_str(&kv, "general.architecture", "gemma");
     buf img = gguf_image(3, &kv, 1, NULL, 0, 32);
     path = write_file("gemma.gguf", &img);
-    expect_msg(dpoc_gguf_load_model(&m, path, &err), &err, DPOC_EINPUT, "'gemma'");
+    expect_msg(dpoc_source_load_model(&m, path, &err), &err, DPOC_EINPUT, "'gemma'");
     free(img.p);
     free(kv.p);
     /* a missing required key */
@@ -829,7 +746,7 @@ static void test_model_errors(void **state) {
     kv_str(&kv, "general.architecture", "llama");
     img = gguf_image(3, &kv, 1, NULL, 0, 32);
     path = write_file("nokeys.gguf", &img);
-    expect_msg(dpoc_gguf_load_model(&m, path, &err), &err, DPOC_EINPUT, "llama.block_count");
+    expect_msg(dpoc_source_load_model(&m, path, &err), &err, DPOC_EINPUT, "llama.block_count");
     free(img.p);
     free(kv.p);
 }
@@ -900,8 +817,9 @@ static void test_smollm2(void **state) {
     }
     dpoc_err err;
     dpoc_err_clear(&err);
-    dpoc_gguf *g = NULL;
-    if (dpoc_gguf_open(&g, path, &err)) fail_msg("open: %s", err.msg);
+    dpoc_tensor_source *src = NULL;
+    if (dpoc_ts_open_gguf(&src, path, &err)) fail_msg("open: %s", err.msg);
+    const dpoc_gguf *g = dpoc_ts_gguf(src);
     dpoc_model_config cfg;
     if (dpoc_gguf_model_config(g, &cfg, &err)) fail_msg("config: %s", err.msg);
     assert_int_equal(cfg.arch, DPOC_ARCH_LLAMA);
@@ -929,7 +847,7 @@ static void test_smollm2(void **state) {
     assert_true(ids.n >= 40);
 
     dpoc_model m;
-    if (dpoc_gguf_fill_model(&m, g, &err)) fail_msg("load: %s", err.msg);
+    if (dpoc_model_from_source(&m, &cfg, src, DPOC_WEIGHTS_FP32, &err)) fail_msg("load: %s", err.msg);
     dpoc_acts a;
     if (dpoc_acts_alloc(&a, &m.cfg, ids.n, &err)) fail_msg("%s", err.msg);
     dpoc_model_forward(&m, &a, ids.ids, ids.n, 0, ids.n - 1);
@@ -946,7 +864,7 @@ static void test_smollm2(void **state) {
     dpoc_model_free(&m);
     dpoc_ids_free(&ids);
     dpoc_tokenizer_free(tok);
-    dpoc_gguf_close(g);
+    dpoc_ts_close(src);
 }
 
 int main(void) {

@@ -6,7 +6,7 @@
  * vocabulary ids, and the greedy continuation of generate(do_sample=False,
  * max_new_tokens=32).
  *
- * Checked here: dpoc_gguf_load_model + dpoc_model_forward, with the logits formed
+ * Checked here: dpoc_source_load_model + dpoc_model_forward, with the logits formed
  * from a.lnf and the LM head, agree within 1e-3 (top-1 id equal at every position);
  * dpoc_generate at temperature 0 gives exactly transformers' ids, whatever the
  * batching (max_batch 3, 1 and 2). Skipped, with a message, when the GGUF is absent. */
@@ -20,6 +20,7 @@
 #include "dpoc/gguf.h"
 #include "dpoc/layers.h"
 #include "dpoc/model.h"
+#include "dpoc/source.h"
 #include "dpoc/tokenizer.h"
 #include "testutil.h"
 
@@ -56,7 +57,7 @@ static const dpoc_model *model_or_skip(const char *test) {
     if (!g_loaded) {
         dpoc_err err;
         dpoc_err_clear(&err);
-        if (dpoc_gguf_load_model(&g_model, path, &err)) fail_msg("load %s: %s", path, err.msg);
+        if (dpoc_source_load_model(&g_model, path, &err)) fail_msg("load %s: %s", path, err.msg);
         g_loaded = 1;
     }
     return &g_model;

@@ -13,6 +13,7 @@
 #include "dpoc/chat.h"
 #include "dpoc/dataset.h"
 #include "dpoc/model.h"
+#include "dpoc/model_load.h"
 #include "dpoc/tokenizer.h"
 #include "testutil.h"
 

@@ -1,6 +1,8 @@
-/* Hugging Face config.json → dpoc_model_config.
+/* Hugging Face config.json <-> dpoc_model_config (dpoc/model_load.h).
  * Anything the model code does not implement is refused by name rather than
  * silently ignored: a wrong RoPE or window would train a different model. */
+#include "dpoc/model_load.h"
+
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -8,7 +10,6 @@
 
 #include <cjson/cJSON.h>
 
-#include "dpoc/model.h"
 #include "core/fileutil.h"
 
 static int get_size(const cJSON *root, const char *key, size_t *out, int required, const char *path,
@@ -170,4 +171,47 @@ int dpoc_hf_config_read(dpoc_model_config *cfg, const char *path, dpoc_err *err)
 out:
     cJSON_Delete(root);
     return rc;
+}
+
+int dpoc_model_config_json(const dpoc_model_config *c, const char *name_or_path, char **out, size_t *len,
+                           dpoc_err *err) {
+    const int qwen = c->arch == DPOC_ARCH_QWEN2;
+    cJSON *root = cJSON_CreateObject();
+    int ok = root != NULL;
+    cJSON *archs = cJSON_CreateArray();
+    ok = ok && archs && cJSON_AddItemToArray(archs, cJSON_CreateString(qwen ? "Qwen2ForCausalLM" : "LlamaForCausalLM"));
+    ok = ok && cJSON_AddItemToObject(root, "architectures", archs);
+    if (!ok) cJSON_Delete(archs);
+    ok = ok && cJSON_AddStringToObject(root, "model_type", qwen ? "qwen2" : "llama");
+    if (name_or_path) ok = ok && cJSON_AddStringToObject(root, "_name_or_path", name_or_path);
+#define NUM(key, v) ok = ok && cJSON_AddNumberToObject(root, key, (double)(v))
+    NUM("vocab_size", c->vocab_size);
+    NUM("hidden_size", c->hidden_size);
+    NUM("intermediate_size", c->intermediate_size);
+    NUM("num_hidden_layers", c->n_layers);
+    NUM("num_attention_heads", c->n_heads);
+    NUM("num_key_value_heads", c->n_kv_heads);
+    NUM("head_dim", c->head_dim);
+    NUM("max_position_embeddings", c->max_position_embeddings);
+    NUM("rms_norm_eps", c->rms_norm_eps);
+    NUM("rope_theta", c->rope_theta);
+    if (c->bos_token_id >= 0) NUM("bos_token_id", c->bos_token_id);
+    if (c->eos_token_id >= 0) NUM("eos_token_id", c->eos_token_id);
+    if (c->pad_token_id >= 0) NUM("pad_token_id", c->pad_token_id);
+#undef NUM
+    ok = ok && cJSON_AddStringToObject(root, "hidden_act", "silu");
+    ok = ok && cJSON_AddBoolToObject(root, "tie_word_embeddings", c->tie_word_embeddings);
+    if (qwen) {
+        ok = ok && cJSON_AddBoolToObject(root, "use_sliding_window", 0);
+    } else {
+        ok = ok && cJSON_AddBoolToObject(root, "attention_bias", 0);
+        ok = ok && cJSON_AddBoolToObject(root, "mlp_bias", 0);
+    }
+    ok = ok && cJSON_AddStringToObject(root, "torch_dtype", "float32");
+    char *text = ok ? cJSON_Print(root) : NULL;
+    cJSON_Delete(root);
+    if (!text) return dpoc_errf(err, DPOC_ENOMEM, "out of memory writing config.json");
+    *len = strlen(text);
+    *out = text;
+    return 0;
 }
