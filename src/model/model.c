@@ -1,9 +1,10 @@
-/* Llama / Qwen2 decoder: parameter table, loading, forward and backward of one
+/* Llama / Qwen2 decoder: parameter table and views, forward and backward of one
  * sequence, or of preference pairs packed one after another, each prompt
  * computed once for both its completions. Each sequence runs at its own length
  * (no padding); only the rows whose next token is a label go through the LM
  * head. Activations are kept per layer, or only each layer's input with the
- * layer recomputed in backward (gradient checkpointing). */
+ * layer recomputed in backward (gradient checkpointing). Building a model from
+ * a file is model_load.c's. */
 #include "dpoc/model.h"
 
 #include <assert.h>
@@ -12,7 +13,6 @@
 #include <string.h>
 
 #include "core/fileutil.h"
-#include "dpoc/safetensors.h"
 #include "model/decoder.h"
 
 /* ---- parameter table ---- */

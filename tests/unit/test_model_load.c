@@ -241,9 +241,9 @@ static buf partial_gguf(const dpoc_model *ref, size_t norm_len) {
     kv_u32(&kv, "llama.attention.head_count_kv", 1), n_kv++;
     static float norm[16];
     const wtensor ts[] = {
-        {"token_embd.weight", DPOC_GGML_F32, 2, {8, 10}, ref->params + ref->off_wte, 80 * sizeof(float)},
+        {"token_embd.weight", DPOC_GGML_F32, 2, {8, 10}, ref->wte.v, 80 * sizeof(float)},
         {"blk.0.attn_norm.weight", DPOC_GGML_F32, 1, {norm_len}, norm, norm_len * sizeof(float)},
-        {"output_norm.weight", DPOC_GGML_F32, 1, {8}, ref->params + ref->off_final_norm, 8 * sizeof(float)},
+        {"output_norm.weight", DPOC_GGML_F32, 1, {8}, ref->final_norm.v, 8 * sizeof(float)},
     };
     buf img = gguf_image(3, &kv, n_kv, ts, sizeof ts / sizeof ts[0], DPOC_GGUF_DEFAULT_ALIGNMENT);
     free(kv.p);
