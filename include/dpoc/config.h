@@ -39,6 +39,7 @@ typedef struct {
     size_t n_targets;
     char targets[DPOC_LORA_MAX_TARGETS][DPOC_LORA_TARGET_MAX]; /* the list, or targets[0] = the expression */
     char adapter_name_or_path[DPOC_PATH_MAX]; /* a PEFT adapter directory to start from (its config wins) */
+    int keep_base; /* base_weights_dtype "keep": the frozen base stays as the file stores it (QLoRA on GGUF) */
 } dpoc_lora_cfg;
 
 typedef struct {

@@ -66,6 +66,10 @@ typedef struct {
     const float *bias; /* (out) or NULL */
     size_t gw, gb;     /* W's and the bias's gradients in the gradient block; DPOC_NO_PARAM: frozen or absent */
     dpoc_adapter lora;
+    /* W stored other than fp32 (a kept GGUF block type, F16, BF16): it is dequantized
+     * in chunks of whole rows into deq (deq_n floats, at least one row) for each product */
+    float *deq;
+    size_t deq_n;
 } dpoc_linear;
 
 /* Floats of workspace linear_forward / linear_backward need for T rows: 2 T r
@@ -159,6 +163,13 @@ void lmhead_forward(lmhead_out *o, const float *h, const float *w, const int32_t
 void lmhead_backward(float *dh, float *dw, const float *dlogp, const float *h, const float *w,
                      const int32_t *labels, const float *lse, size_t R, size_t C, size_t V,
                      float *scratch);
+
+/* The same over a head held as a dpoc_linear view (V = head->out, C = head->in),
+ * whatever its storage: a kept head is dequantized chunk by chunk. */
+void lmhead_forward_linear(lmhead_out *o, const float *h, const dpoc_linear *head, const int32_t *labels, size_t R,
+                           float *scratch);
+void lmhead_backward_linear(float *dh, float *dw, const float *dlogp, const float *h, const dpoc_linear *head,
+                            const int32_t *labels, const float *lse, size_t R, float *scratch);
 
 /* SIMD level of rmsnorm_*, rope_*, swiglu_*, attention_*, the pointwise part of
  * lmhead_* and the AdamW step.

@@ -53,8 +53,11 @@ typedef struct {
     size_t shape[2];
     size_t offset; /* in floats, into the flat block */
     size_t numel;
-    dpoc_dtype dtype; /* storage type: DPOC_DT_F32 in the flat block */
+    dpoc_dtype dtype; /* storage type: DPOC_DT_F32 in a block, or what a kept tensor is stored as */
     int trainable;    /* 1: in the flat block, with a gradient and optimizer state */
+    /* A frozen tensor kept in its source's storage (dpoc_model_init_kept): its bytes,
+     * offset DPOC_NO_PARAM; NULL for a tensor in a block. */
+    const void *data;
 } dpoc_param_info;
 
 /* One decoder layer: its two RMSNorm weights and its seven projections, as views
@@ -82,10 +85,40 @@ typedef struct {
     dpoc_linear lm_head;
     size_t tail_grad_from; /* where the final norm's and the head's gradients start */
     dpoc_layer *layers;
+    /* A kept embedding (wte.v NULL): its storage type and bytes, rows dequantized as read. */
+    dpoc_dtype wte_type;
+    const void *wte_data;
+    /* Kept tensors: what they point into or were copied to, released with the model
+     * (release[i](owned[i])), and one scratch every kept product dequantizes into
+     * (deq_n floats; so model code is not re-entrant while such a model runs). */
+    void **owned;
+    void (**release)(void *);
+    size_t n_owned;
+    float *deq;
+    size_t deq_n;
 } dpoc_model;
+
+/* Which tensors a model keeps in their source's storage instead of fp32: keep
+ * returns 1 and sets *dtype and *data (the row-major (rows, cols) bytes) for a
+ * 2-D tensor (a projection, the embedding, the head) named name. Kept tensors are
+ * frozen: a model with any can train adapters only. */
+typedef int (*dpoc_keep_fn)(void *ctx, const char *name, size_t rows, size_t cols, uint32_t *dtype,
+                            const void **data);
 
 /* Builds the size table and allocates a zeroed parameter block. */
 int dpoc_model_init(dpoc_model *m, const dpoc_model_config *cfg, dpoc_err *err);
+/* The same where keep (may be NULL) keeps some 2-D tensors as the source stores
+ * them: those rows get no room in the block (trainable 0, data set). */
+int dpoc_model_init_kept(dpoc_model *m, const dpoc_model_config *cfg, dpoc_keep_fn keep, void *ctx, dpoc_err *err);
+/* Hands m something kept tensors point into, released by release(p) with the model;
+ * on failure release(p) runs at once. */
+int dpoc_model_own(dpoc_model *m, void *p, void (*release)(void *), dpoc_err *err);
+/* 1 when m keeps any tensor outside its blocks. */
+int dpoc_model_has_kept(const dpoc_model *m);
+/* FNV-1a 64 of every parameter's values: the blocks and the kept tensors' bytes. */
+uint64_t dpoc_model_fingerprint(const dpoc_model *m);
+/* Row r (C values) of the embedding into out, whatever its storage. */
+void dpoc_model_embedding_row(const dpoc_model *m, size_t r, float *out);
 void dpoc_model_free(dpoc_model *m);
 /* Writes dir/model.safetensors (F32, HF tensor names) and copies config.json from
  * src_dir, so dir loads as a Hugging Face model directory. Each file is written

@@ -54,6 +54,11 @@ void dpoc_gguf_unpermute_rows(float *w, float *tmp, size_t rows, size_t cols, si
  * and dpoc_model_from_source is where it is honoured. */
 typedef enum {
     DPOC_WEIGHTS_FP32 = 0, /* convert every tensor to fp32 (dpoc_ts_to_f32) */
+    /* keep every 2-D tensor stored other than F32 (a GGUF block type, F16, BF16)
+     * as the source holds it, frozen, dequantized as products read it (llama's
+     * permuted q/k rows are copied back in order); the source must outlive the
+     * model (dpoc_model_own) */
+    DPOC_WEIGHTS_KEEP = 1,
 } dpoc_weight_storage;
 
 /* Initialises m for cfg (dpoc_model_init) and fills every parameter from src,

@@ -21,6 +21,9 @@
 int dpoc_source_model_config(const char *path, dpoc_model_config *cfg, dpoc_err *err);
 /* Initialises m and fills its weights (converted to fp32). On error m is freed. */
 int dpoc_source_load_model(dpoc_model *m, const char *path, dpoc_err *err);
+/* The same with the weights stored as storage says (DPOC_WEIGHTS_KEEP: the
+ * file's quantized / half tensors kept mapped, the model holding the file open). */
+int dpoc_source_load_model_stored(dpoc_model *m, const char *path, dpoc_weight_storage storage, dpoc_err *err);
 
 /* The config.json text a saved copy of the model at src should carry: src's own
  * config.json for a directory, dpoc_model_config_json (naming the GGUF by its

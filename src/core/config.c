@@ -337,9 +337,14 @@ static int set_lora_task(dpoc_config *c, const key_def *k, const cJSON *v, const
     return require_string(k, v, where, "CAUSAL_LM", "dpoc trains causal language models", err);
 }
 static int set_base_dtype(dpoc_config *c, const key_def *k, const cJSON *v, const char *where, dpoc_err *err) {
-    (void)c;
-    return require_string(k, v, where, "fp32", "bf16 and keep are not built yet", err);
+    if (cJSON_IsString(v) && strcmp(v->valuestring, "keep") == 0) {
+        c->lora.keep_base = 1;
+        return 0;
+    }
+    c->lora.keep_base = 0;
+    return require_string(k, v, where, "fp32", "or \"keep\"; bf16 is not built yet", err);
 }
+static cJSON *get_base_dtype(const dpoc_config *c) { return cJSON_CreateString(c->lora.keep_base ? "keep" : "fp32"); }
 static int set_use_dora(dpoc_config *c, const key_def *k, const cJSON *v, const char *where, dpoc_err *err) {
     (void)c;
     if (cJSON_IsFalse(v) || cJSON_IsNull(v)) return 0;
@@ -459,7 +464,9 @@ static const key_def KEYS[] = {
     {"adapter_name_or_path", K_PATH, OFF(lora.adapter_name_or_path), 0, 0, 0, 0,
      "a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to continue training; its "
      "r, alpha and targets are used (implies use_peft)"},
-    {"base_weights_dtype", K_CUSTOM, 0, 0, 0, set_base_dtype, 0, "storage of the frozen base with use_peft: fp32"},
+    {"base_weights_dtype", K_CUSTOM, 0, 0, 0, set_base_dtype, get_base_dtype,
+     "storage of the frozen base with use_peft: fp32, or keep (a GGUF's quantized / half tensors stay mapped as "
+     "the file stores them and are dequantized as each product reads them: QLoRA on llama.cpp's formats)"},
 };
 #define N_KEYS (sizeof KEYS / sizeof KEYS[0])
 
@@ -612,6 +619,9 @@ int dpoc_config_finalize(dpoc_config *c, dpoc_err *err) {
                              "min_lr_rate");
     }
     if (c->lora.adapter_name_or_path[0]) c->lora.use_peft = 1;
+    if (c->lora.keep_base && !c->lora.use_peft)
+        return dpoc_errf(err, DPOC_EINPUT,
+                         "config key 'base_weights_dtype': keep needs use_peft (a kept base is frozen: only adapters train)");
     if (c->max_steps <= 0 && !(c->num_train_epochs > 0))
         return dpoc_errf(err, DPOC_EINPUT, "config keys 'max_steps' / 'num_train_epochs': one must be > 0");
     return dpoc_loss_cfg_validate(&c->loss, err);

@@ -113,7 +113,7 @@ static void gen_step(gen_state *s, const int32_t *tokens, const size_t *seq, con
     const dpoc_model *m = s->m;
     const dpoc_model_config *c = &m->cfg;
     const size_t C = s->C, QD = s->QD, KD = s->KD, hd = s->hd;
-    embedding_forward(s->x, tokens, m->wte.v, N, C);
+    for (size_t r = 0; r < N; r++) dpoc_model_embedding_row(m, (size_t)tokens[r], s->x + r * C);
     float *rstd = s->rstd;
     for (size_t l = 0; l < s->L; l++) {
         const dpoc_layer *o = &m->layers[l];

@@ -27,6 +27,7 @@
 #include <string.h>
 
 #include "dpoc/gemm.h"
+#include "dpoc/gguf.h"
 #include "dpoc/runtime.h"
 #include "model/kernels.h"
 
@@ -120,9 +121,49 @@ static int adapter_on(const dpoc_linear *L) { return L->lora.r > 0 && L->lora.on
 
 size_t linear_workspace(const dpoc_linear *L, size_t T) { return adapter_on(L) ? 2 * T * L->lora.r : 0; }
 
+/* Rows [r0, r0 + n) of a weight stored as L->wtype, as fp32: a pointer into W
+ * itself, or into L->deq after dequantizing them (n * in <= deq_n). */
+static const float *weight_rows(const dpoc_linear *L, size_t r0, size_t n) {
+    if (L->wtype == DPOC_DT_F32) return (const float *)L->w + r0 * L->in;
+    const size_t rb = dpoc_dtype_row_bytes(L->wtype, L->in);
+    assert(n * L->in <= L->deq_n);
+    dpoc_err ignored; /* type and sizes were checked when the model was built */
+    (void)dpoc_gguf_dequantize_raw(L->wtype, (const unsigned char *)L->w + r0 * rb, n * rb, L->deq, n * L->in, &ignored);
+    return L->deq;
+}
+
+/* Rows of W per dequantized chunk. */
+static size_t rows_per_chunk(const dpoc_linear *L) {
+    const size_t n = L->deq_n / L->in;
+    return n < L->out ? n : L->out;
+}
+
+/* The base product of a kept weight, chunk by chunk of its rows: out[:, o0:o1]
+ * = inp @ W[o0:o1]^T (+ b) */
+static void kept_forward(const dpoc_linear *L, float *out, const float *inp, size_t T) {
+    for (size_t t = 0; t < T; t++) {
+        if (L->bias) memcpy(out + t * L->out, L->bias, L->out * sizeof *out);
+        else memset(out + t * L->out, 0, L->out * sizeof *out);
+    }
+    const size_t step = rows_per_chunk(L);
+    for (size_t o0 = 0; o0 < L->out; o0 += step) {
+        const size_t n = min_size(step, L->out - o0);
+        linear_gemm(0, 1, T, n, L->in, inp, L->in, weight_rows(L, o0, n), L->in, 1.0f, out + o0, L->out);
+    }
+}
+
+/* dinp (T,in) += dout[:, o0:o1] @ W[o0:o1], chunk by chunk */
+static void kept_backward_input(const dpoc_linear *L, float *dinp, const float *dout, size_t T) {
+    const size_t step = rows_per_chunk(L);
+    for (size_t o0 = 0; o0 < L->out; o0 += step) {
+        const size_t n = min_size(step, L->out - o0);
+        linear_gemm(0, 0, T, L->in, n, dout + o0, L->out, weight_rows(L, o0, n), L->in, 1.0f, dinp, L->in);
+    }
+}
+
 void linear_forward(const dpoc_linear *L, float *out, const float *inp, size_t T, float *ws) {
-    assert(L->wtype == DPOC_DT_F32);
-    matmul_forward(out, inp, L->w, L->bias, T, L->in, L->out);
+    if (L->wtype == DPOC_DT_F32) matmul_forward(out, inp, L->w, L->bias, T, L->in, L->out);
+    else if (T > 0) kept_forward(L, out, inp, T);
     if (!adapter_on(L) || T == 0) return;
     /* as peft: lora_B(lora_A(x)) * scaling, added to the base layer's output */
     const dpoc_adapter *a = &L->lora;
@@ -133,10 +174,15 @@ void linear_forward(const dpoc_linear *L, float *out, const float *inp, size_t T
 
 void linear_backward(const dpoc_linear *L, float *G, float *dinp, const float *dout, const float *inp, size_t T,
                      float *ws) {
-    assert(L->wtype == DPOC_DT_F32);
     float *dw = G && L->gw != DPOC_NO_PARAM ? G + L->gw : NULL;
     float *db = G && L->gb != DPOC_NO_PARAM ? G + L->gb : NULL;
-    matmul_backward(dinp, dw, db, dout, inp, L->w, T, L->in, L->out);
+    if (L->wtype == DPOC_DT_F32) {
+        matmul_backward(dinp, dw, db, dout, inp, L->w, T, L->in, L->out);
+    } else { /* a kept weight is frozen: only dX (and the bias, never trained with LoRA) */
+        assert(!dw);
+        if (dinp && T > 0) kept_backward_input(L, dinp, dout, T);
+        if (db) matmul_backward(NULL, NULL, db, dout, inp, NULL, T, L->in, L->out);
+    }
     if (!adapter_on(L) || T == 0) return;
     const dpoc_adapter *a = &L->lora;
     const size_t r = a->r, in = L->in, out = L->out;
@@ -294,8 +340,9 @@ static void lmhead_merge(lmhead_row_state *st, float cmax, double s, double a, d
  * at most `chunk` columns is computed by one sgemm into scratch (rows, n) and folded
  * into the per-row online statistics, so one pass over the vocabulary gives the
  * logsumexp and every metric. */
-void lmhead_forward_chunked(lmhead_out *o, const float *h, const float *w, const int32_t *labels, size_t R,
-                            size_t C, size_t V, float *scratch, size_t chunk) {
+static void lmhead_fwd(lmhead_out *o, const float *h, const dpoc_linear *W, const int32_t *labels, size_t R,
+                       float *scratch, size_t chunk) {
+    const size_t C = W->in, V = W->out;
     assert(chunk > 0 && V > 0 && C > 0);
     const dpoc_kernel_table *kt = dpoc_kernels();
     lmhead_row_state st[LMHEAD_ROW_BLOCK];
@@ -308,7 +355,7 @@ void lmhead_forward_chunked(lmhead_out *o, const float *h, const float *w, const
         for (size_t v0 = 0; v0 < V; v0 += chunk) {
             const size_t n = min_size(chunk, V - v0);
             /* scratch (rb, n) = h[r0:r0+rb] @ w[v0:v0+n]^T */
-            linear_gemm(0, 1, rb, n, C, h + r0 * C, C, w + v0 * C, C, 0.0f, scratch, n);
+            linear_gemm(0, 1, rb, n, C, h + r0 * C, C, weight_rows(W, v0, n), C, 0.0f, scratch, n);
             for (size_t r = 0; r < rb; r++) {
                 const float *l = scratch + r * n;
                 dpoc_lmhead_chunk_stats cs;
@@ -339,22 +386,39 @@ void lmhead_forward_chunked(lmhead_out *o, const float *h, const float *w, const
     }
 }
 
+/* An fp32 (V,C) weight as a view. */
+static dpoc_linear fp32_view(const float *w, size_t C, size_t V) {
+    return (dpoc_linear){.in = C, .out = V, .wtype = DPOC_DT_F32, .w = w, .gw = DPOC_NO_PARAM, .gb = DPOC_NO_PARAM};
+}
+
+void lmhead_forward_chunked(lmhead_out *o, const float *h, const float *w, const int32_t *labels, size_t R,
+                            size_t C, size_t V, float *scratch, size_t chunk) {
+    const dpoc_linear W = fp32_view(w, C, V);
+    lmhead_fwd(o, h, &W, labels, R, scratch, chunk);
+}
+
 void lmhead_forward(lmhead_out *o, const float *h, const float *w, const int32_t *labels, size_t R, size_t C,
                     size_t V, float *scratch) {
     lmhead_forward_chunked(o, h, w, labels, R, C, V, scratch, LMHEAD_CHUNK);
 }
 
+void lmhead_forward_linear(lmhead_out *o, const float *h, const dpoc_linear *head, const int32_t *labels, size_t R,
+                           float *scratch) {
+    lmhead_fwd(o, h, head, labels, R, scratch, LMHEAD_CHUNK);
+}
+
 /* dh (R,C) += dlogits @ w, dw (V,C) += dlogits^T @ h, chunk by chunk, with
  * dlogits (R, n) = dlogp * (onehot(label) - exp(logits - lse)) recomputed into scratch. */
-void lmhead_backward_chunked(float *dh, float *dw, const float *dlogp, const float *h, const float *w,
-                             const int32_t *labels, const float *lse, size_t R, size_t C, size_t V,
-                             float *scratch, size_t chunk) {
+static void lmhead_bwd(float *dh, float *dw, const float *dlogp, const float *h, const dpoc_linear *W,
+                       const int32_t *labels, const float *lse, size_t R, float *scratch, size_t chunk) {
+    const size_t C = W->in, V = W->out;
     assert(chunk > 0);
     if (R == 0 || C == 0 || (!dh && !dw)) return;
     const dpoc_kernel_table *kt = dpoc_kernels();
     for (size_t v0 = 0; v0 < V; v0 += chunk) {
         const size_t n = min_size(chunk, V - v0);
-        linear_gemm(0, 1, R, n, C, h, C, w + v0 * C, C, 0.0f, scratch, n);
+        const float *w = weight_rows(W, v0, n); /* rows v0.. of the head, (n, C) */
+        linear_gemm(0, 1, R, n, C, h, C, w, C, 0.0f, scratch, n);
         for (size_t r = 0; r < R; r++) {
             float *l = scratch + r * n;
             const float g = dlogp[r], m = lse[r];
@@ -366,13 +430,25 @@ void lmhead_backward_chunked(float *dh, float *dw, const float *dlogp, const flo
         }
         /* dh (R,C) += dlogits (R,n) @ w_chunk (n,C) */
         if (dh) {
-            linear_gemm(0, 0, R, C, n, scratch, n, w + v0 * C, C, 1.0f, dh, C);
+            linear_gemm(0, 0, R, C, n, scratch, n, w, C, 1.0f, dh, C);
         }
         /* dw_chunk (n,C) += dlogits^T (n,R) @ h (R,C) */
         if (dw) {
             linear_gemm(1, 0, n, C, R, scratch, n, h, C, 1.0f, dw + v0 * C, C);
         }
     }
+}
+
+void lmhead_backward_chunked(float *dh, float *dw, const float *dlogp, const float *h, const float *w,
+                             const int32_t *labels, const float *lse, size_t R, size_t C, size_t V,
+                             float *scratch, size_t chunk) {
+    const dpoc_linear W = fp32_view(w, C, V);
+    lmhead_bwd(dh, dw, dlogp, h, &W, labels, lse, R, scratch, chunk);
+}
+
+void lmhead_backward_linear(float *dh, float *dw, const float *dlogp, const float *h, const dpoc_linear *head,
+                            const int32_t *labels, const float *lse, size_t R, float *scratch) {
+    lmhead_bwd(dh, dw, dlogp, h, head, labels, lse, R, scratch, LMHEAD_CHUNK);
 }
 
 void lmhead_backward(float *dh, float *dw, const float *dlogp, const float *h, const float *w,

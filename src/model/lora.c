@@ -11,6 +11,7 @@
 
 #include "core/fileutil.h"
 #include "core/rng.h"
+#include "dpoc/gguf.h"
 #include "model/lora_internal.h"
 
 #define PROJECTIONS LORA_PROJECTIONS
@@ -249,8 +250,22 @@ int dpoc_lora_merge(const dpoc_model *m, dpoc_model *out, dpoc_err *err) {
     dpoc_model_config cfg = m->cfg;
     cfg.lora_r_max = 0;
     DPOC_TRY(dpoc_model_init(out, &cfg, err));
-    /* the base's table rows come first and in the same order in both */
-    memcpy(out->params, m->frozen, m->frozen_numel * sizeof(float));
+    /* the base's table rows come first and in the same order in both; a kept
+     * tensor is dequantized (its rows already in Hugging Face's order) */
+    for (size_t i = 0; i < out->n_tensors; i++) {
+        const dpoc_param_info *p = &m->info[i];
+        float *dst = out->params + out->info[i].offset;
+        if (!p->data) {
+            memcpy(dst, m->frozen + p->offset, p->numel * sizeof(float));
+            continue;
+        }
+        const int rc = dpoc_gguf_dequantize_raw(p->dtype, p->data, dpoc_dtype_row_bytes(p->dtype, p->shape[1]) * p->shape[0],
+                                                dst, p->numel, err);
+        if (rc) {
+            dpoc_model_free(out);
+            return rc;
+        }
+    }
     for (size_t l = 0; l < m->cfg.n_layers; l++) {
         dpoc_linear *src[PROJECTIONS], *dst[PROJECTIONS];
         layer_projections((dpoc_layer *)&m->layers[l], src);

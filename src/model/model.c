@@ -13,59 +13,102 @@
 #include <string.h>
 
 #include "core/fileutil.h"
+#include "dpoc/gguf.h"
 #include "model/decoder.h"
 
 /* ---- parameter table ---- */
 
-static size_t add_param(dpoc_model *m, const char *name, size_t d0, size_t d1) {
-    dpoc_param_info *p = &m->info[m->n_tensors++];
+/* The table while it is built: which tensors are kept outside the block. */
+typedef struct {
+    dpoc_model *m;
+    dpoc_keep_fn keep;
+    void *ctx;
+} table_builder;
+
+/* Adds a row; returns its index. A kept 2-D tensor gets no room in the block. */
+static size_t add_param(table_builder *tb, const char *name, size_t d0, size_t d1) {
+    dpoc_model *m = tb->m;
+    dpoc_param_info *p = &m->info[m->n_tensors];
     snprintf(p->name, sizeof p->name, "%s", name);
     p->ndim = d1 ? 2 : 1;
     p->shape[0] = d0;
     p->shape[1] = d1;
     p->numel = d1 ? d0 * d1 : d0;
-    p->offset = m->numel;
     p->dtype = DPOC_DT_F32;
-    p->trainable = 1;
-    m->numel += p->numel;
-    return p->offset;
+    uint32_t dtype = DPOC_DT_F32;
+    const void *data = NULL;
+    if (d1 && tb->keep && tb->keep(tb->ctx, name, d0, d1, &dtype, &data) && data) {
+        p->dtype = (dpoc_dtype)dtype;
+        p->data = data;
+        p->offset = DPOC_NO_PARAM;
+        p->trainable = 0;
+    } else {
+        p->offset = m->numel;
+        p->trainable = 1;
+        m->numel += p->numel;
+    }
+    return m->n_tensors++;
 }
 
-/* A parameter by its offset in the block, while the table is built; its values
- * are bound by bind_views once the block exists. */
-static dpoc_param_ref ref_to(size_t off) { return (dpoc_param_ref){NULL, off}; }
+/* A view of row r, bound by bind_views once the block exists (g holds r until then). */
+static dpoc_param_ref ref_to(size_t r) { return (dpoc_param_ref){NULL, r}; }
 
 /* A projection (out, in) named "model.layers.<l>.<module>.weight", with its bias when has_bias. */
-static dpoc_linear add_linear(dpoc_model *m, size_t l, const char *module, size_t out, size_t in, int has_bias) {
+static dpoc_linear add_linear(table_builder *tb, size_t l, const char *module, size_t out, size_t in, int has_bias) {
     char name[DPOC_PARAM_NAME_MAX];
     dpoc_linear L = {.in = in, .out = out, .wtype = DPOC_DT_F32, .gb = DPOC_NO_PARAM};
     snprintf(name, sizeof name, "model.layers.%zu.%s.weight", l, module);
-    L.gw = add_param(m, name, out, in);
+    L.gw = add_param(tb, name, out, in);
     if (has_bias) {
         snprintf(name, sizeof name, "model.layers.%zu.%s.bias", l, module);
-        L.gb = add_param(m, name, out, 0);
+        L.gb = add_param(tb, name, out, 0);
     }
     return L;
 }
 
 /* An RMSNorm weight (C) named "model.layers.<l>.<module>.weight". */
-static dpoc_param_ref add_norm(dpoc_model *m, size_t l, const char *module, size_t C) {
+static dpoc_param_ref add_norm(table_builder *tb, size_t l, const char *module, size_t C) {
     char name[DPOC_PARAM_NAME_MAX];
     snprintf(name, sizeof name, "model.layers.%zu.%s.weight", l, module);
-    return ref_to(add_param(m, name, C, 0));
+    return ref_to(add_param(tb, name, C, 0));
 }
 
-static void bind_ref(const dpoc_model *m, dpoc_param_ref *r) { r->v = m->params + r->g; }
+/* 1-D tensors are never kept: their values sit in the block at their offset. */
+static void bind_ref(const dpoc_model *m, dpoc_param_ref *r) {
+    const dpoc_param_info *p = &m->info[r->g];
+    r->v = m->params + p->offset;
+    r->g = p->offset;
+}
 
 static void bind_linear(const dpoc_model *m, dpoc_linear *L) {
-    L->w = m->params + L->gw;
-    L->bias = L->gb == DPOC_NO_PARAM ? NULL : m->params + L->gb;
+    const dpoc_param_info *w = &m->info[L->gw];
+    if (w->data) { /* kept: frozen, read through the dequantization scratch */
+        L->w = w->data;
+        L->wtype = w->dtype;
+        L->gw = DPOC_NO_PARAM;
+        L->deq = m->deq;
+        L->deq_n = m->deq_n;
+    } else {
+        L->w = m->params + w->offset;
+        L->gw = w->offset;
+    }
+    if (L->gb != DPOC_NO_PARAM) {
+        L->bias = m->params + m->info[L->gb].offset;
+        L->gb = m->info[L->gb].offset;
+    }
 }
 
-/* Points every view at its values in the parameter block (every parameter is
- * trainable and fp32 so far: a view's values sit at its gradient's offset). */
+/* Points every view at its values, in the parameter block (at its gradient's
+ * offset: every parameter there is trainable and fp32) or kept outside it. */
 static void bind_views(dpoc_model *m) {
-    bind_ref(m, &m->wte);
+    const dpoc_param_info *e = &m->info[m->wte.g];
+    if (e->data) {
+        m->wte_type = e->dtype;
+        m->wte_data = e->data;
+        m->wte = (dpoc_param_ref){NULL, DPOC_NO_PARAM};
+    } else {
+        bind_ref(m, &m->wte);
+    }
     for (size_t l = 0; l < m->cfg.n_layers; l++) {
         dpoc_layer *L = &m->layers[l];
         bind_ref(m, &L->attn_norm);
@@ -81,8 +124,35 @@ static void bind_views(dpoc_model *m) {
 #define TENSORS_PER_LAYER 12
 /* The embedding, the final norm and an untied LM head. */
 #define TENSORS_OUTSIDE_LAYERS 3
+/* The dequantization scratch of a model with kept tensors: at most this many
+ * floats (whole rows of the largest kept matrix), and at least the LM head's
+ * vocabulary chunk (the head reads LMHEAD_CHUNK rows at a time). */
+#define DEQUANT_SCRATCH_FLOATS ((size_t)1 << 24)
+
+/* The scratch kept products dequantize into, sized for the kept tensors. */
+static int alloc_dequant_scratch(dpoc_model *m, dpoc_err *err) {
+    size_t need = 0;
+    for (size_t i = 0; i < m->n_tensors; i++) {
+        const dpoc_param_info *p = &m->info[i];
+        if (!p->data) continue;
+        size_t n = p->numel < DEQUANT_SCRATCH_FLOATS ? p->numel : DEQUANT_SCRATCH_FLOATS;
+        const size_t head = (p->shape[0] < LMHEAD_CHUNK ? p->shape[0] : LMHEAD_CHUNK) * p->shape[1];
+        if (n < head) n = head;
+        if (n < p->shape[1]) n = p->shape[1];
+        if (n > need) need = n;
+    }
+    if (!need) return 0;
+    m->deq = dpoc_malloc(need * sizeof(float), "dequantization scratch", err);
+    if (!m->deq) return DPOC_ENOMEM;
+    m->deq_n = need;
+    return 0;
+}
 
 int dpoc_model_init(dpoc_model *m, const dpoc_model_config *cfg, dpoc_err *err) {
+    return dpoc_model_init_kept(m, cfg, NULL, NULL, err);
+}
+
+int dpoc_model_init_kept(dpoc_model *m, const dpoc_model_config *cfg, dpoc_keep_fn keep, void *ctx, dpoc_err *err) {
     memset(m, 0, sizeof *m);
     m->cfg = *cfg;
     const size_t C = cfg->hidden_size, V = cfg->vocab_size, F = cfg->intermediate_size;
@@ -94,29 +164,30 @@ int dpoc_model_init(dpoc_model *m, const dpoc_model_config *cfg, dpoc_err *err) 
         dpoc_model_free(m);
         return DPOC_ENOMEM;
     }
+    table_builder tb = {m, keep, ctx};
     /* the order of Hugging Face's state dict: each layer's tensors together, so
      * its gradients are final together (the gradient hook) */
-    m->wte = ref_to(add_param(m, "model.embed_tokens.weight", V, C));
+    m->wte = ref_to(add_param(&tb, "model.embed_tokens.weight", V, C));
     const int bias = cfg->qkv_bias;
     for (size_t l = 0; l < cfg->n_layers; l++) {
         dpoc_layer *L = &m->layers[l];
         L->grad_from = m->numel;
-        L->attn_norm = add_norm(m, l, "input_layernorm", C);
-        L->q = add_linear(m, l, "self_attn.q_proj", QD, C, bias);
-        L->k = add_linear(m, l, "self_attn.k_proj", KD, C, bias);
-        L->v = add_linear(m, l, "self_attn.v_proj", KD, C, bias);
-        L->o = add_linear(m, l, "self_attn.o_proj", C, QD, 0);
-        L->mlp_norm = add_norm(m, l, "post_attention_layernorm", C);
-        L->gate = add_linear(m, l, "mlp.gate_proj", F, C, 0);
-        L->up = add_linear(m, l, "mlp.up_proj", F, C, 0);
-        L->down = add_linear(m, l, "mlp.down_proj", C, F, 0);
+        L->attn_norm = add_norm(&tb, l, "input_layernorm", C);
+        L->q = add_linear(&tb, l, "self_attn.q_proj", QD, C, bias);
+        L->k = add_linear(&tb, l, "self_attn.k_proj", KD, C, bias);
+        L->v = add_linear(&tb, l, "self_attn.v_proj", KD, C, bias);
+        L->o = add_linear(&tb, l, "self_attn.o_proj", C, QD, 0);
+        L->mlp_norm = add_norm(&tb, l, "post_attention_layernorm", C);
+        L->gate = add_linear(&tb, l, "mlp.gate_proj", F, C, 0);
+        L->up = add_linear(&tb, l, "mlp.up_proj", F, C, 0);
+        L->down = add_linear(&tb, l, "mlp.down_proj", C, F, 0);
     }
     m->tail_grad_from = m->numel;
-    m->final_norm = ref_to(add_param(m, "model.norm.weight", C, 0));
+    m->final_norm = ref_to(add_param(&tb, "model.norm.weight", C, 0));
     m->lm_head = (dpoc_linear){.in = C, .out = V, .wtype = DPOC_DT_F32, .gb = DPOC_NO_PARAM};
-    m->lm_head.gw = cfg->tie_word_embeddings ? m->wte.g : add_param(m, "lm_head.weight", V, C);
-    m->params = dpoc_calloc(m->numel, sizeof(float), "model parameters", err);
-    if (!m->params) {
+    m->lm_head.gw = cfg->tie_word_embeddings ? m->wte.g : add_param(&tb, "lm_head.weight", V, C);
+    m->params = dpoc_calloc(m->numel ? m->numel : 1, sizeof(float), "model parameters", err);
+    if (!m->params || alloc_dequant_scratch(m, err)) {
         dpoc_model_free(m);
         return DPOC_ENOMEM;
     }
@@ -124,11 +195,60 @@ int dpoc_model_init(dpoc_model *m, const dpoc_model_config *cfg, dpoc_err *err) 
     return 0;
 }
 
+int dpoc_model_own(dpoc_model *m, void *p, void (*release)(void *), dpoc_err *err) {
+    void **o = realloc(m->owned, (m->n_owned + 1) * sizeof *o);
+    if (o) m->owned = o;
+    void (**r)(void *) = o ? realloc(m->release, (m->n_owned + 1) * sizeof *r) : NULL;
+    if (r) m->release = r;
+    if (!o || !r) {
+        release(p);
+        return dpoc_errf(err, DPOC_ENOMEM, "out of memory");
+    }
+    m->owned[m->n_owned] = p;
+    m->release[m->n_owned++] = release;
+    return 0;
+}
+
+int dpoc_model_has_kept(const dpoc_model *m) { return m->deq != NULL; }
+
+uint64_t dpoc_model_fingerprint(const dpoc_model *m) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    const unsigned char *b = (const unsigned char *)m->params;
+    for (size_t i = 0; i < m->numel * sizeof(float); i++) h = (h ^ b[i]) * 0x100000001b3ull;
+    if (m->frozen) {
+        b = (const unsigned char *)m->frozen;
+        for (size_t i = 0; i < m->frozen_numel * sizeof(float); i++) h = (h ^ b[i]) * 0x100000001b3ull;
+    }
+    for (size_t t = 0; t < m->n_tensors; t++) {
+        const dpoc_param_info *p = &m->info[t];
+        if (!p->data) continue;
+        b = p->data;
+        const size_t n = dpoc_dtype_row_bytes(p->dtype, p->shape[1]) * p->shape[0];
+        for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 0x100000001b3ull;
+    }
+    return h;
+}
+
+void dpoc_model_embedding_row(const dpoc_model *m, size_t r, float *out) {
+    const size_t C = m->cfg.hidden_size;
+    if (m->wte.v) {
+        memcpy(out, m->wte.v + r * C, C * sizeof(float));
+        return;
+    }
+    const size_t rb = dpoc_dtype_row_bytes(m->wte_type, C);
+    dpoc_err ignored; /* the type and sizes were checked when the model was built */
+    (void)dpoc_gguf_dequantize_raw(m->wte_type, (const unsigned char *)m->wte_data + r * rb, rb, out, C, &ignored);
+}
+
 void dpoc_model_free(dpoc_model *m) {
     free(m->info);
     free(m->layers);
     free(m->params);
     free(m->frozen);
+    free(m->deq);
+    for (size_t i = m->n_owned; i-- > 0;) m->release[i](m->owned[i]);
+    free(m->owned);
+    free(m->release);
     memset(m, 0, sizeof *m);
 }
 
@@ -260,6 +380,16 @@ void dpoc_grad_scratch_free(dpoc_grad_scratch *s) {
 
 static void add_inplace(float *restrict y, const float *restrict x, size_t n) {
     for (size_t i = 0; i < n; i++) y[i] += x[i];
+}
+
+/* out (T,C) = the embedding rows of tokens, whatever the embedding's storage. */
+static void embed_tokens(const dpoc_model *m, float *out, const int32_t *tokens, size_t T) {
+    const size_t C = m->cfg.hidden_size;
+    if (m->wte.v) {
+        embedding_forward(out, tokens, m->wte.v, T, C);
+        return;
+    }
+    for (size_t t = 0; t < T; t++) dpoc_model_embedding_row(m, (size_t)tokens[t], out + t * C);
 }
 
 /* The LM head's gradient (the embedding's when tied), or NULL when frozen. */
@@ -419,22 +549,22 @@ static void forward_trunk(const dpoc_model *m, dpoc_acts *a) {
 void dpoc_model_forward(const dpoc_model *m, dpoc_acts *a, const int32_t *tokens, size_t T, size_t row0,
                         size_t R) {
     const dpoc_model_config *cfg = &m->cfg;
-    const size_t C = cfg->hidden_size, V = cfg->vocab_size;
+    const size_t C = cfg->hidden_size;
     a->T = T;
     a->row0 = row0;
     a->R = R;
     a->n_pairs = 0;
     TIMED(a->prof, DPOC_PROF_POINTWISE, rope_tables(a->cos_t, a->sin_t, T, cfg->head_dim, cfg->rope_theta));
-    TIMED(a->prof, DPOC_PROF_POINTWISE, embedding_forward(a->layers[0].x_in, tokens, m->wte.v, T, C));
+    TIMED(a->prof, DPOC_PROF_POINTWISE, embed_tokens(m, a->layers[0].x_in, tokens, T));
     forward_trunk(m, a);
     for (size_t r = 0; r < R; r++) a->labels[r] = tokens[row0 + r + 1];
     lmhead_out out = {a->logp, a->lse, a->entropy, a->mean_logit, a->log_sum_sq_probs, a->is_top1};
-    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_forward(&out, a->lnf + row0 * C, m->lm_head.w, a->labels, R, C, V, a->logits_scratch));
+    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_forward_linear(&out, a->lnf + row0 * C, &m->lm_head, a->labels, R, a->logits_scratch));
 }
 
 void dpoc_model_forward_pairs(const dpoc_model *m, dpoc_acts *a, const dpoc_pair_tokens *pairs, size_t n) {
     const dpoc_model_config *cfg = &m->cfg;
-    const size_t C = cfg->hidden_size, V = cfg->vocab_size;
+    const size_t C = cfg->hidden_size;
     assert(n >= 1 && n <= a->max_T);
     size_t T = 0, R = 0, max_pos = 0;
     for (size_t i = 0; i < n; i++) {
@@ -466,12 +596,12 @@ void dpoc_model_forward_pairs(const dpoc_model *m, dpoc_acts *a, const dpoc_pair
     a->n_pairs = n;
     /* positions 0 .. Tp + max(na, nb) - 1 of the longest pair: prompts', then completions' from Tp */
     TIMED(a->prof, DPOC_PROF_POINTWISE, rope_tables(a->cos_t, a->sin_t, max_pos, cfg->head_dim, cfg->rope_theta));
-    TIMED(a->prof, DPOC_PROF_POINTWISE, embedding_forward(a->layers[0].x_in, a->tokens, m->wte.v, T, C));
+    TIMED(a->prof, DPOC_PROF_POINTWISE, embed_tokens(m, a->layers[0].x_in, a->tokens, T));
     forward_trunk(m, a);
     /* every pair's completions in one head call: one pass over the (V,C) head weight */
     for (size_t r = 0; r < R; r++) memcpy(a->head_in + r * C, a->lnf + a->head_src[r] * C, C * sizeof(float));
     lmhead_out out = {a->logp, a->lse, a->entropy, a->mean_logit, a->log_sum_sq_probs, a->is_top1};
-    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_forward(&out, a->head_in, m->lm_head.w, a->labels, R, C, V, a->logits_scratch));
+    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_forward_linear(&out, a->head_in, &m->lm_head, a->labels, R, a->logits_scratch));
 }
 
 void dpoc_model_forward_shared(const dpoc_model *m, dpoc_acts *a, const int32_t *prompt, size_t Tp,
@@ -536,17 +666,17 @@ static void backward_trunk(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc
 
 void dpoc_model_backward(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_grad_scratch *s,
                          const int32_t *tokens, const float *dlogp, const dpoc_backward_hook *hook) {
-    const size_t C = m->cfg.hidden_size, V = m->cfg.vocab_size;
+    const size_t C = m->cfg.hidden_size;
     assert(a->n_pairs == 0); /* a pairs forward needs dpoc_model_backward_pairs */
     memset(s->dln, 0, a->T * C * sizeof(float));
-    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_backward(s->dln + a->row0 * C, lmhead_grad(m, grads), dlogp, a->lnf + a->row0 * C,
-                    m->lm_head.w, a->labels, a->lse, a->R, C, V, a->logits_scratch));
+    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_backward_linear(s->dln + a->row0 * C, lmhead_grad(m, grads), dlogp, a->lnf + a->row0 * C,
+                    &m->lm_head, a->labels, a->lse, a->R, a->logits_scratch));
     backward_trunk(m, grads, a, s, tokens, hook);
 }
 
 void dpoc_model_backward_pairs(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_grad_scratch *s,
                                const float *dlogp, const dpoc_backward_hook *hook) {
-    const size_t C = m->cfg.hidden_size, V = m->cfg.vocab_size;
+    const size_t C = m->cfg.hidden_size;
     const size_t T = a->T, R = a->R;
     assert(a->n_pairs > 0 && T <= s->max_T && R <= s->max_T);
     /* dh (R,C) of the gathered head rows goes to dx, free until the final norm's
@@ -554,8 +684,8 @@ void dpoc_model_backward_pairs(const dpoc_model *m, float *grads, dpoc_acts *a, 
      * pair's last prompt row receives the first head row of both completions */
     float *dh = s->dx;
     memset(dh, 0, R * C * sizeof(float));
-    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_backward(dh, lmhead_grad(m, grads), dlogp, a->head_in, m->lm_head.w, a->labels, a->lse, R,
-                    C, V, a->logits_scratch));
+    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_backward_linear(dh, lmhead_grad(m, grads), dlogp, a->head_in, &m->lm_head, a->labels, a->lse, R,
+                    a->logits_scratch));
     memset(s->dln, 0, T * C * sizeof(float));
     for (size_t r = 0; r < R; r++) add_inplace(s->dln + a->head_src[r] * C, dh + r * C, C);
     backward_trunk(m, grads, a, s, a->tokens, hook);

@@ -114,6 +114,7 @@ static int fill_fp32(dpoc_model *m, fill_ctx *c, dpoc_err *err) {
         DPOC_TRY(find_param(c, p, &t, name, sizeof name, err));
         c->used[dpoc_ts_index(c->src, t)] = 1;
         DPOC_TRY(check_shape(c, p, t, name, err));
+        if (p->data) continue; /* kept as the source stores it */
         float *dst = m->params + p->offset;
         DPOC_TRY(dpoc_ts_to_f32(c->src, t, dst, p->numel, err));
         DPOC_TRY(undo_permutation(c, p, name, dst, err));
@@ -121,16 +122,90 @@ static int fill_fp32(dpoc_model *m, fill_ctx *c, dpoc_err *err) {
     return check_unused(c, err);
 }
 
+/* ---- keeping the source's storage ---- */
+
+#define MAX_KEPT_COPIES 2 /* per layer: llama's q and k */
+
+typedef struct {
+    fill_ctx *c;
+    void **copies; /* row-reordered copies of llama's q/k, handed to the model after init */
+    size_t n_copies, cap;
+    int failed;
+} keep_ctx;
+
+/* Rows of a GGUF llama q/k tensor back in Hugging Face's order (the inverse of
+ * convert_hf_to_gguf.py's permute, on whole rows: each row is whole blocks). */
+static void *unpermute_row_bytes(const void *src, size_t rows, size_t row_bytes, size_t n_head) {
+    const size_t total = rows * row_bytes;
+    unsigned char *dst = malloc(total ? total : 1);
+    if (!dst) return NULL;
+    const size_t hd = rows / n_head, half = hd / 2;
+    const unsigned char *s = src;
+    for (size_t h = 0; h < n_head; h++)
+        for (size_t j = 0; j < half; j++)
+            for (size_t k = 0; k < 2; k++)
+                memcpy(dst + (h * hd + k * half + j) * row_bytes, s + (h * hd + 2 * j + k) * row_bytes, row_bytes);
+    return dst;
+}
+
+static int keep_tensor(void *ctx, const char *hf_name, size_t rows, size_t cols, uint32_t *dtype, const void **data) {
+    keep_ctx *k = ctx;
+    fill_ctx *c = k->c;
+    char name[SOURCE_NAME_MAX];
+    if (c->gguf) {
+        if (!dpoc_gguf_tensor_name(hf_name, name, sizeof name)) return 0;
+    } else {
+        snprintf(name, sizeof name, "%s", hf_name);
+    }
+    const dpoc_ts_tensor *t = dpoc_ts_find(c->src, name);
+    /* the checks and their messages are fill_fp32's: what does not fit is not kept */
+    if (!t || t->ndim != 2 || t->shape[0] != rows || t->shape[1] != cols || t->dtype == DPOC_DT_F32 ||
+        !dpoc_gguf_can_dequantize(t->dtype) || cols % dpoc_dtype_block(t->dtype) != 0)
+        return 0;
+    const void *bytes = t->data;
+    size_t nh = 0;
+    if (c->gguf && c->cfg->arch == DPOC_ARCH_LLAMA)
+        nh = strstr(name, ".attn_q.") ? c->cfg->n_heads : strstr(name, ".attn_k.") ? c->cfg->n_kv_heads : 0;
+    if (nh) {
+        if (k->n_copies == k->cap) {
+            const size_t cap = k->cap ? 2 * k->cap : 2 * MAX_KEPT_COPIES;
+            void **p = realloc(k->copies, cap * sizeof *p);
+            if (!p) return k->failed = 1, 0;
+            k->copies = p;
+            k->cap = cap;
+        }
+        void *copy = unpermute_row_bytes(t->data, rows, dpoc_dtype_row_bytes(t->dtype, cols), nh);
+        if (!copy) return k->failed = 1, 0;
+        k->copies[k->n_copies++] = copy;
+        bytes = copy;
+    }
+    *dtype = t->dtype;
+    *data = bytes;
+    return 1;
+}
+
 int dpoc_model_from_source(dpoc_model *m, const dpoc_model_config *cfg, const dpoc_tensor_source *src,
                            dpoc_weight_storage storage, dpoc_err *err) {
     memset(m, 0, sizeof *m);
-    if (storage != DPOC_WEIGHTS_FP32)
+    if (storage != DPOC_WEIGHTS_FP32 && storage != DPOC_WEIGHTS_KEEP)
         return dpoc_errf(err, DPOC_EINTERNAL, "weight storage mode %d is not implemented", (int)storage);
-    DPOC_TRY(dpoc_model_init(m, cfg, err));
     fill_ctx c = {.src = src, .where = dpoc_ts_where(src), .cfg = cfg, .gguf = dpoc_ts_format_of(src) == DPOC_TS_GGUF};
+    keep_ctx k = {.c = &c};
+    int rc = storage == DPOC_WEIGHTS_KEEP ? dpoc_model_init_kept(m, cfg, keep_tensor, &k, err)
+                                          : dpoc_model_init(m, cfg, err);
+    if (!rc && k.failed) rc = dpoc_errf(err, DPOC_ENOMEM, "out of memory keeping %s's tensors", c.where);
+    /* the reordered copies belong to the model from here on */
+    size_t i = 0;
+    for (; !rc && i < k.n_copies; i++) rc = dpoc_model_own(m, k.copies[i], free, err); /* frees it on failure */
+    for (; i < k.n_copies; i++) free(k.copies[i]);
+    free(k.copies);
+    if (rc) {
+        if (m->info) dpoc_model_free(m);
+        return rc;
+    }
     const size_t n = dpoc_ts_count(src);
     c.used = dpoc_calloc(n ? n : 1, 1, "source tensor flags", err);
-    int rc = c.used ? fill_fp32(m, &c, err) : DPOC_ENOMEM;
+    rc = c.used ? fill_fp32(m, &c, err) : DPOC_ENOMEM;
     free(c.tmp);
     free(c.used);
     if (rc) dpoc_model_free(m);

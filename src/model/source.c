@@ -42,23 +42,34 @@ int dpoc_source_model_config(const char *path, dpoc_model_config *cfg, dpoc_err 
     return hf_config(path, cfg, err);
 }
 
-int dpoc_source_load_model(dpoc_model *m, const char *path, dpoc_err *err) {
+static void close_source(void *src) { dpoc_ts_close(src); }
+
+int dpoc_source_load_model_stored(dpoc_model *m, const char *path, dpoc_weight_storage storage, dpoc_err *err) {
     memset(m, 0, sizeof *m);
     dpoc_model_config cfg;
     dpoc_tensor_source *src = NULL;
+    int rc = 0;
     if (dpoc_source_is_gguf(path)) {
         DPOC_TRY(dpoc_ts_open_gguf(&src, path, err));
-        int rc = dpoc_gguf_model_config(dpoc_ts_gguf(src), &cfg, err);
-        if (!rc) rc = dpoc_model_from_source(m, &cfg, src, DPOC_WEIGHTS_FP32, err);
-        dpoc_ts_close(src);
+        rc = dpoc_gguf_model_config(dpoc_ts_gguf(src), &cfg, err);
+    } else {
+        if (!is_dir(path)) return not_a_model(path, err);
+        DPOC_TRY(hf_config(path, &cfg, err));
+        DPOC_TRY(dpoc_ts_open_safetensors(&src, path, err));
+    }
+    if (!rc) rc = dpoc_model_from_source(m, &cfg, src, storage, err);
+    /* kept tensors point into the mapping: the model keeps the source open */
+    if (!rc && dpoc_model_has_kept(m)) {
+        rc = dpoc_model_own(m, src, close_source, err);
+        if (rc) dpoc_model_free(m); /* the source is closed by dpoc_model_own */
         return rc;
     }
-    if (!is_dir(path)) return not_a_model(path, err);
-    DPOC_TRY(hf_config(path, &cfg, err));
-    DPOC_TRY(dpoc_ts_open_safetensors(&src, path, err));
-    int rc = dpoc_model_from_source(m, &cfg, src, DPOC_WEIGHTS_FP32, err);
     dpoc_ts_close(src);
     return rc;
+}
+
+int dpoc_source_load_model(dpoc_model *m, const char *path, dpoc_err *err) {
+    return dpoc_source_load_model_stored(m, path, DPOC_WEIGHTS_FP32, err);
 }
 
 int dpoc_source_config_json(const char *src, char **out, size_t *len, dpoc_err *err) {

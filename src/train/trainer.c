@@ -99,6 +99,8 @@ static int init_optimizer(dpoc_trainer *t, dpoc_err *err) {
  * so a bad file ends every rank with rank 0's message instead of a hang. */
 static int load_model(dpoc_trainer *t, dpoc_model *m, const char *dir, dpoc_err *err) {
     dpoc_dist *d = t->dist;
+    /* a kept base stays mapped from the file: every rank maps it (nothing to broadcast) */
+    if (t->cfg.lora.keep_base && m == &t->policy) return dpoc_source_load_model_stored(m, dir, DPOC_WEIGHTS_KEEP, err);
     if (!d || d->world == 1 || !t->cfg.model_loading_broadcast) return dpoc_source_load_model(m, dir, err);
     double status = 0;
     int rc = 0;
@@ -300,7 +302,7 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
     int rc = load_model(t, &t->policy, cfg->model_name_or_path, err);
     if (rc) goto fail;
     /* the base's fingerprint, before adapters: a LoRA run resumes only on the same base */
-    t->fp_policy = dpoc_fnv1a(DPOC_FNV_OFFSET, t->policy.params, t->policy.numel * sizeof(float));
+    t->fp_policy = dpoc_model_fingerprint(&t->policy);
     if (cfg->lora.use_peft && (rc = attach_adapters(t, err))) goto fail;
     t->ref_is_base = cfg->lora.use_peft && !cfg->ref_model_name_or_path[0];
     if (cfg->ref_model_name_or_path[0]) {

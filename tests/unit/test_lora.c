@@ -324,7 +324,7 @@ static void test_config_keys(void **state) {
     expect_config_error("{\"lora_bias\": \"all\"}", "'lora_bias'");
     expect_config_error("{\"use_dora\": true}", "'use_dora'");
     expect_config_error("{\"lora_modules_to_save\": [\"embed_tokens\"]}", "'lora_modules_to_save'");
-    expect_config_error("{\"base_weights_dtype\": \"keep\"}", "'base_weights_dtype'");
+    expect_config_error("{\"base_weights_dtype\": \"bf16\"}", "'base_weights_dtype'");
     /* an adapter to continue implies use_peft */
     dpoc_config_defaults(&c);
     if (dpoc_config_apply_json(&c, "{\"model_name_or_path\": \"m\", \"train_file\": \"t\", \"adapter_name_or_path\": \"a\"}",
