@@ -34,3 +34,19 @@ assert len(losses) == 4, losses
 assert losses[-1] < losses[0], losses
 PY
 echo "test_identity_demo: OK ($(grep -c . "$out/pairs.jsonl") pairs)"
+
+# the same with --lora: QLoRA on the kept Q4_1 base; the adapter is the output and answers come through --adapter
+lout=$tmp/demo-lora
+tools/identity-demo --quick --lora --out "$lout" > "$tmp/lora.log" 2>&1 || { cat "$tmp/lora.log" >&2; fail "identity-demo --lora exited $?"; }
+for f in model/adapter_config.json model/adapter_model.safetensors after-identity.jsonl perplexity-trained.json rss.txt; do
+  [ -s "$lout/$f" ] || { cat "$tmp/lora.log" >&2; fail "--lora: $f is missing"; }
+done
+[ ! -e "$lout/model/model.safetensors" ] || fail "--lora wrote a full model"
+grep -q "134515008 parameters" "$tmp/lora.log" && fail "--lora trained every weight"
+/usr/bin/python3 - "$lout/model/metrics.jsonl" <<'PY' || fail "--lora: the loss did not decrease"
+import json, sys
+losses = [json.loads(l)["loss"] for l in open(sys.argv[1]) if '"loss"' in l and '"step"' in l]
+print("lora losses:", losses)
+assert len(losses) == 4 and losses[-1] < losses[0], losses
+PY
+echo "test_identity_demo: --lora OK ($(cat "$lout/rss.txt" | tr '\n' ' '))"
