@@ -17,6 +17,7 @@
 #include "dpoc/dataset.h"
 #include "dpoc/dist.h"
 #include "dpoc/err.h"
+#include "dpoc/flops.h"
 #include "dpoc/loss.h"
 #include "dpoc/model.h"
 #include "dpoc/prof.h"
@@ -87,7 +88,7 @@ typedef struct {
     float **dtok;           /* (2B) dLoss/dlogp of each sequence's tokens: inside tok_buf */
     double *logps;          /* (2B) policy per-sequence log-probs (ld-weighted): chosen [0, B), rejected [B, 2B) */
     double *ref_pair;       /* (2B) reference log-probs pair by pair: chosen 2b, rejected 2b + 1 */
-    double *fwd_flops;      /* (n_fwd) FLOPs of each policy forward (a sequence, or a pair when shared) */
+    dpoc_fwd_flops *fwd_flops; /* (n_fwd) FLOPs of each policy forward (a sequence, or a pair when shared) */
     size_t n_fwd;
     int ran_ref;            /* the in-memory reference ran too (its log-probs were not precomputed) */
 } dpoc_micro_batch;

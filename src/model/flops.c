@@ -12,3 +12,24 @@ double dpoc_flops_forward(const dpoc_model_config *c, size_t rows, size_t attn_p
 }
 
 size_t dpoc_flops_causal_pairs(size_t T) { return T * (T + 1) / 2; }
+
+dpoc_fwd_flops dpoc_flops_forward_parts(const dpoc_model *m, size_t rows, size_t attn_pairs, size_t head_rows) {
+    const dpoc_model_config *c = &m->cfg;
+    dpoc_fwd_flops f;
+    f.total = dpoc_flops_forward(c, rows, attn_pairs, head_rows);
+    f.attn = f.total - dpoc_flops_forward(c, rows, 0, head_rows);
+    f.adapter = 0.0;
+    for (size_t l = 0; l < c->n_layers; l++) {
+        const dpoc_layer *L = &m->layers[l];
+        const dpoc_linear *p[] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+        /* x A^T and (x A^T) B^T */
+        for (size_t i = 0; i < sizeof p / sizeof p[0]; i++)
+            f.adapter += 2.0 * (double)rows * (double)p[i]->lora.r * (double)(p[i]->in + p[i]->out);
+    }
+    return f;
+}
+
+double dpoc_flops_train(const dpoc_fwd_flops *f, int frozen_base) {
+    if (!frozen_base) return DPOC_FLOPS_TRAIN_FACTOR * (f->total + f->adapter);
+    return DPOC_FLOPS_FROZEN_TRAIN_FACTOR * (f->total - f->attn) + DPOC_FLOPS_TRAIN_FACTOR * (f->attn + f->adapter);
+}

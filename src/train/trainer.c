@@ -188,11 +188,15 @@ static int all_pairs_share_prompt(dpoc_trainer *t, size_t *pair_T) {
 }
 
 /* FLOPs of one forward of a pair with its prompt shared (rows as dpoc_model_forward_shared runs them). */
-static double shared_forward_flops(const dpoc_model_config *c, size_t Tp, size_t Ta, size_t Tb) {
+static dpoc_fwd_flops shared_forward_parts(const dpoc_model *m, size_t Tp, size_t Ta, size_t Tb) {
     const size_t rows = Tp + (Ta - 1) + (Tb - 1);
     const size_t pairs = dpoc_flops_causal_pairs(Tp) + (Ta - 1) * Tp + dpoc_flops_causal_pairs(Ta - 1) +
                          (Tb - 1) * Tp + dpoc_flops_causal_pairs(Tb - 1);
-    return dpoc_flops_forward(c, rows, pairs, Ta + Tb);
+    return dpoc_flops_forward_parts(m, rows, pairs, Ta + Tb);
+}
+
+static double shared_forward_flops(const dpoc_model *m, size_t Tp, size_t Ta, size_t Tb) {
+    return shared_forward_parts(m, Tp, Ta, Tb).total;
 }
 
 /* Losses that look across the micro-batch (aot sorts it, sft averages over all
@@ -213,7 +217,7 @@ static double pair_cost(const dpoc_trainer *t, size_t pair, int32_t *buf) {
     dpoc_seq s[2];
     for (int k = 0; k < 2; k++)
         dpoc_dataset_collate(&t->data, pair, k, cfg->max_length, cfg->truncation_keep_end, buf + k * t->max_T, &s[k]);
-    if (t->shared) return shared_forward_flops(&t->policy.cfg, s[0].comp_start, s[0].R, s[1].R);
+    if (t->shared) return shared_forward_flops(&t->policy, s[0].comp_start, s[0].R, s[1].R);
     double f = 0.0;
     for (int k = 0; k < 2; k++) f += dpoc_flops_forward(&t->policy.cfg, s[k].T, dpoc_flops_causal_pairs(s[k].T), s[k].R);
     return f;
@@ -689,7 +693,7 @@ static void policy_forward(dpoc_trainer *t, size_t B) {
         for (size_t b = 0; b < B; b++) {
             const int32_t *c = t->seq_buf + b * t->max_T, *r = t->seq_buf + (B + b) * t->max_T;
             const size_t Tp = seq[b].comp_start, Ta = seq[b].R, Tb = seq[B + b].R;
-            mb->fwd_flops[mb->n_fwd++] = shared_forward_flops(&t->policy.cfg, Tp, Ta, Tb);
+            mb->fwd_flops[mb->n_fwd++] = shared_forward_parts(&t->policy, Tp, Ta, Tb);
             mb->ptok[b] = (dpoc_pair_tokens){c, Tp, c + Tp, Ta, r + Tp, Tb};
             mb->actp[b] = mb->actp[B + b] = 0;
             mb->offp[b] = head, mb->offp[B + b] = head + Ta;
@@ -701,7 +705,7 @@ static void policy_forward(dpoc_trainer *t, size_t B) {
     }
     for (size_t s = 0; s < 2 * B; s++) {
         mb->fwd_flops[mb->n_fwd++] =
-            dpoc_flops_forward(&t->policy.cfg, seq[s].T, dpoc_flops_causal_pairs(seq[s].T), seq[s].R);
+            dpoc_flops_forward_parts(&t->policy, seq[s].T, dpoc_flops_causal_pairs(seq[s].T), seq[s].R);
         dpoc_model_forward(&t->policy, &t->acts[s], t->seq_buf + s * t->max_T, seq[s].T, seq[s].row0, seq[s].R);
         mb->actp[s] = s, mb->offp[s] = 0;
         t->progress_time = dpoc_now_s();
@@ -843,11 +847,14 @@ int dpoc_trainer_backward(dpoc_trainer *t, int sync_tail, dpoc_err *err) {
 
 /* ---- one micro-batch: both ---- */
 
-/* The training FLOPs of the last forward: DPOC_FLOPS_TRAIN_FACTOR forwards'
- * worth for the policy's forward and backward, one more when the reference ran. */
+/* The training FLOPs of the last forward: the policy's forward and backward
+ * (dpoc_flops_train: with LoRA no weight gradient of the frozen base), and one
+ * base forward more when the reference ran. */
 static void count_train_flops(dpoc_trainer *t) {
     const double ref_factor = t->mb.ran_ref ? 1.0 : 0.0;
-    for (size_t k = 0; k < t->mb.n_fwd; k++) t->flops += t->mb.fwd_flops[k] * (DPOC_FLOPS_TRAIN_FACTOR + ref_factor);
+    const int frozen = dpoc_lora_attached(&t->policy);
+    for (size_t k = 0; k < t->mb.n_fwd; k++)
+        t->flops += dpoc_flops_train(&t->mb.fwd_flops[k], frozen) + ref_factor * t->mb.fwd_flops[k].total;
 }
 
 int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, double grad_scale, double *sums,

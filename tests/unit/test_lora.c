@@ -21,6 +21,7 @@
 
 #include "testutil.h"
 
+#include "dpoc/flops.h"
 #include "dpoc/layers.h"
 #include "dpoc/lora.h"
 #include "dpoc/model.h"
@@ -290,6 +291,34 @@ static void test_attach_errors(void **state) {
     dpoc_model_free(&m);
 }
 
+/* The FLOPs a LoRA step needs: the frozen projections and head forward and dX only
+ * (2x), attention and the adapters 3x; written out here from the shapes. */
+static void test_flops(void **state) {
+    (void)state;
+    dpoc_model m;
+    load(&m, "tiny-qwen2");
+    const dpoc_model_config *c = &m.cfg;
+    const size_t rows = 10, pairs = 55, head = 9, r = 4;
+    const dpoc_fwd_flops base = dpoc_flops_forward_parts(&m, rows, pairs, head);
+    assert_true(base.adapter == 0.0);
+    const double attn = (double)c->n_layers * (double)pairs * 4.0 * (double)(c->head_dim * c->n_heads);
+    assert_close(base.attn, attn, 1e-12, 0, "attention FLOPs");
+    assert_close(dpoc_flops_train(&base, 0), 3.0 * base.total, 1e-12, 0, "full fine-tune");
+    dpoc_lora_cfg L = lora_cfg();
+    set_targets(&L, "\"all-linear\"");
+    L.r = r;
+    dpoc_err err;
+    if (dpoc_lora_attach(&m, &L, 1, &err)) fail_msg("%s", err.msg);
+    const dpoc_fwd_flops f = dpoc_flops_forward_parts(&m, rows, pairs, head);
+    const double C = (double)c->hidden_size, F = (double)c->intermediate_size;
+    const double QD = (double)(c->n_heads * c->head_dim), KD = (double)(c->n_kv_heads * c->head_dim);
+    /* in + out of q, k, v, o, gate, up, down */
+    const double io = (C + QD) + 2 * (C + KD) + (QD + C) + 3 * (C + F);
+    assert_close(f.adapter, (double)c->n_layers * 2.0 * (double)rows * (double)r * io, 1e-12, 0, "adapter FLOPs");
+    assert_close(dpoc_flops_train(&f, 1), 2.0 * (f.total - f.attn) + 3.0 * (f.attn + f.adapter), 1e-12, 0, "LoRA step");
+    dpoc_model_free(&m);
+}
+
 /* ---- config keys ---- */
 
 static void expect_config_error(const char *json, const char *needle) {
@@ -343,6 +372,7 @@ int main(void) {
         cmocka_unit_test(test_attach_qwen2_all_linear),
         cmocka_unit_test(test_attach_regex),
         cmocka_unit_test(test_attach_errors),
+        cmocka_unit_test(test_flops),
         cmocka_unit_test(test_config_keys),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
