@@ -70,6 +70,7 @@ typedef struct {
      * in chunks of whole rows into deq (deq_n floats, at least one row) for each product */
     float *deq;
     size_t deq_n;
+    struct dpoc_pool *pool; /* threads that share the dequantizing (core/pool.h), or NULL */
 } dpoc_linear;
 
 /* Floats of workspace linear_forward / linear_backward need for T rows: 2 T r

@@ -96,6 +96,7 @@ typedef struct {
     size_t n_owned;
     float *deq;
     size_t deq_n;
+    struct dpoc_pool *pool; /* the threads dequantizing shares (the BLAS's count), with kept tensors */
 } dpoc_model;
 
 /* Which tensors a model keeps in their source's storage instead of fp32: keep

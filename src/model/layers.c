@@ -26,6 +26,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "core/pool.h"
 #include "dpoc/gemm.h"
 #include "dpoc/gguf.h"
 #include "dpoc/runtime.h"
@@ -123,12 +124,32 @@ size_t linear_workspace(const dpoc_linear *L, size_t T) { return adapter_on(L) ?
 
 /* Rows [r0, r0 + n) of a weight stored as L->wtype, as fp32: a pointer into W
  * itself, or into L->deq after dequantizing them (n * in <= deq_n). */
+typedef struct {
+    const dpoc_linear *L;
+    size_t r0, n;
+} dequant_job;
+
+/* Rows of the job's part (a contiguous share of its rows) into L->deq. */
+static void dequant_part(void *ctx, size_t part, size_t n_parts) {
+    const dequant_job *j = ctx;
+    const dpoc_linear *L = j->L;
+    const size_t a = j->n * part / n_parts, b = j->n * (part + 1) / n_parts;
+    if (a == b) return;
+    const size_t rb = dpoc_dtype_row_bytes(L->wtype, L->in);
+    dpoc_err ignored; /* type and sizes were checked when the model was built */
+    (void)dpoc_gguf_dequantize_raw(L->wtype, (const unsigned char *)L->w + (j->r0 + a) * rb, (b - a) * rb,
+                                   L->deq + a * L->in, (b - a) * L->in, &ignored);
+}
+
+/* Rows [r0, r0 + n) of a weight stored as L->wtype, as fp32: a pointer into W
+ * itself, or into L->deq after dequantizing them (n * in <= deq_n), on the
+ * model's threads. */
 static const float *weight_rows(const dpoc_linear *L, size_t r0, size_t n) {
     if (L->wtype == DPOC_DT_F32) return (const float *)L->w + r0 * L->in;
-    const size_t rb = dpoc_dtype_row_bytes(L->wtype, L->in);
     assert(n * L->in <= L->deq_n);
-    dpoc_err ignored; /* type and sizes were checked when the model was built */
-    (void)dpoc_gguf_dequantize_raw(L->wtype, (const unsigned char *)L->w + r0 * rb, n * rb, L->deq, n * L->in, &ignored);
+    dequant_job j = {L, r0, n};
+    if (L->pool) dpoc_pool_run(L->pool, dequant_part, &j);
+    else dequant_part(&j, 0, 1);
     return L->deq;
 }
 

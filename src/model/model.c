@@ -13,6 +13,8 @@
 #include <string.h>
 
 #include "core/fileutil.h"
+#include "core/pool.h"
+#include "dpoc/runtime.h"
 #include "dpoc/gguf.h"
 #include "model/decoder.h"
 
@@ -88,6 +90,7 @@ static void bind_linear(const dpoc_model *m, dpoc_linear *L) {
         L->gw = DPOC_NO_PARAM;
         L->deq = m->deq;
         L->deq_n = m->deq_n;
+        L->pool = m->pool;
     } else {
         L->w = m->params + w->offset;
         L->gw = w->offset;
@@ -145,7 +148,16 @@ static int alloc_dequant_scratch(dpoc_model *m, dpoc_err *err) {
     m->deq = dpoc_malloc(need * sizeof(float), "dequantization scratch", err);
     if (!m->deq) return DPOC_ENOMEM;
     m->deq_n = need;
-    return 0;
+    /* dequantizing runs between BLAS calls: on as many threads as the BLAS uses */
+    m->pool = dpoc_malloc(sizeof *m->pool, "dequantization threads", err);
+    if (!m->pool) return DPOC_ENOMEM;
+    const size_t threads = dpoc_rt()->blas.threads > 0 ? (size_t)dpoc_rt()->blas.threads : 1;
+    const int rc = dpoc_pool_init(m->pool, threads, err);
+    if (rc) {
+        free(m->pool);
+        m->pool = NULL;
+    }
+    return rc;
 }
 
 int dpoc_model_init(dpoc_model *m, const dpoc_model_config *cfg, dpoc_err *err) {
@@ -246,6 +258,8 @@ void dpoc_model_free(dpoc_model *m) {
     free(m->params);
     free(m->frozen);
     free(m->deq);
+    if (m->pool) dpoc_pool_free(m->pool);
+    free(m->pool);
     for (size_t i = m->n_owned; i-- > 0;) m->release[i](m->owned[i]);
     free(m->owned);
     free(m->release);

@@ -7,7 +7,8 @@
  * On the real SmolLM2-135M-Instruct Q4_1 GGUF (llama: its q/k rows are kept
  * re-ordered; tied head kept as the embedding) and Qwen2.5-Coder-0.5B-Instruct
  * Q4_K_M (qwen2: Q4_K, Q5_0, Q6_K, Q8_0, an untied Q8_0 head); each skipped with
- * a message when absent (tools/fetch-model [--model qwen2.5-coder-0.5b]). */
+ * a message when absent (tools/fetch-model [--model qwen2.5-coder-0.5b]). A kept
+ * product in many chunks, each dequantized on 3 threads, equals the one-chunk one. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,6 +17,7 @@
 
 #include "testutil.h"
 
+#include "core/pool.h"
 #include "dpoc/layers.h"
 #include "dpoc/lora.h"
 #include "dpoc/model.h"
@@ -80,6 +82,11 @@ static void check_model(const char *env, const char *file, const char *fetch) {
     {
         dpoc_linear one = kept.layers[0].gate, many = one;
         many.deq_n = 3 * many.in;
+        dpoc_pool pool; /* and the rows of each chunk split over 3 threads */
+        if (dpoc_pool_init(&pool, 3, &err)) fail_msg("%s", err.msg);
+        assert_int_equal(pool.n_threads, 3);
+        many.pool = &pool;
+        one.pool = NULL;
         const size_t R = 5;
         float *x = calloc(R * one.in, sizeof *x), *y1 = calloc(R * one.out, sizeof *y1), *y2 = calloc(R * one.out, sizeof *y2);
         float *g = calloc(R * one.out, sizeof *g), *d1 = calloc(R * one.in, sizeof *d1), *d2 = calloc(R * one.in, sizeof *d2);
@@ -92,6 +99,7 @@ static void check_model(const char *env, const char *file, const char *fetch) {
         assert_true(rel_maxabs_err(y2, y1, R * one.out, REL_FLOOR) < GRAD_RTOL);
         assert_true(rel_maxabs_err(d2, d1, R * one.in, REL_FLOOR) < GRAD_RTOL);
         free(x), free(y1), free(y2), free(g), free(d1), free(d2);
+        dpoc_pool_free(&pool);
     }
     int32_t tok[T_];
     for (size_t i = 0; i < T_; i++) tok[i] = (int32_t)((i * 7919 + 13) % full.cfg.vocab_size);
