@@ -286,40 +286,7 @@ static void run_ln2(const char *model) {
 static void compare_log_history(const char *model, const char *metrics_path) {
     char rel[256];
     snprintf(rel, sizeof rel, "%s/expected/train3.json", model);
-    cJSON *j = load_json_fixture(rel);
-    const cJSON *hist = cJSON_GetObjectItem(j, "log_history");
-    char *text = read_text_file(metrics_path, NULL);
-    if (!text) fail_msg("no metrics file %s", metrics_path);
-    size_t step = 0;
-    char *save = NULL;
-    for (char *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save), step++) {
-        cJSON *got = cJSON_Parse(line);
-        if (!got) fail_msg("%s: line %zu is not JSON", metrics_path, step + 1);
-        const cJSON *want = cJSON_GetArrayItem(hist, (int)step);
-        if (!want) fail_msg("%s: more logged steps than TRL's", metrics_path);
-        const cJSON *it;
-        size_t compared = 0;
-        cJSON_ArrayForEach(it, want) {
-            const cJSON *g = cJSON_GetObjectItem(got, it->string);
-            if (!cJSON_IsNumber(it)) continue;
-            if (!g) {
-                /* HF's own bookkeeping keys dpoc does not log */
-                if (!strcmp(it->string, "total_flos") || !strcmp(it->string, "train_runtime") ||
-                    !strcmp(it->string, "train_samples_per_second") || !strcmp(it->string, "train_steps_per_second") ||
-                    !strcmp(it->string, "train_loss"))
-                    continue;
-                fail_msg("%s step %zu: metric '%s' is missing", metrics_path, step + 1, it->string);
-            }
-            double tol = !strcmp(it->string, "loss") ? TOL_LOSS : TOL_METRIC;
-            assert_close(g->valuedouble, it->valuedouble, tol, ATOL_TINY, "%s step %zu %s", model, step + 1, it->string);
-            compared++;
-        }
-        assert_true(compared >= 15);
-        cJSON_Delete(got);
-    }
-    assert_int_equal(step, 3);
-    free(text);
-    cJSON_Delete(j);
+    compare_log_history_with(rel, metrics_path, 3, TOL_LOSS, TOL_METRIC, ATOL_TINY, model);
 }
 
 /* Three optimizer steps (accumulation 2, warm-up, clipping, truncation) through the library. */

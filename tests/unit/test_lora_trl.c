@@ -272,35 +272,7 @@ static void compare_adapter(const dpoc_model *m, const char *rel, const char *in
 static void compare_history(const char *name, const char *metrics_path) {
     char rel[256];
     snprintf(rel, sizeof rel, "lora/%s/train3.json", name);
-    cJSON *j = load_json_fixture(rel);
-    const cJSON *hist = cJSON_GetObjectItem(j, "log_history");
-    char *text = read_text_file(metrics_path, NULL);
-    if (!text) fail_msg("no metrics file %s", metrics_path);
-    size_t step = 0;
-    char *save = NULL;
-    for (char *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save), step++) {
-        cJSON *got = cJSON_Parse(line);
-        const cJSON *want = cJSON_GetArrayItem(hist, (int)step);
-        if (!got || !want) fail_msg("%s: line %zu", metrics_path, step + 1);
-        const cJSON *it;
-        size_t compared = 0;
-        cJSON_ArrayForEach(it, want) {
-            if (!cJSON_IsNumber(it)) continue;
-            const cJSON *g = cJSON_GetObjectItem(got, it->string);
-            if (!g) {
-                if (!strcmp(it->string, "total_flos") || !strncmp(it->string, "train_", 6)) continue; /* HF's bookkeeping */
-                fail_msg("%s step %zu: metric '%s' is missing", name, step + 1, it->string);
-            }
-            assert_close(g->valuedouble, it->valuedouble, METRIC_RTOL, METRIC_ATOL, "%s step %zu %s", name, step + 1,
-                         it->string);
-            compared++;
-        }
-        assert_true(compared >= 15);
-        cJSON_Delete(got);
-    }
-    assert_int_equal(step, 3);
-    free(text);
-    cJSON_Delete(j);
+    compare_log_history_with(rel, metrics_path, 3, METRIC_RTOL, METRIC_RTOL, METRIC_ATOL, name);
 }
 
 /* DPOTrainer.train() with the peft config, 3 steps (accumulation 2, warm-up,

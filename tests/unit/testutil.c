@@ -121,3 +121,38 @@ void load_shipped_config(dpoc_config *c, const char *model) {
     root_relative(c->train_file);
     snprintf(c->output_dir, sizeof c->output_dir, "%s", make_temp_dir());
 }
+
+void compare_log_history_with(const char *rel, const char *metrics_path, size_t steps, double loss_rtol,
+                              double metric_rtol, double atol, const char *what) {
+    cJSON *j = load_json_fixture(rel);
+    const cJSON *hist = cJSON_GetObjectItem(j, "log_history");
+    char *text = read_text_file(metrics_path, NULL);
+    if (!text) fail_msg("no metrics file %s", metrics_path);
+    size_t step = 0;
+    char *save = NULL;
+    for (char *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save), step++) {
+        cJSON *got = cJSON_Parse(line);
+        if (!got) fail_msg("%s: line %zu is not JSON", metrics_path, step + 1);
+        const cJSON *want = cJSON_GetArrayItem(hist, (int)step);
+        if (!want) fail_msg("%s: more logged steps than TRL's", metrics_path);
+        const cJSON *it;
+        size_t compared = 0;
+        cJSON_ArrayForEach(it, want) {
+            if (!cJSON_IsNumber(it)) continue;
+            const cJSON *g = cJSON_GetObjectItem(got, it->string);
+            if (!g) {
+                /* HF's own bookkeeping keys dpoc does not log */
+                if (!strcmp(it->string, "total_flos") || !strncmp(it->string, "train_", 6)) continue;
+                fail_msg("%s step %zu: metric '%s' is missing", what, step + 1, it->string);
+            }
+            const double tol = !strcmp(it->string, "loss") ? loss_rtol : metric_rtol;
+            assert_close(g->valuedouble, it->valuedouble, tol, atol, "%s step %zu %s", what, step + 1, it->string);
+            compared++;
+        }
+        assert_true(compared >= 15);
+        cJSON_Delete(got);
+    }
+    assert_int_equal(step, steps);
+    free(text);
+    cJSON_Delete(j);
+}

@@ -55,6 +55,13 @@ void expect_log_has(const char *log, const char *needle);
 /* A fresh temporary directory (mkdtemp under /tmp); returns a static copy. */
 const char *make_temp_dir(void);
 
+/* A run's metrics.jsonl against the log_history of a TRL train3.json fixture (rel
+ * under tests/fixtures), step by step: every number TRL logged within metric_rtol
+ * (loss within loss_rtol), atol each; HF's own bookkeeping (total_flos, train_*)
+ * skipped; at least 15 metrics a step and exactly `steps` steps. */
+void compare_log_history_with(const char *rel, const char *metrics_path, size_t steps, double loss_rtol,
+                              double metric_rtol, double atol, const char *what);
+
 /* configs/<model>.json as shipped, its paths (relative to the repository root) made
  * absolute, output_dir a fresh temporary directory; not finalized, so that a test can
  * set more keys first. */
