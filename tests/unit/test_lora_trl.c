@@ -134,16 +134,34 @@ static void test_logps(void **state) {
     }
 }
 
-/* Every adapter gradient against grads-step1.safetensors. */
-static void compare_grads(const lcase *c, const float *G, const char *name) {
-    char rel[256];
-    snprintf(rel, sizeof rel, "lora/%s/grads-step1.safetensors", name);
+/* 1 when the tensor key of the peft adapter file rel is all zeros. */
+static int starts_at_zero(const char *rel, const char *key) {
+    st_model st;
+    dpoc_err err;
+    if (st_open_file(&st, fixture_path(rel), &err)) fail_msg("%s", err.msg);
+    const st_tensor *t = st_find(&st, key);
+    if (!t) fail_msg("%s: no '%s'", rel, key);
+    float *v = malloc(t->numel * sizeof *v);
+    if (st_read_f32(t, v, t->ndim, t->shape, &err)) fail_msg("%s", err.msg);
+    int zero = 1;
+    for (size_t i = 0; i < t->numel; i++) zero &= v[i] == 0.0f;
+    free(v);
+    st_close(&st);
+    return zero;
+}
+
+/* The trainable tensors of block (m's layout: its adapters, or their gradients)
+ * against every tensor of the peft-keyed file rel, relative max-abs within tol;
+ * init_rel (may be NULL): the adapter the values started from, whose all-zero
+ * tensors are held to ZERO_START_WEIGHT_RTOL instead. */
+static void compare_trainable(const dpoc_model *m, const float *block, const char *rel, const char *init_rel,
+                              double tol, const char *what) {
     st_model st;
     dpoc_err err;
     if (st_open_file(&st, fixture_path(rel), &err)) fail_msg("%s", err.msg);
     size_t compared = 0;
-    for (size_t i = 0; i < c->m.n_tensors; i++) {
-        const dpoc_param_info *p = &c->m.info[i];
+    for (size_t i = 0; i < m->n_tensors; i++) {
+        const dpoc_param_info *p = &m->info[i];
         if (!p->trainable) continue;
         char key[256];
         snprintf(key, sizeof key, "%s%s", DPOC_PEFT_KEY_PREFIX, p->name);
@@ -151,13 +169,21 @@ static void compare_grads(const lcase *c, const float *G, const char *name) {
         if (!t) fail_msg("%s: no '%s'", rel, key);
         float *want = malloc(p->numel * sizeof *want);
         if (st_read_f32(t, want, p->ndim, p->shape, &err)) fail_msg("%s", err.msg);
-        const double e = rel_maxabs_err(G + p->offset, want, p->numel, REL_FLOOR);
-        if (e > GRAD_RTOL) fail_msg("%s: %s relative error %.3g", name, key, e);
+        const double e = rel_maxabs_err(block + p->offset, want, p->numel, REL_FLOOR);
+        const double limit = init_rel && starts_at_zero(init_rel, key) ? ZERO_START_WEIGHT_RTOL : tol;
+        if (e > limit) fail_msg("%s: %s relative error %.3g (limit %.0e)", what, key, e, limit);
         free(want);
         compared++;
     }
     assert_int_equal(compared, st.n_tensors);
     st_close(&st);
+}
+
+/* Every adapter gradient against grads-step1.safetensors. */
+static void compare_grads(const lcase *c, const float *G, const char *name) {
+    char rel[256];
+    snprintf(rel, sizeof rel, "lora/%s/grads-step1.safetensors", name);
+    compare_trainable(&c->m, G, rel, NULL, GRAD_RTOL, name);
 }
 
 static void test_grads(void **state) {
@@ -229,45 +255,6 @@ static void test_save_roundtrip(void **state) {
     close_case(&c);
 }
 
-/* 1 when the tensor key of the peft adapter file rel is all zeros. */
-static int starts_at_zero(const char *rel, const char *key) {
-    st_model st;
-    dpoc_err err;
-    if (st_open_file(&st, fixture_path(rel), &err)) fail_msg("%s", err.msg);
-    const st_tensor *t = st_find(&st, key);
-    if (!t) fail_msg("%s: no '%s'", rel, key);
-    float *v = malloc(t->numel * sizeof *v);
-    if (st_read_f32(t, v, t->ndim, t->shape, &err)) fail_msg("%s", err.msg);
-    int zero = 1;
-    for (size_t i = 0; i < t->numel; i++) zero &= v[i] == 0.0f;
-    free(v);
-    st_close(&st);
-    return zero;
-}
-
-/* The run's adapter (t.policy's trainable block) against a peft adapter file;
- * init_rel: the adapter it started from. */
-static void compare_adapter(const dpoc_model *m, const char *rel, const char *init_rel, double tol, const char *what) {
-    st_model st;
-    dpoc_err err;
-    if (st_open_file(&st, fixture_path(rel), &err)) fail_msg("%s", err.msg);
-    for (size_t i = 0; i < m->n_tensors; i++) {
-        const dpoc_param_info *p = &m->info[i];
-        if (!p->trainable) continue;
-        char key[256];
-        snprintf(key, sizeof key, "%s%s", DPOC_PEFT_KEY_PREFIX, p->name);
-        const st_tensor *t = st_find(&st, key);
-        if (!t) fail_msg("%s: no '%s'", rel, key);
-        float *want = malloc(p->numel * sizeof *want);
-        if (st_read_f32(t, want, p->ndim, p->shape, &err)) fail_msg("%s", err.msg);
-        const double e = rel_maxabs_err(m->params + p->offset, want, p->numel, REL_FLOOR);
-        const double limit = starts_at_zero(init_rel, key) ? ZERO_START_WEIGHT_RTOL : tol;
-        if (e > limit) fail_msg("%s: %s relative error %.3g (limit %.0e)", what, key, e, limit);
-        free(want);
-    }
-    st_close(&st);
-}
-
 /* metrics.jsonl of the run against train3.json's log_history, every number TRL logged. */
 static void compare_history(const char *name, const char *metrics_path) {
     char rel[256];
@@ -314,7 +301,7 @@ static void run_train3(const char *name, int shared, int gc) {
     snprintf(rel, sizeof rel, "lora/%s/adapter-step3/adapter_model.safetensors", name);
     snprintf(init_rel, sizeof init_rel, "lora/%s/adapter-init/adapter_model.safetensors", name);
     snprintf(what, sizeof what, "%s adapter after 3 steps", name);
-    compare_adapter(&t.policy, rel, init_rel, WEIGHT_RTOL, what);
+    compare_trainable(&t.policy, t.policy.params, rel, init_rel, WEIGHT_RTOL, what);
     compare_history(name, metrics);
     dpoc_trainer_free(&t);
 }
