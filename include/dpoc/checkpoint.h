@@ -26,7 +26,10 @@
 #define DPOC_CKPT_FORMAT_VERSION 1
 
 /* Writes the trainer's state at its current step; save_total_limit 0 keeps all.
- * The written path goes to path_out (may be NULL). */
+ * The written path goes to path_out (may be NULL). Called on rank 0 only, but
+ * with zero_stage >= 1 on more than one rank on every rank (collective): the
+ * others send their slices of the AdamW moments, and the file is the same as an
+ * unsharded run's, so it resumes at any world size and stage. */
 int dpoc_ckpt_save(const dpoc_trainer *t, size_t save_total_limit, char *path_out, size_t path_n, dpoc_err *err);
 
 /* Opens a checkpoint and checks its format version and content hash. */

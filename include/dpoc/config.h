@@ -89,6 +89,7 @@ typedef struct {
     size_t replica_check_steps; /* compare replica checksums every N steps (0: only at start) */
     double bucket_size_mb;      /* gradient allreduce bucket size (grad_allreduce "mpi") */
     dpoc_allreduce_kind grad_allreduce; /* auto, shared (node-local shared-memory window), mpi (buckets) */
+    size_t zero_stage; /* DeepSpeed ZeRO: 0 replicas, 1 AdamW moments sharded, 2 and gradients (dpoc/shard.h) */
     double collective_timeout_s; /* watchdog: abort when a step makes no progress this long */
     size_t num_threads;         /* BLAS/kernel threads per rank (0: cores / ranks on the node) */
     int model_loading_broadcast; /* model_loading: "each_rank" (0, mmap on every rank) or "broadcast" (1) */

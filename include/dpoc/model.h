@@ -212,6 +212,18 @@ typedef struct {
  * floats). hook may be NULL. */
 void dpoc_model_backward(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_grad_scratch *s,
                          const int32_t *tokens, const float *dlogp, const dpoc_backward_hook *hook);
+/* The backwards of n sequences (each forwarded into a[i] by dpoc_model_forward),
+ * layer by layer: every sequence through the head, then every sequence through
+ * the last layer, ..., then every embedding. dx[i] (a[i]->T, C) carries sequence
+ * i's gradient between layers. Each gradient gets the same contributions in the
+ * same sequence order as n calls of dpoc_model_backward (so the same bits, but
+ * for a tied head, whose embedding rows now come after every head), and each
+ * layer's gradients are final after one pass through it: the hook's ready()
+ * calls come once per layer for all n, early enough to reduce and release a
+ * layer's gradients before the next (ZeRO stage 2). */
+void dpoc_model_backward_seqs(const dpoc_model *m, float *grads, dpoc_acts *const *a, const int32_t *const *tokens,
+                              const float *const *dlogp, float *const *dx, size_t n, dpoc_grad_scratch *s,
+                              const dpoc_backward_hook *hook);
 
 /* One preference pair with its prompt computed once. Equivalent (to rounding) to
  * dpoc_model_forward of prompt+chosen and of prompt+rejected, each with

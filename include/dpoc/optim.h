@@ -17,7 +17,8 @@ typedef struct {
 
 typedef struct {
     size_t n;
-    float *m, *v; /* first and second moments, flat like the parameters */
+    size_t lo, hi; /* the slice of the parameters this optimizer updates ([0, n) but with ZeRO) */
+    float *m, *v; /* first and second moments of [lo, hi): m[i] belongs to parameter lo + i */
     dpoc_decay_range *ranges; /* cover [0, n) in order */
     size_t n_ranges;
     long step;    /* optimizer steps taken */
@@ -28,8 +29,13 @@ typedef struct {
  * decay; transformers exempts biases and normalization weights. */
 int dpoc_adamw_init(dpoc_adamw *o, size_t n, const dpoc_config *c, size_t n_tensors, const size_t *offset,
                     const size_t *count, const int *decay, dpoc_err *err);
+/* The same for the slice [lo, hi) of the n parameters only (ZeRO, dpoc/shard.h):
+ * moments for hi - lo floats; decay ranges still tile [0, n). */
+int dpoc_adamw_init_range(dpoc_adamw *o, size_t n, size_t lo, size_t hi, const dpoc_config *c, size_t n_tensors,
+                          const size_t *offset, const size_t *count, const int *decay, dpoc_err *err);
 void dpoc_adamw_free(dpoc_adamw *o);
-/* One step at learning rate lr: params -= ... using grads * grad_scale (the
+/* One step at learning rate lr on params[lo, hi) (params is the whole block;
+ * grads[i] is parameter lo + i's gradient): params -= ... using grads * grad_scale (the
  * clipping factor of dpoc_clip_coef, fused: the same floats as clipping the
  * block in place first, without another pass over it). When params has a bf16
  * copy registered for the products (dpoc_gemm_shadow_add), it is kept current. */

@@ -22,6 +22,7 @@
 #include "dpoc/model.h"
 #include "dpoc/prof.h"
 #include "dpoc/optim.h"
+#include "dpoc/shard.h"
 #include "dpoc/tokenizer.h"
 
 /* Per-micro-batch sums from which TRL's metrics follow; summed across ranks
@@ -102,9 +103,11 @@ typedef struct {
     int ref_is_base;
     dpoc_tokenizer *tok; /* NULL when the model has no tokenizer.json (pre-tokenized data only) */
     dpoc_dataset data;
-    float *grads;        /* sync.grads: the gradient block, owned by sync */
-    dpoc_grad_sync sync;
-    dpoc_adamw opt;
+    float *grads;        /* the gradient block: sync.grads, or with zero_stage 2 shard.local */
+    dpoc_grad_sync sync; /* stages 0 and 1 (unused at stage 2: path NONE) */
+    int zero_stage;      /* cfg.zero_stage: 0, or shard is made */
+    dpoc_shard shard;
+    dpoc_adamw opt;      /* with ZeRO over this rank's slice [shard.me_lo, shard.me_hi) */
     size_t max_T;
     int shared;         /* pairs run with their prompt computed once (shared_prefix, every pair allows it) */
     size_t act_T;       /* rows each activation set holds: max_T, or the longest pair when shared */
@@ -117,6 +120,11 @@ typedef struct {
     dpoc_acts *acts;
     dpoc_acts ref_acts; /* reused for every reference forward */
     dpoc_grad_scratch scratch;
+    /* backward layer by layer over the micro-batch's sequences (unshared prompts) */
+    float *seq_dx_block;        /* (2 * batch size, act_T, hidden) */
+    float **seq_dx;             /* (2 * batch size) sequence s's dLoss/d(residual) */
+    dpoc_acts **seq_acts;       /* (2 * batch size) &acts[s] */
+    const int32_t **seq_tokens; /* (2 * batch size) */
     int32_t *seq_buf;   /* (2 * batch size, max_T) token ids */
     float *tok_buf;     /* dLoss/dlogp per token */
     size_t *order;      /* data order of the current epoch */

@@ -423,6 +423,8 @@ static const key_def KEYS[] = {
      "MPI: check that every rank holds the same weights every N steps (0: only at start)"},
     {"bucket_size_mb", K_DOUBLE, OFF(bucket_size_mb), 0.001, 4096, 0, 0,
      "MPI: gradient allreduce bucket size (grad_allreduce mpi)"},
+    {"zero_stage", K_SIZE, OFF(zero_stage), 0, 2, 0, 0,
+     "DeepSpeed-style sharding over the ranks: 0 none, 1 AdamW moments, 2 moments and gradients"},
     {"grad_allreduce", K_CUSTOM, 0, 0, 0, set_allreduce, get_allreduce,
      "MPI: auto (shared when a node runs several ranks), shared (gradients in a node-local shared-memory window, "
      "reduced in place; MPI_Allreduce between nodes) or mpi (bucketed MPI_Iallreduce during backward)"},

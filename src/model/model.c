@@ -624,67 +624,109 @@ void dpoc_model_forward_shared(const dpoc_model *m, dpoc_acts *a, const int32_t 
     dpoc_model_forward_pairs(m, a, &p, 1);
 }
 
-/* From s->dln = dLoss/dlnf (T,C) back to the embedding: the final norm, the
- * layers in reverse, and the embedding rows of tokens (T), with the hook's
- * calls. Overwrites s->dx and the other scratch arrays. */
-static void backward_trunk(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_grad_scratch *s,
-                           const int32_t *tokens, const dpoc_backward_hook *hook) {
+/* ---- backward, in pieces: the head, the final norm, each layer, the embedding ----
+ *
+ * dx (T,C) carries dLoss/d(residual stream) of one sequence from piece to
+ * piece; the other scratch arrays of s are temporaries of one piece, so
+ * several sequences can go through the layers together, each with its own dx
+ * (dpoc_model_backward_seqs). */
+
+/* dx = dLoss/d(last layer's output) from s->dln = dLoss/dlnf (T,C). */
+static void final_norm_backward(const dpoc_model *m, float *G, dpoc_acts *a, dpoc_grad_scratch *s, float *dx) {
+    const size_t T = a->T, C = m->cfg.hidden_size;
+    memset(dx, 0, T * C * sizeof(float));
+    TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_backward(dx, dpoc_param_grad(&m->final_norm, G), s->dln, a->x_out, m->final_norm.v, a->rstdf, T, C));
+}
+
+/* Layer li: dx = dLoss/d(its output) in, dLoss/d(its input) out. */
+static void layer_backward(const dpoc_model *m, float *G, dpoc_acts *a, dpoc_grad_scratch *s, size_t li, float *dx) {
     const dpoc_model_config *cfg = &m->cfg;
     const size_t C = cfg->hidden_size, F = cfg->intermediate_size;
     const size_t nh = cfg->n_heads, nkv = cfg->n_kv_heads, hd = cfg->head_dim;
     const size_t QD = nh * hd, KD = nkv * hd;
     const size_t T = a->T;
-    float *G = grads;
+    const dpoc_layer *o = &m->layers[li];
+    dpoc_layer_acts *la = &a->layers[li];
+    /* gradient checkpointing: rebuild this layer's inner activations from its
+     * kept input (same kernels, same inputs: the same bits as the first time) */
+    if (a->recompute) layer_forward(m, a, li, a->recompute_out);
+    // dx holds dLoss/d(layer output). MLP branch first; the residual passes dx through.
+    memset(s->dact, 0, T * F * sizeof(float));
+    TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->down, G, s->dact, dx, la->act, T, a->lora_ws));
+    memset(s->dgate, 0, T * F * sizeof(float));
+    memset(s->dup, 0, T * F * sizeof(float));
+    TIMED(a->prof, DPOC_PROF_POINTWISE, swiglu_backward(s->dgate, s->dup, s->dact, la->gate, la->up, T * F));
+    memset(s->dln, 0, T * C * sizeof(float));
+    TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->gate, G, s->dln, s->dgate, la->ln2, T, a->lora_ws));
+    TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->up, G, s->dln, s->dup, la->ln2, T, a->lora_ws));
+    TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_backward(dx, dpoc_param_grad(&o->mlp_norm, G), s->dln, la->x_mid, o->mlp_norm.v, la->rstd2, T, C));
+    // dx now holds dLoss/d(x_mid); attention branch.
+    memset(s->datty, 0, T * QD * sizeof(float));
+    TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->o, G, s->datty, dx, la->atty, T, a->lora_ws));
+    memset(s->dq, 0, T * QD * sizeof(float));
+    memset(s->dk, 0, T * KD * sizeof(float));
+    memset(s->dv, 0, T * KD * sizeof(float));
+    TIMED(a->prof, DPOC_PROF_ATTENTION, attention_rows_backward(a, s->dq, s->dk, s->dv, s->datty, la->q, la->k, la->v, la->atty, la->att_lse, nh, nkv,
+                            hd));
+    TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, s->dq, nh, hd, 1));
+    TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, s->dk, nkv, hd, 1));
+    memset(s->dln, 0, T * C * sizeof(float));
+    TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->q, G, s->dln, s->dq, la->ln1, T, a->lora_ws));
+    TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->k, G, s->dln, s->dk, la->ln1, T, a->lora_ws));
+    TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->v, G, s->dln, s->dv, la->ln1, T, a->lora_ws));
+    TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_backward(dx, dpoc_param_grad(&o->attn_norm, G), s->dln, la->x_in, o->attn_norm.v, la->rstd1, T, C));
+}
 
-    memset(s->dx, 0, T * C * sizeof(float));
-    TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_backward(s->dx, dpoc_param_grad(&m->final_norm, G), s->dln, a->x_out, m->final_norm.v, a->rstdf, T, C));
+static void embed_backward(const dpoc_model *m, float *G, dpoc_acts *a, const int32_t *tokens, const float *dx) {
+    TIMED(a->prof, DPOC_PROF_POINTWISE, embedding_backward(dpoc_param_grad(&m->wte, G), dx, tokens, a->T, m->cfg.hidden_size));
+}
+
+/* From s->dln = dLoss/dlnf (T,C) back to the embedding: the final norm, the
+ * layers in reverse, and the embedding rows of tokens (T), with the hook's
+ * calls. Overwrites s->dx and the other scratch arrays. */
+static void backward_trunk(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_grad_scratch *s,
+                           const int32_t *tokens, const dpoc_backward_hook *hook) {
+    final_norm_backward(m, grads, a, s, s->dx);
     /* the final norm and an untied head sit at the end of the block; a tied head is the embedding */
     if (hook) hook->ready(hook->ctx, m->tail_grad_from);
-    for (size_t li = cfg->n_layers; li-- > 0;) {
-        const dpoc_layer *o = &m->layers[li];
-        dpoc_layer_acts *la = &a->layers[li];
-        /* gradient checkpointing: rebuild this layer's inner activations from its
-         * kept input (same kernels, same inputs: the same bits as the first time) */
-        if (a->recompute) layer_forward(m, a, li, a->recompute_out);
-        // dx holds dLoss/d(layer output). MLP branch first; the residual passes dx through.
-        memset(s->dact, 0, T * F * sizeof(float));
-        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->down, G, s->dact, s->dx, la->act, T, a->lora_ws));
-        memset(s->dgate, 0, T * F * sizeof(float));
-        memset(s->dup, 0, T * F * sizeof(float));
-        TIMED(a->prof, DPOC_PROF_POINTWISE, swiglu_backward(s->dgate, s->dup, s->dact, la->gate, la->up, T * F));
-        memset(s->dln, 0, T * C * sizeof(float));
-        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->gate, G, s->dln, s->dgate, la->ln2, T, a->lora_ws));
-        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->up, G, s->dln, s->dup, la->ln2, T, a->lora_ws));
-        TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_backward(s->dx, dpoc_param_grad(&o->mlp_norm, G), s->dln, la->x_mid, o->mlp_norm.v, la->rstd2, T, C));
-        // dx now holds dLoss/d(x_mid); attention branch.
-        memset(s->datty, 0, T * QD * sizeof(float));
-        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->o, G, s->datty, s->dx, la->atty, T, a->lora_ws));
-        memset(s->dq, 0, T * QD * sizeof(float));
-        memset(s->dk, 0, T * KD * sizeof(float));
-        memset(s->dv, 0, T * KD * sizeof(float));
-        TIMED(a->prof, DPOC_PROF_ATTENTION, attention_rows_backward(a, s->dq, s->dk, s->dv, s->datty, la->q, la->k, la->v, la->atty, la->att_lse, nh, nkv,
-                                hd));
-        TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, s->dq, nh, hd, 1));
-        TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, s->dk, nkv, hd, 1));
-        memset(s->dln, 0, T * C * sizeof(float));
-        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->q, G, s->dln, s->dq, la->ln1, T, a->lora_ws));
-        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->k, G, s->dln, s->dk, la->ln1, T, a->lora_ws));
-        TIMED(a->prof, DPOC_PROF_GEMM, linear_backward(&o->v, G, s->dln, s->dv, la->ln1, T, a->lora_ws));
-        TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_backward(s->dx, dpoc_param_grad(&o->attn_norm, G), s->dln, la->x_in, o->attn_norm.v, la->rstd1, T, C));
+    for (size_t li = m->cfg.n_layers; li-- > 0;) {
+        layer_backward(m, grads, a, s, li, s->dx);
         /* layers are laid out in order: this one's gradients are final, and all after it */
-        if (hook) hook->ready(hook->ctx, o->grad_from);
+        if (hook) hook->ready(hook->ctx, m->layers[li].grad_from);
     }
-    TIMED(a->prof, DPOC_PROF_POINTWISE, embedding_backward(dpoc_param_grad(&m->wte, G), s->dx, tokens, T, C));
+    embed_backward(m, grads, a, tokens, s->dx);
+    if (hook) hook->ready(hook->ctx, 0);
+}
+
+/* s->dln = dLoss/dlnf of the sequence in a, from its head rows' dLoss/dlogp. */
+static void head_backward(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_grad_scratch *s, const float *dlogp) {
+    const size_t C = m->cfg.hidden_size;
+    memset(s->dln, 0, a->T * C * sizeof(float));
+    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_backward_linear(s->dln + a->row0 * C, lmhead_grad(m, grads), dlogp, a->lnf + a->row0 * C,
+                    &m->lm_head, a->labels, a->lse, a->R, a->logits_scratch));
+}
+
+void dpoc_model_backward_seqs(const dpoc_model *m, float *grads, dpoc_acts *const *a, const int32_t *const *tokens,
+                              const float *const *dlogp, float *const *dx, size_t n, dpoc_grad_scratch *s,
+                              const dpoc_backward_hook *hook) {
+    for (size_t i = 0; i < n; i++) {
+        assert(a[i]->n_pairs == 0);
+        head_backward(m, grads, a[i], s, dlogp[i]);
+        final_norm_backward(m, grads, a[i], s, dx[i]);
+    }
+    if (hook) hook->ready(hook->ctx, m->tail_grad_from);
+    for (size_t li = m->cfg.n_layers; li-- > 0;) {
+        for (size_t i = 0; i < n; i++) layer_backward(m, grads, a[i], s, li, dx[i]);
+        if (hook) hook->ready(hook->ctx, m->layers[li].grad_from);
+    }
+    for (size_t i = 0; i < n; i++) embed_backward(m, grads, a[i], tokens[i], dx[i]);
     if (hook) hook->ready(hook->ctx, 0);
 }
 
 void dpoc_model_backward(const dpoc_model *m, float *grads, dpoc_acts *a, dpoc_grad_scratch *s,
                          const int32_t *tokens, const float *dlogp, const dpoc_backward_hook *hook) {
-    const size_t C = m->cfg.hidden_size;
     assert(a->n_pairs == 0); /* a pairs forward needs dpoc_model_backward_pairs */
-    memset(s->dln, 0, a->T * C * sizeof(float));
-    TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_backward_linear(s->dln + a->row0 * C, lmhead_grad(m, grads), dlogp, a->lnf + a->row0 * C,
-                    &m->lm_head, a->labels, a->lse, a->R, a->logits_scratch));
+    head_backward(m, grads, a, s, dlogp);
     backward_trunk(m, grads, a, s, tokens, hook);
 }
 

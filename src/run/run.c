@@ -116,11 +116,13 @@ static int precompute_ref(dpoc_trainer *t, dpoc_err *err) {
 
 static int checkpoint(dpoc_trainer *t, dpoc_err *err) {
     int rc = 0;
-    if (dpoc_dist_is_root(t->dist)) {
+    /* with ZeRO every rank sends its slice of the moments to rank 0, which writes */
+    const int sharded = t->zero_stage && t->dist && t->dist->world > 1;
+    if (dpoc_dist_is_root(t->dist) || sharded) {
         char path[DPOC_PATH_MAX + 160];
         double t0 = dpoc_now_s();
         rc = dpoc_ckpt_save(t, t->cfg.save_total_limit, path, sizeof path, err);
-        if (!rc) printf("dpoc: checkpoint %s written in %.2f s\n", path, dpoc_now_s() - t0);
+        if (!rc && dpoc_dist_is_root(t->dist)) printf("dpoc: checkpoint %s written in %.2f s\n", path, dpoc_now_s() - t0);
         fflush(stdout);
     }
     /* the others wait, so that no rank exits before the checkpoint is durable */

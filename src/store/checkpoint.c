@@ -15,6 +15,7 @@
 
 #include "core/fileutil.h"
 #include "dpoc/lora.h"
+#include "dpoc/shard.h"
 
 #ifndef DPOC_GIT_REVISION
 #define DPOC_GIT_REVISION "unknown"
@@ -70,7 +71,8 @@ static int attr_read_str(hid_t obj, const char *name, char *buf, size_t n) {
     return r;
 }
 
-static int write_tensor(hid_t g, const dpoc_param_info *p, const float *data) {
+/* The dataset of one tensor, chunked in whole rows with Fletcher32; < 0 on failure. */
+static hid_t create_tensor(hid_t g, const dpoc_param_info *p) {
     hsize_t dims[2] = {p->shape[0], p->shape[1]}, chunk[2] = {p->shape[0], p->shape[1]};
     const int rank = (int)p->ndim;
     size_t row = rank == 2 ? p->shape[1] : 1;
@@ -83,11 +85,37 @@ static int write_tensor(hid_t g, const dpoc_param_info *p, const float *data) {
     H5Pset_chunk(dcpl, rank, chunk);
     H5Pset_fletcher32(dcpl);
     hid_t d = H5Dcreate2(g, p->name, H5T_IEEE_F32LE, sp, H5P_DEFAULT, dcpl, H5P_DEFAULT);
-    herr_t r = d >= 0 ? H5Dwrite(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) : -1;
-    if (d >= 0) H5Dclose(d);
     H5Pclose(dcpl);
     H5Sclose(sp);
+    return d;
+}
+
+static int write_tensor(hid_t g, const dpoc_param_info *p, const float *data) {
+    hid_t d = create_tensor(g, p);
+    herr_t r = d >= 0 ? H5Dwrite(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) : -1;
+    if (d >= 0) H5Dclose(d);
     return r < 0 ? -1 : 0;
+}
+
+/* Rows [r0, r0 + nr) of tensor p's dataset d from or to buf (rank-1 tensors: elements). */
+static int tensor_rows_io(hid_t d, const dpoc_param_info *p, size_t r0, size_t nr, float *buf, int write) {
+    hsize_t start[2] = {r0, 0}, count[2] = {nr, p->ndim == 2 ? p->shape[1] : 1};
+    hid_t fs = H5Dget_space(d);
+    hid_t ms = H5Screate_simple((int)p->ndim, count, NULL);
+    herr_t r = fs >= 0 && ms >= 0 ? H5Sselect_hyperslab(fs, H5S_SELECT_SET, start, NULL, count, NULL) : -1;
+    if (r >= 0)
+        r = write ? H5Dwrite(d, H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, buf)
+                  : H5Dread(d, H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, buf);
+    if (ms >= 0) H5Sclose(ms);
+    if (fs >= 0) H5Sclose(fs);
+    return r < 0 ? -1 : 0;
+}
+
+/* Rows per piece of a sharded stream: whole rows of at most DPOC_SHARD_PIECE floats. */
+static size_t piece_rows(const dpoc_param_info *p) {
+    const size_t row = p->ndim == 2 ? p->shape[1] : 1;
+    const size_t r = DPOC_SHARD_PIECE / (row ? row : 1);
+    return r ? r : 1;
 }
 
 /* 1 when a dataset is stored as dpoc writes it: IEEE float32 LE, chunked with whole rows
@@ -216,24 +244,141 @@ static int cmp_names(const void *a, const void *b) {
     return strcmp(((const named_index *)a)->name, ((const named_index *)b)->name);
 }
 
-static int content_hash(const dpoc_model *m, const float *exp_avg, const float *exp_avg_sq, long long step,
-                        long long opt_step, uint64_t *out, dpoc_err *err) {
+/* m's trainable tensors in name order; *out malloc'ed. */
+static int sorted_trainable(const dpoc_model *m, named_index **out, size_t *n_out, dpoc_err *err) {
     named_index *idx = dpoc_malloc((m->n_tensors ? m->n_tensors : 1) * sizeof *idx, "tensor order", err);
     if (!idx) return DPOC_ENOMEM;
     size_t n = 0;
     for (size_t i = 0; i < m->n_tensors; i++)
         if (m->info[i].trainable) idx[n++] = (named_index){m->info[i].name, i};
     qsort(idx, n, sizeof *idx, cmp_names);
-    const float *blocks[3] = {m->params, exp_avg, exp_avg_sq};
-    uint64_t h = DPOC_FNV_OFFSET;
-    for (int b = 0; b < 3; b++)
-        for (size_t k = 0; k < n; k++) {
-            const dpoc_param_info *p = &m->info[idx[k].index];
-            h = dpoc_fnv1a(h, blocks[b] + p->offset, p->numel * sizeof(float));
-        }
+    *out = idx;
+    *n_out = n;
+    return 0;
+}
+
+static uint64_t hash_block(uint64_t h, const dpoc_model *m, const named_index *idx, size_t n, const float *block) {
+    for (size_t k = 0; k < n; k++) {
+        const dpoc_param_info *p = &m->info[idx[k].index];
+        h = dpoc_fnv1a(h, block + p->offset, p->numel * sizeof(float));
+    }
+    return h;
+}
+
+static uint64_t hash_steps(uint64_t h, long long step, long long opt_step) {
     h = dpoc_fnv1a(h, &step, sizeof step);
-    *out = dpoc_fnv1a(h, &opt_step, sizeof opt_step);
+    return dpoc_fnv1a(h, &opt_step, sizeof opt_step);
+}
+
+static int content_hash(const dpoc_model *m, const float *exp_avg, const float *exp_avg_sq, long long step,
+                        long long opt_step, uint64_t *out, dpoc_err *err) {
+    named_index *idx;
+    size_t n;
+    DPOC_TRY(sorted_trainable(m, &idx, &n, err));
+    uint64_t h = hash_block(DPOC_FNV_OFFSET, m, idx, n, m->params);
+    h = hash_block(h, m, idx, n, exp_avg);
+    h = hash_block(h, m, idx, n, exp_avg_sq);
+    *out = hash_steps(h, step, opt_step);
     free(idx);
+    return 0;
+}
+
+/* ---- AdamW moments sharded over the ranks (ZeRO, dpoc/shard.h) ----
+ *
+ * The file is the same as without sharding: rank 0 writes every tensor whole.
+ * Each tensor's moments travel to rank 0 in pieces of whole rows, in the order
+ * the content hash reads them (name order), so rank 0 never holds more than a
+ * piece of the moments it does not own. Every rank runs the same schedule of
+ * gathers whatever happens to rank 0's file: an HDF5 failure there is reported
+ * after the last gather, not as a hang. */
+
+static int moments_sharded(const dpoc_trainer *t) { return t->zero_stage && t->dist && t->dist->world > 1; }
+
+/* Staging floats for one piece of any trainable tensor. */
+static size_t piece_capacity(const dpoc_model *m) {
+    size_t cap = DPOC_SHARD_PIECE;
+    for (size_t i = 0; i < m->n_tensors; i++) {
+        const dpoc_param_info *p = &m->info[i];
+        const size_t row = p->ndim == 2 ? p->shape[1] : 1;
+        if (p->trainable && row > cap) cap = row;
+    }
+    return cap;
+}
+
+/* Collective. f: rank 0's file (ignored elsewhere); mine: this rank's slice of
+ * the moments; h: the running content hash (rank 0). */
+static int write_sharded_group(hid_t f, const char *name, const dpoc_trainer *t, const float *mine,
+                               const named_index *idx, size_t n_idx, float *buf, uint64_t *h, int *bad,
+                               dpoc_err *err) {
+    const dpoc_model *m = &t->policy;
+    const int root = dpoc_dist_is_root(t->dist);
+    hid_t g = -1;
+    if (root && !*bad) {
+        hid_t lcpl = H5Pcreate(H5P_LINK_CREATE);
+        H5Pset_create_intermediate_group(lcpl, 1);
+        g = H5Gcreate2(f, name, lcpl, H5P_DEFAULT, H5P_DEFAULT);
+        H5Pclose(lcpl);
+        if (g < 0) *bad = 1;
+    }
+    dpoc_shard *sh = (dpoc_shard *)&t->shard;
+    int rc = 0;
+    for (size_t k = 0; k < n_idx && !rc; k++) {
+        const dpoc_param_info *p = &m->info[idx[k].index];
+        const size_t row = p->ndim == 2 ? p->shape[1] : 1, per = piece_rows(p);
+        hid_t d = g >= 0 && !*bad ? create_tensor(g, p) : -1;
+        if (g >= 0 && d < 0) *bad = 1;
+        for (size_t r0 = 0; r0 < p->shape[0] && !rc; r0 += per) {
+            const size_t nr = p->shape[0] - r0 < per ? p->shape[0] - r0 : per;
+            rc = dpoc_shard_gather_to_root(sh, mine, p->offset + r0 * row, nr * row, root ? buf : NULL, err);
+            if (rc || !root) continue;
+            *h = dpoc_fnv1a(*h, buf, nr * row * sizeof(float));
+            if (d >= 0 && tensor_rows_io(d, p, r0, nr, buf, 1) < 0) *bad = 1;
+        }
+        if (d >= 0) H5Dclose(d);
+    }
+    if (g >= 0) H5Gclose(g);
+    return rc;
+}
+
+/* Every rank reads every piece of the group (so each checks the whole content
+ * hash), keeping its own slice of it in mine. */
+static int read_sharded_group(hid_t grp, const dpoc_trainer *t, float *mine, const named_index *idx, size_t n_idx,
+                              float *buf, uint64_t *h, const char *path, const char *group, dpoc_err *err) {
+    const dpoc_model *m = &t->policy;
+    const size_t lo = t->opt.lo, hi = t->opt.hi;
+    for (size_t k = 0; k < n_idx; k++) {
+        const dpoc_param_info *p = &m->info[idx[k].index];
+        if (H5Lexists(grp, p->name, H5P_DEFAULT) <= 0)
+            return dpoc_errf(err, DPOC_EINPUT, "%s: checkpoint has no tensor %s/%s (another model?)", path, group, p->name);
+        hid_t d = H5Dopen2(grp, p->name, H5P_DEFAULT);
+        if (d < 0) return dpoc_errf(err, DPOC_EINPUT, "%s: cannot open %s/%s", path, group, p->name);
+        hid_t sp = H5Dget_space(d);
+        hsize_t dims[2] = {0, 0};
+        const int rank = H5Sget_simple_extent_dims(sp, dims, NULL);
+        H5Sclose(sp);
+        int rc = 0;
+        if (rank != (int)p->ndim || dims[0] != p->shape[0] || (rank == 2 && dims[1] != p->shape[1]))
+            rc = dpoc_errf(err, DPOC_EINPUT, "%s: %s/%s has another shape than the model's (another model?)", path,
+                           group, p->name);
+        else if (!stored_as_written(d))
+            rc = dpoc_errf(err, DPOC_EINPUT, "%s: %s/%s is not stored as dpoc writes it (corrupted metadata)", path,
+                           group, p->name);
+        const size_t row = p->ndim == 2 ? p->shape[1] : 1, per = piece_rows(p);
+        for (size_t r0 = 0; r0 < p->shape[0] && !rc; r0 += per) {
+            const size_t nr = p->shape[0] - r0 < per ? p->shape[0] - r0 : per;
+            if (tensor_rows_io(d, p, r0, nr, buf, 0) < 0) {
+                rc = dpoc_errf(err, DPOC_EINPUT, "%s: %s/%s cannot be read (checksum mismatch: the file is corrupted)",
+                               path, group, p->name);
+                break;
+            }
+            *h = dpoc_fnv1a(*h, buf, nr * row * sizeof(float));
+            const size_t a = p->offset + r0 * row, b = a + nr * row;
+            const size_t x = a > lo ? a : lo, y = b < hi ? b : hi;
+            if (y > x) memcpy(mine + (x - lo), buf + (x - a), (y - x) * sizeof(float));
+        }
+        H5Dclose(d);
+        if (rc) return rc;
+    }
     return 0;
 }
 
@@ -258,79 +403,130 @@ static size_t global_batch(const dpoc_trainer *t) {
            (size_t)(t->dist ? t->dist->world : 1);
 }
 
+/* The moments' part of a sharded save on a rank other than 0: the same gathers. */
+static int serve_sharded_save(const dpoc_trainer *t, dpoc_err *err) {
+    named_index *idx;
+    size_t n;
+    DPOC_TRY(sorted_trainable(&t->policy, &idx, &n, err));
+    uint64_t h = 0;
+    int bad = 0;
+    int rc = write_sharded_group(-1, "optimizer/exp_avg", t, t->opt.m, idx, n, NULL, &h, &bad, err);
+    if (!rc) rc = write_sharded_group(-1, "optimizer/exp_avg_sq", t, t->opt.v, idx, n, NULL, &h, &bad, err);
+    free(idx);
+    return rc;
+}
+
 int dpoc_ckpt_save(const dpoc_trainer *t, size_t save_total_limit, char *path_out, size_t path_n, dpoc_err *err) {
     const dpoc_config *cfg = &t->cfg;
+    const int sharded = moments_sharded(t);
+    if (sharded && !dpoc_dist_is_root(t->dist)) return serve_sharded_save(t, err);
     char name[128], path[DPOC_PATH_MAX + 160], tmp[DPOC_PATH_MAX + 160];
     snprintf(name, sizeof name, CKPT_PREFIX "%ld" CKPT_SUFFIX, t->global_step);
     snprintf(path, sizeof path, "%s/%s", cfg->output_dir, name);
     snprintf(tmp, sizeof tmp, "%s/.%s.tmp", cfg->output_dir, name);
-    DPOC_TRY(dpoc_mkdirs(cfg->output_dir, err));
+    /* sharded: from here on every failure is held until the other ranks are through their gathers */
+    named_index *idx = NULL;
+    size_t n_idx = 0;
+    float *buf = NULL;
+    int rc = 0;
+    if (sharded) {
+        rc = sorted_trainable(&t->policy, &idx, &n_idx, err);
+        if (!rc) {
+            buf = dpoc_malloc(piece_capacity(&t->policy) * sizeof(float), "checkpoint staging", err);
+            if (!buf) rc = DPOC_ENOMEM;
+        }
+        if (rc) return rc; /* then the other ranks fail in their gathers too (MPI ends the job), as with any lost rank */
+    }
+    int rc_dir = dpoc_mkdirs(cfg->output_dir, err);
+    if (rc_dir && !sharded) return rc_dir;
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
-    hid_t f = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
-    if (f < 0) return dpoc_errf(err, DPOC_EIO, "%s: cannot create", tmp);
+    hid_t f = rc_dir ? -1 : H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    if (f < 0 && !sharded) return dpoc_errf(err, DPOC_EIO, "%s: cannot create", tmp);
+    int bad = f < 0;
     char *config_json = dpoc_config_to_json(cfg);
     const long long step = t->global_step, opt_step = t->opt.step;
-    int bad = !config_json;
-    bad |= attr_i64(f, "format_version", DPOC_CKPT_FORMAT_VERSION);
-    bad |= attr_str(f, "dpoc_version", DPOC_VERSION);
-    bad |= attr_str(f, "git_revision", DPOC_GIT_REVISION);
-    bad |= attr_str(f, "config", config_json ? config_json : "{}");
-    char *machine = dpoc_runtime_json(); /* where these numbers were computed; not part of the content hash */
-    bad |= !machine || attr_str(f, "machine", machine);
-    free(machine);
-    /* the products' precision, so that bf16 auto resumes with the same (bit-exact) */
-    bad |= attr_str(f, "precision", dpoc_rt()->precision == DPOC_PRECISION_BF16 ? "bf16" : "fp32");
-    bad |= attr_i64(f, "world_size", t->dist ? t->dist->world : 1);
-    bad |= attr_i64(f, "global_batch_size", (long long)global_batch(t));
-    bad |= attr_i64(f, "global_step", step);
-    bad |= attr_f64(f, "epoch", (double)step / (double)t->updates_per_epoch);
-    bad |= attr_i64(f, "samples_seen", step * (long long)global_batch(t));
-    bad |= attr_u64(f, "seed", cfg->seed);
-    bad |= attr_i64(f, "optimizer_step", opt_step);
-    bad |= attr_i64(f, "scheduler_total_steps", t->total_steps);
-    bad |= attr_i64(f, "scheduler_warmup_steps", t->warmup_steps);
-    bad |= attr_f64(f, "window_loss", t->win_loss);
-    bad |= attr_i64(f, "window_micro_batches", (long long)t->win_micro_batches);
-    bad |= attr_i64(f, "window_tokens", (long long)t->win_tokens);
-    bad |= attr_i64(f, "total_tokens", (long long)t->total_tokens);
-    bad |= attr_i64(f, "last_logged_step", t->last_logged_step);
-    char key[64];
-    for (size_t i = 0; i < DPOC_N_WINDOW_METRICS; i++) {
-        snprintf(key, sizeof key, "window_metric_%zu", i);
-        bad |= attr_f64(f, key, t->win_metrics[i]);
+    bad |= !config_json;
+    if (f >= 0) {
+        bad |= attr_i64(f, "format_version", DPOC_CKPT_FORMAT_VERSION);
+        bad |= attr_str(f, "dpoc_version", DPOC_VERSION);
+        bad |= attr_str(f, "git_revision", DPOC_GIT_REVISION);
+        bad |= attr_str(f, "config", config_json ? config_json : "{}");
+        char *machine = dpoc_runtime_json(); /* where these numbers were computed; not part of the content hash */
+        bad |= !machine || attr_str(f, "machine", machine);
+        free(machine);
+        /* the products' precision, so that bf16 auto resumes with the same (bit-exact) */
+        bad |= attr_str(f, "precision", dpoc_rt()->precision == DPOC_PRECISION_BF16 ? "bf16" : "fp32");
+        bad |= attr_i64(f, "world_size", t->dist ? t->dist->world : 1);
+        bad |= attr_i64(f, "zero_stage", t->zero_stage);
+        bad |= attr_i64(f, "global_batch_size", (long long)global_batch(t));
+        bad |= attr_i64(f, "global_step", step);
+        bad |= attr_f64(f, "epoch", (double)step / (double)t->updates_per_epoch);
+        bad |= attr_i64(f, "samples_seen", step * (long long)global_batch(t));
+        bad |= attr_u64(f, "seed", cfg->seed);
+        bad |= attr_i64(f, "optimizer_step", opt_step);
+        bad |= attr_i64(f, "scheduler_total_steps", t->total_steps);
+        bad |= attr_i64(f, "scheduler_warmup_steps", t->warmup_steps);
+        bad |= attr_f64(f, "window_loss", t->win_loss);
+        bad |= attr_i64(f, "window_micro_batches", (long long)t->win_micro_batches);
+        bad |= attr_i64(f, "window_tokens", (long long)t->win_tokens);
+        bad |= attr_i64(f, "total_tokens", (long long)t->total_tokens);
+        bad |= attr_i64(f, "last_logged_step", t->last_logged_step);
+        char key[64];
+        for (size_t i = 0; i < DPOC_N_WINDOW_METRICS; i++) {
+            snprintf(key, sizeof key, "window_metric_%zu", i);
+            bad |= attr_f64(f, key, t->win_metrics[i]);
+        }
+        bad |= attr_str(f, "model_name_or_path", cfg->model_name_or_path);
+        bad |= attr_str(f, "ref_model_name_or_path", cfg->ref_model_name_or_path);
+        bad |= attr_str(f, "train_file", cfg->train_file);
+        bad |= attr_u64(f, "model_fingerprint", t->fp_policy);
+        bad |= attr_u64(f, "ref_model_fingerprint", t->fp_ref);
+        bad |= attr_u64(f, "data_fingerprint", t->fp_data);
+        /* LoRA: /model holds the adapters; these give their rank and scale (the base is
+         * model_name_or_path, checked by model_fingerprint) */
+        if (dpoc_lora_attached(&t->policy)) {
+            bad |= attr_i64(f, "lora_r", (long long)cfg->lora.r);
+            bad |= attr_f64(f, "lora_alpha", cfg->lora.alpha);
+            bad |= attr_i64(f, "lora_use_rslora", cfg->lora.use_rslora);
+        }
     }
-    bad |= attr_str(f, "model_name_or_path", cfg->model_name_or_path);
-    bad |= attr_str(f, "ref_model_name_or_path", cfg->ref_model_name_or_path);
-    bad |= attr_str(f, "train_file", cfg->train_file);
-    bad |= attr_u64(f, "model_fingerprint", t->fp_policy);
-    bad |= attr_u64(f, "ref_model_fingerprint", t->fp_ref);
-    bad |= attr_u64(f, "data_fingerprint", t->fp_data);
-    /* LoRA: /model holds the adapters; these give their rank and scale (the base is
-     * model_name_or_path, checked by model_fingerprint) */
-    if (dpoc_lora_attached(&t->policy)) {
-        bad |= attr_i64(f, "lora_r", (long long)cfg->lora.r);
-        bad |= attr_f64(f, "lora_alpha", cfg->lora.alpha);
-        bad |= attr_i64(f, "lora_use_rslora", cfg->lora.use_rslora);
-    }
-    uint64_t hash = 0;
-    if (content_hash(&t->policy, t->opt.m, t->opt.v, step, opt_step, &hash, err)) bad = 1;
-    bad |= attr_u64(f, "content_hash", hash);
     free(config_json);
-    bad |= write_group(f, "model", &t->policy, t->policy.params);
+    uint64_t hash = 0;
+    if (!sharded) {
+        if (content_hash(&t->policy, t->opt.m, t->opt.v, step, opt_step, &hash, err)) bad = 1;
+        bad |= attr_u64(f, "content_hash", hash);
+    }
+    if (f >= 0 && !bad) bad |= write_group(f, "model", &t->policy, t->policy.params);
     /* test-only: DPOC_TEST_PAUSE_IN_CHECKPOINT="STEP:SECONDS" pauses half-way through
      * that step's file so a test can kill the writer there */
     const char *pause_s = getenv("DPOC_TEST_PAUSE_IN_CHECKPOINT");
     long pause_step = -1;
     unsigned pause_secs = 0;
-    if (pause_s && sscanf(pause_s, "%ld:%u", &pause_step, &pause_secs) == 2 && pause_step == t->global_step) {
+    if (f >= 0 && pause_s && sscanf(pause_s, "%ld:%u", &pause_step, &pause_secs) == 2 && pause_step == t->global_step) {
         H5Fflush(f, H5F_SCOPE_GLOBAL);
         fprintf(stderr, "dpoc: test hook: pausing inside the checkpoint write\n");
         fflush(stderr);
         sleep(pause_secs);
     }
-    bad |= write_group(f, "optimizer/exp_avg", &t->policy, t->opt.m);
-    bad |= write_group(f, "optimizer/exp_avg_sq", &t->policy, t->opt.v);
-    bad |= H5Fclose(f) < 0;
+    if (sharded) {
+        uint64_t h = hash_block(DPOC_FNV_OFFSET, &t->policy, idx, n_idx, t->policy.params);
+        rc = write_sharded_group(f, "optimizer/exp_avg", t, t->opt.m, idx, n_idx, buf, &h, &bad, err);
+        if (!rc) rc = write_sharded_group(f, "optimizer/exp_avg_sq", t, t->opt.v, idx, n_idx, buf, &h, &bad, err);
+        hash = hash_steps(h, step, opt_step);
+        if (f >= 0 && !bad) bad |= attr_u64(f, "content_hash", hash);
+        free(idx);
+        free(buf);
+    } else {
+        bad |= write_group(f, "optimizer/exp_avg", &t->policy, t->opt.m);
+        bad |= write_group(f, "optimizer/exp_avg_sq", &t->policy, t->opt.v);
+    }
+    if (f >= 0) bad |= H5Fclose(f) < 0;
+    if (rc) {
+        remove(tmp);
+        return rc;
+    }
+    if (rc_dir) return rc_dir;
+    if (f < 0) return dpoc_errf(err, DPOC_EIO, "%s: cannot create", tmp);
     if (bad) {
         remove(tmp);
         return dpoc_errf(err, DPOC_EIO, "%s: writing the checkpoint failed (disk full?); the previous checkpoints are "
@@ -545,6 +741,17 @@ int dpoc_ckpt_restore(dpoc_trainer *t, const char *path, dpoc_err *err) {
     if (!rc && ckpt_lora && (attr_read(h.f, "lora_r", H5T_NATIVE_LLONG, &ck_r) < 0 || (size_t)ck_r != cfg->lora.r))
         rc = dpoc_errf(err, DPOC_EINPUT, "%s: checkpoint adapters of rank %lld; this run's lora_r is %zu", path, ck_r,
                        cfg->lora.r);
+    /* ZeRO: this rank's moments are a slice; every piece is still read and hashed */
+    const int sliced = t->opt.lo != 0 || t->opt.hi != t->policy.numel;
+    named_index *idx = NULL;
+    size_t n_idx = 0;
+    float *buf = NULL;
+    uint64_t stream_hash = DPOC_FNV_OFFSET;
+    if (!rc && sliced) {
+        rc = sorted_trainable(&t->policy, &idx, &n_idx, err);
+        if (!rc && !(buf = dpoc_malloc(piece_capacity(&t->policy) * sizeof(float), "checkpoint staging", err)))
+            rc = DPOC_ENOMEM;
+    }
     for (int g = 0; g < 3 && !rc; g++) {
         hid_t grp = H5Gopen2(h.f, groups[g], H5P_DEFAULT);
         if (grp < 0) {
@@ -555,11 +762,19 @@ int dpoc_ckpt_restore(dpoc_trainer *t, const char *path, dpoc_err *err) {
         if (H5Gget_info(grp, &gi) < 0 || gi.nlinks != (hsize_t)trainable_tensors(&t->policy))
             rc = dpoc_errf(err, DPOC_EINPUT, "%s: group '%s' holds %llu tensors, this run trains %zu (other lora_* keys?)",
                            path, groups[g], (unsigned long long)gi.nlinks, trainable_tensors(&t->policy));
-        for (size_t i = 0; i < t->policy.n_tensors && !rc; i++)
-            if (t->policy.info[i].trainable)
-                rc = read_tensor(grp, &t->policy.info[i], blocks[g] + t->policy.info[i].offset, path, groups[g], err);
+        if (sliced && g > 0) {
+            if (!rc) rc = read_sharded_group(grp, t, blocks[g], idx, n_idx, buf, &stream_hash, path, groups[g], err);
+        } else {
+            for (size_t i = 0; i < t->policy.n_tensors && !rc; i++)
+                if (t->policy.info[i].trainable)
+                    rc = read_tensor(grp, &t->policy.info[i], blocks[g] + t->policy.info[i].offset, path, groups[g],
+                                     err);
+        }
+        if (!rc && sliced && g == 0) stream_hash = hash_block(stream_hash, &t->policy, idx, n_idx, t->policy.params);
         H5Gclose(grp);
     }
+    free(buf);
+    free(idx);
     long long v = 0;
     double d = 0;
     char key[64];
@@ -584,8 +799,9 @@ int dpoc_ckpt_restore(dpoc_trainer *t, const char *path, dpoc_err *err) {
         if (bad) rc = dpoc_errf(err, DPOC_EINPUT, "%s: training-state attributes are missing", path);
     }
     uint64_t hash = 0;
-    if (!rc && !(rc = content_hash(&t->policy, t->opt.m, t->opt.v, h.step, h.opt_step, &hash, err)) && hash != h.hash)
-        rc = dpoc_errf(err, DPOC_EINPUT, "%s: content hash mismatch (the file is corrupted)", path);
+    if (!rc && sliced) hash = hash_steps(stream_hash, h.step, h.opt_step);
+    else if (!rc) rc = content_hash(&t->policy, t->opt.m, t->opt.v, h.step, h.opt_step, &hash, err);
+    if (!rc && hash != h.hash) rc = dpoc_errf(err, DPOC_EINPUT, "%s: content hash mismatch (the file is corrupted)", path);
     H5Fclose(h.f);
     return rc;
 }

@@ -15,10 +15,18 @@
 
 int dpoc_adamw_init(dpoc_adamw *o, size_t n, const dpoc_config *c, size_t n_tensors, const size_t *offset,
                     const size_t *count, const int *decay, dpoc_err *err) {
+    return dpoc_adamw_init_range(o, n, 0, n, c, n_tensors, offset, count, decay, err);
+}
+
+int dpoc_adamw_init_range(dpoc_adamw *o, size_t n, size_t lo, size_t hi, const dpoc_config *c, size_t n_tensors,
+                          const size_t *offset, const size_t *count, const int *decay, dpoc_err *err) {
     memset(o, 0, sizeof *o);
+    if (lo > hi || hi > n) return dpoc_errf(err, DPOC_EINTERNAL, "AdamW: slice [%zu, %zu) of %zu", lo, hi, n);
     o->n = n;
-    o->m = dpoc_calloc(n, sizeof(float), "AdamW first moments", err);
-    o->v = dpoc_calloc(n, sizeof(float), "AdamW second moments", err);
+    o->lo = lo;
+    o->hi = hi;
+    o->m = dpoc_calloc(hi - lo + 1, sizeof(float), "AdamW first moments", err);
+    o->v = dpoc_calloc(hi - lo + 1, sizeof(float), "AdamW second moments", err);
     o->ranges = dpoc_calloc(n_tensors + 1, sizeof *o->ranges, "AdamW decay ranges", err);
     if (!o->m || !o->v || !o->ranges) {
         dpoc_adamw_free(o);
@@ -82,10 +90,14 @@ void dpoc_adamw_step(dpoc_adamw *o, float *restrict params, const float *restric
      * update is element-wise, so chunking changes no value. */
     for (size_t r = 0; r < o->n_ranges; r++) {
         c.decay = o->ranges[r].decay ? (float)(1.0 - lr * o->weight_decay) : 1.0f;
-        const size_t end = o->ranges[r].offset + o->ranges[r].count;
-        for (size_t off = o->ranges[r].offset; off < end; off += ADAMW_CHUNK) {
+        /* the range's part inside this optimizer's slice [lo, hi) */
+        const size_t from = o->ranges[r].offset > o->lo ? o->ranges[r].offset : o->lo;
+        const size_t to = o->ranges[r].offset + o->ranges[r].count;
+        const size_t end = to < o->hi ? to : o->hi;
+        for (size_t off = from; off < end; off += ADAMW_CHUNK) {
             const size_t n = end - off < ADAMW_CHUNK ? end - off : ADAMW_CHUNK;
-            kt->adamw_update(params + off, grads + off, o->m + off, o->v + off, n, &c);
+            const size_t k = off - o->lo;
+            kt->adamw_update(params + off, grads + k, o->m + k, o->v + k, n, &c);
             dpoc_gemm_shadow_refresh_range(params, off, n);
         }
     }

@@ -86,7 +86,8 @@ static int init_optimizer(dpoc_trainer *t, dpoc_err *err) {
             decay[k] = gets_weight_decay(t->policy.info[i].name);
             k++;
         }
-        rc = dpoc_adamw_init(&t->opt, t->policy.numel, &t->cfg, k, off, cnt, decay, err);
+        const size_t lo = t->zero_stage ? t->shard.me_lo : 0, hi = t->zero_stage ? t->shard.me_hi : t->policy.numel;
+        rc = dpoc_adamw_init_range(&t->opt, t->policy.numel, lo, hi, &t->cfg, k, off, cnt, decay, err);
     }
     free(off);
     free(cnt);
@@ -378,13 +379,36 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
     /* the reference only runs forward: its layers need not keep anything */
     if ((rc = dpoc_acts_alloc_mode(&t->ref_acts, &t->policy.cfg, t->act_T, DPOC_ACTS_RECOMPUTE, err))) goto fail;
     if ((rc = dpoc_grad_scratch_alloc(&t->scratch, &t->policy.cfg, t->act_T, err))) goto fail;
+    if (!t->shared) {
+        const size_t ns = 2 * bs, C = t->policy.cfg.hidden_size;
+        t->seq_dx_block = dpoc_malloc(ns * t->act_T * C * sizeof(float), "backward residual gradients", err);
+        t->seq_dx = dpoc_malloc(ns * sizeof *t->seq_dx, "backward residual gradients", err);
+        t->seq_acts = dpoc_malloc(ns * sizeof *t->seq_acts, "backward sequences", err);
+        t->seq_tokens = dpoc_malloc(ns * sizeof *t->seq_tokens, "backward sequences", err);
+        if (!t->seq_dx_block || !t->seq_dx || !t->seq_acts || !t->seq_tokens) {
+            rc = DPOC_ENOMEM;
+            goto fail;
+        }
+        for (size_t s = 0; s < ns; s++) {
+            t->seq_dx[s] = t->seq_dx_block + s * t->act_T * C;
+            t->seq_acts[s] = &t->acts[s];
+            t->seq_tokens[s] = t->seq_buf + s * t->max_T;
+        }
+    }
+    /* collective: ZeRO's slices first (the optimizer covers this rank's) */
+    t->zero_stage = (int)cfg->zero_stage;
+    if (t->zero_stage && (rc = dpoc_shard_init(&t->shard, dist, t->zero_stage, t->policy.numel, err))) goto fail;
     if ((rc = init_optimizer(t, err))) goto fail;
-    /* collective: the sync object owns the gradient block (a shared-memory window
-     * segment with grad_allreduce shared) */
-    if ((rc = dpoc_grad_sync_init(&t->sync, dist, t->policy.numel, (size_t)(cfg->bucket_size_mb * BYTES_PER_MB),
-                                  cfg->grad_allreduce, err)))
-        goto fail;
-    t->grads = t->sync.grads;
+    if (t->zero_stage >= 2) {
+        t->grads = t->shard.local; /* reduce-scattered layer by layer: no averaging of whole blocks */
+    } else {
+        /* collective: the sync object owns the gradient block (a shared-memory
+         * window segment with grad_allreduce shared) */
+        if ((rc = dpoc_grad_sync_init(&t->sync, dist, t->policy.numel, (size_t)(cfg->bucket_size_mb * BYTES_PER_MB),
+                                      cfg->grad_allreduce, err)))
+            goto fail;
+        t->grads = t->sync.grads;
+    }
 
     /* schedule as transformers computes it (drop_last false) */
     const size_t global_mb = bs * (size_t)world_of(t);
@@ -445,8 +469,13 @@ void dpoc_trainer_free(dpoc_trainer *t) {
     free(t->acts);
     dpoc_acts_free(&t->ref_acts);
     dpoc_grad_scratch_free(&t->scratch);
-    dpoc_grad_sync_free(&t->sync); /* and with it t->grads */
+    dpoc_grad_sync_free(&t->sync); /* and with it t->grads (stages 0, 1) */
+    dpoc_shard_free(&t->shard);    /* and with it t->grads (stage 2) */
     dpoc_adamw_free(&t->opt);
+    free(t->seq_dx_block);
+    free(t->seq_dx);
+    free(t->seq_acts);
+    free(t->seq_tokens);
     free(t->seq_buf);
     free(t->tok_buf);
     free(t->order);
@@ -820,7 +849,9 @@ typedef struct {
 
 static void on_grads_ready(void *ctx, size_t ready_from) {
     sync_ctx *c = ctx;
-    if (!c->rc) c->rc = dpoc_grad_sync_ready(&c->t->sync, ready_from, c->err);
+    if (c->rc) return;
+    if (c->t->zero_stage >= 2) c->rc = dpoc_shard_reduce(&c->t->shard, ready_from, c->err);
+    else c->rc = dpoc_grad_sync_ready(&c->t->sync, ready_from, c->err);
 }
 
 int dpoc_trainer_backward(dpoc_trainer *t, int sync_tail, dpoc_err *err) {
@@ -830,18 +861,19 @@ int dpoc_trainer_backward(dpoc_trainer *t, int sync_tail, dpoc_err *err) {
     mb->B = 0; /* its dLoss/dlogp goes into the gradients once */
     sync_ctx sc = {t, 0, err};
     const dpoc_backward_hook hook = {on_grads_ready, &sc};
-    /* a gradient is final once the last sequence of the last micro-batch has passed its layer */
+    /* A gradient is final once the last sequence of the micro-batch has passed
+     * its layer: for averaging (stages 0, 1) in the step's last micro-batch; at
+     * stage 2 each micro-batch's gradients are reduced into the slices and let go. */
+    const int stage2 = t->zero_stage >= 2;
+    const dpoc_backward_hook *h = sync_tail || stage2 ? &hook : NULL;
+    if (stage2) dpoc_shard_begin_micro_batch(&t->shard);
     if (t->shared) {
-        dpoc_model_backward_pairs(&t->policy, t->grads, &t->acts[0], &t->scratch, t->tok_buf, sync_tail ? &hook : NULL);
-        t->progress_time = dpoc_now_s();
+        dpoc_model_backward_pairs(&t->policy, t->grads, &t->acts[0], &t->scratch, t->tok_buf, h);
     } else {
-        for (size_t s = 0; s < 2 * B; s++) {
-            const int last = sync_tail && s == 2 * B - 1;
-            dpoc_model_backward(&t->policy, t->grads, &t->acts[s], &t->scratch, t->seq_buf + s * t->max_T,
-                                mb->dtok[s], last ? &hook : NULL);
-            t->progress_time = dpoc_now_s();
-        }
+        dpoc_model_backward_seqs(&t->policy, t->grads, t->seq_acts, t->seq_tokens, (const float *const *)mb->dtok,
+                                 t->seq_dx, 2 * B, &t->scratch, h);
     }
+    t->progress_time = dpoc_now_s();
     return sc.rc;
 }
 
@@ -862,6 +894,20 @@ int dpoc_trainer_micro_batch(dpoc_trainer *t, const size_t *pairs, size_t B, dou
     DPOC_TRY(dpoc_trainer_forward_loss(t, &t->data, t->ref_logps, pairs, B, grad_scale, sums, err));
     count_train_flops(t);
     return dpoc_trainer_backward(t, sync_tail, err);
+}
+
+/* ---- ZeRO ---- */
+
+/* After each rank updated its slice: every rank gets every slice, and the bf16
+ * copy of the weights follows the slices that others updated. */
+static int gather_weights(dpoc_trainer *t, dpoc_err *err) {
+    DPOC_TRY(dpoc_shard_gather(&t->shard, t->policy.params, err));
+    if (!t->shadows) return 0;
+    const int W = world_of(t), me = rank_of(t);
+    for (int r = 0; r < W; r++)
+        if (r != me && t->shard.lo[r + 1] > t->shard.lo[r])
+            dpoc_gemm_shadow_refresh_range(t->policy.params, t->shard.lo[r], t->shard.lo[r + 1] - t->shard.lo[r]);
+    return 0;
 }
 
 /* ---- logging ---- */
@@ -946,7 +992,9 @@ int dpoc_trainer_step(dpoc_trainer *t, dpoc_err *err) {
     size_t mb_end = mb_first + ga;
     if (mb_end > t->steps_in_epoch) mb_end = t->steps_in_epoch;
     const size_t n_mb = mb_end - mb_first;
-    memset(t->grads, 0, t->policy.numel * sizeof(float));
+    /* stage 2: the local block is all zeros already (released range by range) */
+    if (t->zero_stage >= 2) dpoc_shard_begin_step(&t->shard);
+    else memset(t->grads, 0, t->policy.numel * sizeof(float));
     for (size_t m = mb_first; m < mb_end; m++) {
         size_t B = 0;
         if (t->balance) {
@@ -972,7 +1020,8 @@ int dpoc_trainer_step(dpoc_trainer *t, dpoc_err *err) {
         DPOC_TRY(dpoc_trainer_micro_batch(t, t->mb_pairs, B, 1.0 / (double)n_mb,
                                           t->step_sums + (m - mb_first) * DPOC_MB_N, m + 1 == mb_end, err));
     }
-    DPOC_TRY(dpoc_grad_sync_finish(&t->sync, err));
+    if (t->zero_stage >= 2) dpoc_shard_average(&t->shard);
+    else DPOC_TRY(dpoc_grad_sync_finish(&t->sync, err));
     DPOC_TRY(dpoc_dist_sum_doubles(t->dist, t->step_sums, n_mb * DPOC_MB_N, err));
     for (size_t k = 0; k < n_mb; k++) {
         dpoc_mb_metrics mb;
@@ -981,13 +1030,23 @@ int dpoc_trainer_step(dpoc_trainer *t, dpoc_err *err) {
         window_add(t, &mb);
     }
     const double t_opt = dpoc_prof_start(t->prof);
-    const double grad_norm = dpoc_grad_norm(t->grads, t->policy.numel);
+    double grad_norm;
+    if (t->zero_stage >= 2) {
+        double sq = 0;
+        DPOC_TRY(dpoc_shard_grad_sum_squares(&t->shard, &sq, err)); /* clipping stays global */
+        grad_norm = sqrt(sq);
+    } else {
+        grad_norm = dpoc_grad_norm(t->grads, t->policy.numel);
+    }
     if (!isfinite(grad_norm))
         return dpoc_errf(err, DPOC_EINPUT, "step %ld: the gradient norm is not finite", t->global_step + 1);
     t->last_grad_norm = grad_norm;
     const float clip = dpoc_clip_coef(grad_norm, cfg->max_grad_norm); /* applied inside the AdamW pass */
     const double lr = cfg->learning_rate * dpoc_lr_lambda(cfg, t->global_step, t->warmup_steps, t->total_steps);
-    dpoc_adamw_step(&t->opt, t->policy.params, t->grads, clip, lr); /* refreshes the bf16 copy too */
+    /* the gradient of this optimizer's slice: everything (stage 0), the averaged block's slice, or the shard's own */
+    const float *g = t->zero_stage >= 2 ? t->shard.grad : t->grads + t->opt.lo;
+    dpoc_adamw_step(&t->opt, t->policy.params, g, clip, lr); /* refreshes the bf16 copy of its slice too */
+    if (t->zero_stage) DPOC_TRY(gather_weights(t, err));
     dpoc_prof_add(t->prof, DPOC_PROF_OPTIMIZER, t_opt);
     t->global_step++;
     t->progress_time = dpoc_now_s();

@@ -2,6 +2,8 @@
  * - bit-exact resume: 3 steps, a signal, resume, 3 steps == 6 steps (weights,
  *   optimizer state, metrics), at 1 and at 2 ranks, and with bf16 products;
  * - resume at another world size with the same global batch continues the data order;
+ * - with ZeRO (zero_stage 1, 2) the same: bit-exact at the same layout, and a
+ *   sharded run's checkpoint resumes unsharded and the other way round;
  * - an incompatible config or another model is refused, saying what differs;
  * - kill -9 in the middle of a checkpoint write, truncated and corrupted files,
  *   and a write that fails for lack of space never lose the previous checkpoint;
@@ -186,6 +188,35 @@ static void compare_weights(const char *a_dir, const char *b_dir, double tol) {
     }
     st_close(&a);
     st_close(&b);
+}
+
+/* zero_stage 1 and 2 on 2 ranks: signalled, resumed at the same layout, bit-exact */
+static void test_resume_bit_exact_zero(void **state) {
+    (void)state;
+    check_bit_exact(2, "--set per_device_train_batch_size=1 --set zero_stage=1");
+    check_bit_exact(2, "--set per_device_train_batch_size=1 --set zero_stage=2");
+}
+
+/* The checkpoint of a sharded run is a whole one: 2 ranks at stage 2 resumed on
+ * 1 rank unsharded, and 1 rank unsharded resumed on 2 ranks at stages 2 and 1,
+ * each equal to the uninterrupted 1-rank run. */
+static void test_resume_across_stages(void **state) {
+    (void)state;
+    const char *base = make_temp_dir();
+    char *straight = path_in(base, "straight"), *log = path_in(base, "log");
+    expect_exit(run(1, straight, "", NULL, log), 0, "uninterrupted run", log);
+    char *a = path_in(base, "sharded-then-not");
+    expect_exit(run(2, a, "--set per_device_train_batch_size=1 --set zero_stage=2", "DPOC_TEST_SIGNAL_AT_STEP=3", log),
+                EXIT_CHECKPOINTED, "signalled run, 2 ranks, zero_stage 2", log);
+    expect_exit(run(1, a, "--resume auto", NULL, log), 0, "resume on 1 rank, zero_stage 0", log);
+    compare_weights(straight, a, TOL_WEIGHTS_REL);
+    for (int stage = 1; stage <= 2; stage++) {
+        char *b = path_in(base, stage == 1 ? "not-then-stage1" : "not-then-stage2"), args[256];
+        expect_exit(run(1, b, "", "DPOC_TEST_SIGNAL_AT_STEP=3", log), EXIT_CHECKPOINTED, "signalled run, 1 rank", log);
+        snprintf(args, sizeof args, "--set per_device_train_batch_size=1 --set zero_stage=%d --resume auto", stage);
+        expect_exit(run(2, b, args, NULL, log), 0, "resume on 2 ranks, sharded", log);
+        compare_weights(straight, b, TOL_WEIGHTS_REL);
+    }
 }
 
 /* 1 rank x batch 2 x accumulation 2, resumed on 2 ranks x batch 1 x accumulation 2 */
@@ -383,7 +414,8 @@ int main(void) {
         cmocka_unit_test(test_resume_bit_exact_1_rank), cmocka_unit_test(test_resume_bit_exact_2_ranks),
         cmocka_unit_test(test_resume_bit_exact_bf16),
         cmocka_unit_test(test_resume_bit_exact_lora), cmocka_unit_test(test_lora_incompatible_refused),
-        cmocka_unit_test(test_resume_other_world_size), cmocka_unit_test(test_incompatible_refused),
+        cmocka_unit_test(test_resume_other_world_size), cmocka_unit_test(test_resume_bit_exact_zero),
+        cmocka_unit_test(test_resume_across_stages), cmocka_unit_test(test_incompatible_refused),
         cmocka_unit_test(test_truncated_checkpoint_skipped), cmocka_unit_test(test_flipped_bytes_detected),
         cmocka_unit_test(test_kill_during_write), cmocka_unit_test(test_signals_during_write),
         cmocka_unit_test(test_disk_full),

@@ -4,7 +4,9 @@
  *   oversubscribed) gives the same losses, grad norms and final weights, with
  *   gradients averaged through the shared-memory window (grad_allreduce shared,
  *   also as 2 "nodes" of 2 ranks) and through bucketed MPI (grad_allreduce mpi);
- *   at 2 ranks the two give the same result;
+ *   at 2 ranks the two give the same result; and with ZeRO sharding of the
+ *   AdamW moments (zero_stage 1) and of the gradients too (zero_stage 2, also
+ *   with accumulation, and at 4 ranks);
  * - grad_allreduce shared is refused, naming the key, when nodes differ in size;
  * - a rank whose weights differ is found, naming the tensor;
  * - one failing rank ends the whole job quickly, and so does a hung one.
@@ -123,6 +125,7 @@ static void test_invariance_lora(void **state) {
         {"2", "--set per_device_train_batch_size=2 --set gradient_accumulation_steps=1 --set grad_allreduce=mpi --set bucket_size_mb=0.01"},
         {"2", "--set per_device_train_batch_size=2 --set gradient_accumulation_steps=1 --set grad_allreduce=shared"},
         {"4", "--set per_device_train_batch_size=1 --set gradient_accumulation_steps=1 --set grad_allreduce=shared"},
+        {"2", "--set per_device_train_batch_size=2 --set gradient_accumulation_steps=1 --set zero_stage=2"},
     };
     const char *base = make_temp_dir();
     char out0[512];
@@ -165,6 +168,10 @@ static void test_invariance(void **state) {
         {4, "--set per_device_train_batch_size=1 --set gradient_accumulation_steps=1 --set grad_allreduce=mpi --set bucket_size_mb=0.05", NULL},
         {4, "--set per_device_train_batch_size=1 --set gradient_accumulation_steps=1 --set grad_allreduce=shared", NULL},
         {4, "--set per_device_train_batch_size=1 --set gradient_accumulation_steps=1 --set grad_allreduce=shared", "2"},
+        {2, "--set per_device_train_batch_size=2 --set gradient_accumulation_steps=1 --set zero_stage=1", NULL},
+        {2, "--set per_device_train_batch_size=2 --set gradient_accumulation_steps=1 --set zero_stage=2", NULL},
+        {2, "--set per_device_train_batch_size=1 --set gradient_accumulation_steps=2 --set zero_stage=2", NULL},
+        {4, "--set per_device_train_batch_size=1 --set gradient_accumulation_steps=1 --set zero_stage=2", NULL},
     };
     const size_t n = sizeof layouts / sizeof *layouts;
     const size_t two_mpi = 2, two_shared = 3; /* the pair compared with TOL_MODES */

@@ -133,6 +133,7 @@ typedef struct {
     const char *model;
     int shared_prefix, gradient_checkpointing, precompute_ref, shuffle;
     const char *loss; /* NULL: the config's */
+    size_t zero_stage;
 } step_case;
 
 static void run_step_case(const step_case *sc) {
@@ -143,6 +144,7 @@ static void run_step_case(const step_case *sc) {
     c.gradient_checkpointing = sc->gradient_checkpointing;
     c.precompute_ref_log_probs = sc->precompute_ref;
     c.shuffle = sc->shuffle;
+    c.zero_stage = sc->zero_stage;
     c.max_steps = WARMUP_STEPS + COUNTED_STEPS;
     if (sc->loss) {
         char json[128];
@@ -177,11 +179,14 @@ static void run_step_case(const step_case *sc) {
 static void test_step_allocates_nothing(void **state) {
     (void)state;
     static const step_case cases[] = {
-        {"shared prompts", "tiny-llama", 1, 0, 0, 0, NULL},
-        {"one forward per sequence", "tiny-llama", 0, 0, 0, 0, NULL},
-        {"gradient checkpointing", "tiny-qwen2", 1, 1, 0, 1, NULL},
-        {"precomputed reference, shuffled", "tiny-qwen2", 0, 0, 1, 1, NULL},
-        {"aot (sorts the micro-batch)", "tiny-llama", 1, 0, 0, 1, "aot"},
+        {"shared prompts", "tiny-llama", 1, 0, 0, 0, NULL, 0},
+        {"one forward per sequence", "tiny-llama", 0, 0, 0, 0, NULL, 0},
+        {"gradient checkpointing", "tiny-qwen2", 1, 1, 0, 1, NULL, 0},
+        {"precomputed reference, shuffled", "tiny-qwen2", 0, 0, 1, 1, NULL, 0},
+        {"aot (sorts the micro-batch)", "tiny-llama", 1, 0, 0, 1, "aot", 0},
+        /* one process: the shard is the whole block, but every stage-2 path runs (reduce, release, slice update) */
+        {"zero_stage 2, one forward per sequence", "tiny-llama", 0, 0, 0, 1, NULL, 2},
+        {"zero_stage 1, shared prompts", "tiny-qwen2", 1, 0, 0, 0, NULL, 1},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_step_case(&cases[i]);
     if (!ALLOC_HOOKS) {
