@@ -37,7 +37,9 @@ static void bench_usage(FILE *f) {
             "  fma_limit_gflops   the CPU's fp32 FMA limit: cores x clock x FLOP/cycle (derivation in --peak)\n"
             "  fma_measured_gflops  independent FMA chains timed on each core used\n"
             "  machine            CPU, dpoc's SIMD level, BLAS, its kernel and threads, self-check, precision\n"
-            "  peak_rss_bytes     rank 0's peak resident set (peak_rss_bytes_total: summed over the ranks)\n"
+            "  peak_rss_bytes     rank 0's peak resident set (peak_rss_bytes_max_rank: the largest rank's;\n"
+            "                     peak_rss_bytes_total: summed over the ranks; pages of a shared-memory\n"
+            "                     window count in every rank that touched them)\n"
             "  breakdown          seconds per timed step by operation (mean over ranks): gemm, attention,\n"
             "                     pointwise, lm_head, loss, optimizer, communication, data, other\n"
             "  loss               the training loss of the last step\n"
@@ -173,6 +175,9 @@ int dpoc_cli_bench(int argc, char **argv, int *pargc, char ***pargv) {
     if (!rc) v[V_FMA_MEASURED] = my_cores * dpoc_cpu_measure_fma_gflops(cpu, &lanes);
     v[V_RSS] = peak_rss_bytes();
     rss_max = v[V_RSS];
+    /* the largest rank's peak too: with ZeRO the ranks differ (rank 0 writes, slices differ by rounding) */
+    uint64_t rss_lo = (uint64_t)v[V_RSS], rss_hi = rss_lo;
+    if (!rc) rc = dpoc_dist_min_max_u64(&dist, &rss_lo, &rss_hi, 1, &err);
     for (int k = 0; k < DPOC_PROF_N; k++) v[V_PROF + k] = prof.s[k];
     if (!rc) rc = dpoc_dist_sum_doubles(&dist, v, sizeof v / sizeof v[0], &err);
     if (!rc && root) {
@@ -211,12 +216,12 @@ int dpoc_cli_bench(int argc, char **argv, int *pargc, char ***pargv) {
             for (int k = 0; k < DPOC_PROF_N; k++) accounted += v[V_PROF + k] / W;
             if (json) {
                 printf("{\"tokens_per_second\": %.3f, \"step_time_s\": %.6f, \"gflops\": %.3f, \"peak_gflops\": %.3f, "
-                       "\"bf16_peak_gflops\": %.3f, \"precision\": \"%s\", \"mfu\": %.6f, \"peak_rss_bytes\": %.0f, \"peak_rss_bytes_total\": %.0f, \"loss\": %.9g, "
+                       "\"bf16_peak_gflops\": %.3f, \"precision\": \"%s\", \"mfu\": %.6f, \"peak_rss_bytes\": %.0f, \"peak_rss_bytes_max_rank\": %.0f, \"peak_rss_bytes_total\": %.0f, \"zero_stage\": %zu, \"loss\": %.9g, "
                        "\"steps\": %zu, \"warmup_steps\": %zu, \"world_size\": %d, \"threads_per_rank\": %d, "
                        "\"precompute_ref_log_probs\": %s, \"fma_limit_gflops\": %.3f, \"fma_measured_gflops\": %.3f, "
                        "\"machine\": %s, \"breakdown\": {",
                        tps, step, gflops, peak32, peak16, bf16_run ? "bf16" : "fp32", peak > 0 ? gflops / peak : 0.0,
-                       rss_max, v[V_RSS], ll.loss, steps,
+                       rss_max, (double)rss_hi, v[V_RSS], cfg.zero_stage, ll.loss, steps,
                        warmup, dist.world, dist.threads, cfg.precompute_ref_log_probs ? "true" : "false", limit, fma,
                        machine ? machine : "{}");
                 for (int k = 0; k < DPOC_PROF_N; k++)
@@ -227,11 +232,11 @@ int dpoc_cli_bench(int argc, char **argv, int *pargc, char ***pargv) {
                        dist.world, dist.threads);
                 printf("  tokens/s        %.1f\n  step time       %.3f s\n  achieved        %.1f GFLOP/s\n"
                        "  sgemm peak      %.1f GFLOP/s (fp32 FMA limit %.1f, measured %.1f); bf16 GEMM peak %.1f\n"
-                       "  MFU             %.1f%% (of the %s peak)\n  peak RSS        %.0f MiB (rank 0), "
-                       "%.0f MiB (all ranks)\n  loss            %.6f\n  time per step by operation (mean over ranks):\n",
+                       "  MFU             %.1f%% (of the %s peak)\n  peak RSS        %.0f MiB (rank 0), %.0f MiB (largest rank), "
+                       "%.0f MiB (all ranks; zero_stage %zu)\n  loss            %.6f\n  time per step by operation (mean over ranks):\n",
                        tps, step, gflops, peak32, limit, fma, peak16, peak > 0 ? 100.0 * gflops / peak : 0.0,
-                       bf16_run ? "bf16 GEMM" : "sgemm", rss_max / 1048576.0,
-                       v[V_RSS] / 1048576.0, ll.loss);
+                       bf16_run ? "bf16 GEMM" : "sgemm", rss_max / 1048576.0, (double)rss_hi / 1048576.0,
+                       v[V_RSS] / 1048576.0, cfg.zero_stage, ll.loss);
                 for (int k = 0; k < DPOC_PROF_N; k++)
                     printf("    %-14s %8.3f s  %5.1f%%\n", dpoc_prof_name((dpoc_prof_kind)k), v[V_PROF + k] / W / (double)steps,
                            100.0 * v[V_PROF + k] / W / wall);
