@@ -95,6 +95,10 @@ typedef struct {
     int model_loading_broadcast; /* model_loading: "each_rank" (0, mmap on every rank) or "broadcast" (1) */
 
     dpoc_lora_cfg lora; /* use_peft, lora_* */
+
+    /* reporting (HF TrainingArguments' report_to): the integrations dpoc has */
+    int report_tensorboard;            /* event files (dpoc/tensorboard.h) */
+    char logging_dir[DPOC_PATH_MAX];   /* empty: TENSORBOARD_LOGGING_DIR, else output_dir/runs/<time>_<host> */
 } dpoc_config;
 
 /* bf16: false keeps every product fp32; true gives the linear layers' products (forward

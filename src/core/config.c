@@ -221,6 +221,50 @@ static int set_allreduce(dpoc_config *c, const key_def *k, const cJSON *v, const
 }
 static cJSON *get_allreduce(const dpoc_config *c) { return cJSON_CreateString(ALLREDUCE[c->grad_allreduce]); }
 
+/* report_to, with transformers' semantics: "none", "all" (every integration dpoc
+ * has), one name, or a list of names (a list of one "none" / "all" counts as the
+ * word). An integration dpoc does not have is an error, not a warning: a job that
+ * asked for its logs somewhere should not run for hours without them. */
+static const char *const HF_INTEGRATIONS[] = {"azure_ml", "comet_ml", "mlflow", "neptune", "trackio", "wandb",
+                                              "codecarbon", "clearml", "dagshub", "flyte", "dvclive", "swanlab",
+                                              "kubeflow"};
+static int report_one(dpoc_config *c, const key_def *k, const char *name, int alone, const char *where,
+                      dpoc_err *err) {
+    if (!strcmp(name, "tensorboard") || (alone && !strcmp(name, "all"))) {
+        c->report_tensorboard = 1;
+        return 0;
+    }
+    if (alone && !strcmp(name, "none")) return 0;
+    for (size_t i = 0; i < sizeof HF_INTEGRATIONS / sizeof HF_INTEGRATIONS[0]; i++)
+        if (!strcmp(name, HF_INTEGRATIONS[i]))
+            return dpoc_errf(err, DPOC_EINPUT,
+                             "%s: config key '%s': '%s' is a Hugging Face integration dpoc does not have; dpoc "
+                             "reports to \"tensorboard\" (\"all\" = tensorboard, \"none\" = nothing)",
+                             where, k->name, name);
+    return dpoc_errf(err, DPOC_EINPUT,
+                     "%s: config key '%s': unknown integration '%s' (dpoc: \"tensorboard\", \"all\" or \"none\"%s)",
+                     where, k->name, name, alone ? "" : "; \"all\" and \"none\" only alone");
+}
+static int set_report_to(dpoc_config *c, const key_def *k, const cJSON *v, const char *where, dpoc_err *err) {
+    c->report_tensorboard = 0;
+    if (cJSON_IsNull(v)) return 0;
+    if (cJSON_IsString(v)) return report_one(c, k, v->valuestring, 1, where, err);
+    if (!cJSON_IsArray(v)) return bad_type(k, where, "\"none\", \"all\", an integration name or a list of them", err);
+    const int alone = cJSON_GetArraySize(v) == 1;
+    const cJSON *it;
+    cJSON_ArrayForEach(it, v) {
+        if (!cJSON_IsString(it)) return bad_type(k, where, "a list of integration names (strings)", err);
+        DPOC_TRY(report_one(c, k, it->valuestring, alone, where, err));
+    }
+    return 0;
+}
+/* as transformers leaves it after __post_init__: the list of integrations */
+static cJSON *get_report_to(const dpoc_config *c) {
+    cJSON *a = cJSON_CreateArray();
+    if (c->report_tensorboard) cJSON_AddItemToArray(a, cJSON_CreateString("tensorboard"));
+    return a;
+}
+
 /* Keys users bring from TRL configs that change nothing in dpoc's numbers. */
 static int set_ignored(dpoc_config *c, const key_def *k, const cJSON *v, const char *where, dpoc_err *err) {
     (void)c, (void)v, (void)where, (void)err, (void)k;
@@ -434,8 +478,13 @@ static const key_def KEYS[] = {
      "BLAS/kernel threads per rank (0: cores / ranks on the node; OMP_NUM_THREADS overrides 0)"},
     {"model_loading", K_CUSTOM, 0, 0, 0, set_loading, get_loading,
      "each_rank (every rank maps the files) or broadcast (rank 0 reads, MPI_Bcast)"},
+    {"report_to", K_CUSTOM, 0, 0, 0, set_report_to, get_report_to,
+     "where logs go besides metrics.jsonl/metrics.h5: \"none\", \"tensorboard\" (event files in logging_dir), "
+     "\"all\" (= tensorboard) or a list; other Hugging Face integrations (wandb, mlflow, ...) are an error"},
+    {"logging_dir", K_PATH, OFF(logging_dir), 0, 0, 0, 0,
+     "TensorBoard event directory (\"\": $TENSORBOARD_LOGGING_DIR, else output_dir/runs/<%b%d_%H-%M-%S>_<host> as "
+     "transformers; a resume continues the newest run directory there)"},
     /* accepted for portability of TRL configs; they do not change dpoc's numbers */
-    {"report_to", K_CUSTOM, 0, 0, 0, set_ignored, 0, "accepted and ignored"},
     {"run_name", K_CUSTOM, 0, 0, 0, set_ignored, 0, "accepted and ignored"},
     {"gradient_checkpointing", K_BOOL, OFF(gradient_checkpointing), 0, 0, 0, 0,
      "keep only each layer's input; recompute a layer's forward in backward (less memory, ~1/3 more compute)"},

@@ -10,12 +10,15 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <cjson/cJSON.h>
+
 #include "core/fileutil.h"
 #include "dpoc/checkpoint.h"
 #include "dpoc/lora.h"
 #include "dpoc/metrics.h"
 #include "dpoc/ref_logps.h"
 #include "dpoc/runtime.h"
+#include "dpoc/tensorboard.h"
 #include "dpoc/trainer.h"
 
 /* The signal handler can only talk through process-wide state: a flag and the
@@ -114,6 +117,35 @@ static int precompute_ref(dpoc_trainer *t, dpoc_err *err) {
     return rc;
 }
 
+/* Rank 0's writers of a logged row: metrics.jsonl + metrics.h5, and the
+ * TensorBoard event file when report_to names it. */
+typedef struct {
+    dpoc_metrics_writer *metrics;
+    dpoc_tb_writer *tb; /* NULL: not reporting to TensorBoard */
+} run_loggers;
+
+static int log_row(void *ctx, const dpoc_log_record *rec, dpoc_err *err) {
+    run_loggers *l = ctx;
+    DPOC_TRY(dpoc_metrics_write(l->metrics, rec, err));
+    return l->tb ? dpoc_tb_write_log(l->tb, rec, err) : 0;
+}
+
+/* Opens the event file in the run's logging_dir; a resume cuts what is there to
+ * the checkpoint's step. The config is the "args" text, as HF's callback writes it. */
+static int open_tensorboard(const dpoc_config *cfg, long resumed_step, const char *config_json, dpoc_tb_writer *tb,
+                            dpoc_err *err) {
+    char dir[DPOC_PATH_MAX + 600];
+    DPOC_TRY(dpoc_tb_logdir(cfg->logging_dir, cfg->output_dir, resumed_step >= 0, dir, sizeof dir, err));
+    /* indented as transformers' to_json_string (json.dumps(indent=2)); tabs here */
+    cJSON *o = cJSON_Parse(config_json);
+    char *pretty = o ? cJSON_Print(o) : NULL;
+    cJSON_Delete(o);
+    int rc = dpoc_tb_open(tb, dir, resumed_step, pretty ? pretty : config_json, stdout, err);
+    free(pretty);
+    if (!rc) printf("dpoc: TensorBoard events in %s (tensorboard --logdir %s/runs)\n", tb->path, cfg->output_dir);
+    return rc;
+}
+
 static int checkpoint(dpoc_trainer *t, dpoc_err *err) {
     int rc = 0;
     /* with ZeRO every rank sends its slice of the moments to rank 0, which writes */
@@ -179,14 +211,20 @@ int dpoc_run_train(const dpoc_config *cfg, dpoc_dist *dist, const char *resume, 
     dpoc_metrics_writer mw;
     memset(&mw, 0, sizeof mw);
     mw.h5 = -1;
+    dpoc_tb_writer tb;
+    memset(&tb, 0, sizeof tb);
+    run_loggers loggers = {&mw, NULL};
     if (!rc && root) {
         char *config_json = dpoc_config_to_json(cfg);
-        rc = dpoc_mkdirs(cfg->output_dir, err);
-        if (!rc) rc = dpoc_metrics_open(&mw, cfg->output_dir, config_json, ckpt[0] ? t->global_step : -1, err);
+        const long resumed_step = ckpt[0] ? t->global_step : -1;
+        rc = config_json ? dpoc_mkdirs(cfg->output_dir, err) : dpoc_errf(err, DPOC_ENOMEM, "out of memory");
+        if (!rc) rc = dpoc_metrics_open(&mw, cfg->output_dir, config_json, resumed_step, err);
+        if (!rc && cfg->report_tensorboard && !(rc = open_tensorboard(cfg, resumed_step, config_json, &tb, err)))
+            loggers.tb = &tb;
         free(config_json);
         mw.total_steps = t->total_steps;
-        t->on_log = dpoc_metrics_write;
-        t->on_log_ctx = &mw;
+        t->on_log = log_row;
+        t->on_log_ctx = &loggers;
     }
     if (!rc && root) {
         char machine[1024];
@@ -248,6 +286,7 @@ int dpoc_run_train(const dpoc_config *cfg, dpoc_dist *dist, const char *resume, 
     }
     restore_handlers(old);
     if (root) dpoc_metrics_close(&mw);
+    if (root) dpoc_tb_close(&tb);
     /* an error here may be this rank's alone: the caller ends the job (dpoc_dist_abort) */
     if (rc && rc != DPOC_EXIT_CHECKPOINTED) dpoc_dist_mark_failed(dist);
     dpoc_trainer_free(t);

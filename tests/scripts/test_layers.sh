@@ -56,6 +56,10 @@ module_of_header() {
   if [[ $h == */* ]] && [ -n "$(rank_of "$m")" ] && [ -f "$tree/src/$h" ]; then echo "$m"; return; fi
   # a bare name: a header next to the including file
   if [[ $h != */* ]] && [[ $dir == src/* ]] && [ -f "$tree/$dir/$h" ]; then echo "${dir#src/}"; return; fi
+  # protoc-c's X.pb-c.h, generated in the build tree from X.proto next to the including file
+  if [[ $h == *.pb-c.h ]] && [[ $h != */* ]] && [[ $dir == src/* ]] && [ -f "$tree/$dir/${h%.pb-c.h}.proto" ]; then
+    echo "${dir#src/}"; return
+  fi
   echo "? no such header under src/ or include/"
 }
 
@@ -117,6 +121,15 @@ if check_tree "$tmp" 0 > "$tmp/bad.log"; then
   echo "test_layers: FAIL: self-test missed core including train's loss.h" >&2; exit 1
 fi
 grep -q '^src/core/err.c:3: ' "$tmp/bad.log" || { cat "$tmp/bad.log"; echo "test_layers: FAIL: self-test: no file:line" >&2; exit 1; }
+# a generated protobuf-c header maps to the module of its .proto, and only there
+printf '/* core */\n#include "dpoc/err.h"\n' > "$tmp/src/core/err.c"
+printf 'syntax = "proto3";\n' > "$tmp/src/model/m.proto"
+printf '#include "m.pb-c.h"\n' > "$tmp/src/model/kernels.c"
+check_tree "$tmp" 0 > "$tmp/ok.log" || { cat "$tmp/ok.log"; echo "test_layers: FAIL: self-test flagged a generated header" >&2; exit 1; }
+printf '#include "m.pb-c.h"\n' > "$tmp/src/core/err.c"
+if check_tree "$tmp" 0 > "$tmp/bad.log"; then
+  echo "test_layers: FAIL: self-test passed another module's generated header" >&2; exit 1
+fi
 printf '#include "dpoc/nowhere.h"\n' > "$tmp/src/core/err.c"
 if check_tree "$tmp" 0 > "$tmp/bad.log"; then
   echo "test_layers: FAIL: self-test passed a header of no module" >&2; exit 1

@@ -109,6 +109,48 @@ static void test_errors_name_the_key(void **state) {
     expect_error("{\"beta\": 0.1,\n \"seed\": }", "cfg.json:2");
 }
 
+/* report_to with transformers' semantics; integrations dpoc lacks are errors naming the key */
+static void test_report_to(void **state) {
+    (void)state;
+    dpoc_config c;
+    dpoc_config_defaults(&c);
+    dpoc_err err;
+    assert_int_equal(c.report_tensorboard, 0); /* transformers 5's default "none" */
+    assert_string_equal(c.logging_dir, "");
+    const char *on[] = {"report_to=tensorboard", "report_to=all", "report_to=[\"all\"]",
+                        "report_to=[\"tensorboard\", \"tensorboard\"]"};
+    const char *off[] = {"report_to=none", "report_to=[\"none\"]", "report_to=[]", "report_to=null"};
+    for (size_t i = 0; i < 4; i++) {
+        assert_int_equal(dpoc_config_set(&c, on[i], &err), 0);
+        assert_int_equal(c.report_tensorboard, 1);
+        assert_int_equal(dpoc_config_set(&c, off[i], &err), 0);
+        assert_int_equal(c.report_tensorboard, 0);
+    }
+    assert_int_equal(dpoc_config_set(&c, "logging_dir=tb/logs", &err), 0);
+    assert_string_equal(c.logging_dir, "tb/logs");
+    /* the dump is the list transformers' __post_init__ leaves, and it reads back */
+    assert_int_equal(dpoc_config_set(&c, "report_to=all", &err), 0);
+    char *json = dpoc_config_to_json(&c);
+    cJSON *o = cJSON_Parse(json);
+    char *rt = cJSON_PrintUnformatted(cJSON_GetObjectItemCaseSensitive(o, "report_to"));
+    assert_string_equal(rt, "[\"tensorboard\"]");
+    dpoc_config d;
+    dpoc_config_defaults(&d);
+    assert_int_equal(dpoc_config_apply_json(&d, json, "dump", &err), 0);
+    assert_int_equal(d.report_tensorboard, 1);
+    assert_string_equal(d.logging_dir, "tb/logs");
+    free(rt);
+    cJSON_Delete(o);
+    free(json);
+    expect_error("{\"report_to\": \"wandb\"}", "config key 'report_to': 'wandb' is a Hugging Face integration");
+    expect_error("{\"report_to\": [\"tensorboard\", \"mlflow\"]}", "'report_to': 'mlflow'");
+    expect_error("{\"report_to\": [\"all\", \"tensorboard\"]}", "'report_to': unknown integration 'all'");
+    expect_error("{\"report_to\": \"tensorbored\"}", "'report_to': unknown integration 'tensorbored'");
+    expect_error("{\"report_to\": 1}", "'report_to'");
+    expect_error("{\"report_to\": [1]}", "'report_to'");
+    expect_error("{\"logging_dir\": 1}", "'logging_dir'");
+}
+
 static void test_set_errors(void **state) {
     (void)state;
     dpoc_config c;
@@ -176,6 +218,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_defaults_match_trl),  cmocka_unit_test(test_parse_and_set),
         cmocka_unit_test(test_errors_name_the_key), cmocka_unit_test(test_set_errors),
+        cmocka_unit_test(test_report_to),
         cmocka_unit_test(test_missing_file_names_path), cmocka_unit_test(test_hf_config_refusals),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
