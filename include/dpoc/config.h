@@ -15,6 +15,9 @@
 typedef enum { DPOC_SCHED_CONSTANT, DPOC_SCHED_CONSTANT_WARMUP, DPOC_SCHED_LINEAR, DPOC_SCHED_COSINE,
                DPOC_SCHED_COSINE_MIN_LR } dpoc_sched_kind;
 
+/* eval_strategy (HF IntervalStrategy). */
+enum { DPOC_EVAL_NO, DPOC_EVAL_STEPS, DPOC_EVAL_EPOCH };
+
 /* grad_allreduce: how ranks average gradients (see dpoc/dist.h). */
 typedef enum { DPOC_ALLREDUCE_AUTO, DPOC_ALLREDUCE_SHARED, DPOC_ALLREDUCE_MPI } dpoc_allreduce_kind;
 
@@ -46,6 +49,7 @@ typedef struct {
     char model_name_or_path[DPOC_PATH_MAX];
     char ref_model_name_or_path[DPOC_PATH_MAX]; /* empty: frozen copy of the starting policy */
     char train_file[DPOC_PATH_MAX];
+    char eval_file[DPOC_PATH_MAX]; /* TRL's eval_dataset: any format train_file takes; empty: none */
     char output_dir[DPOC_PATH_MAX];
     char tokenizer_name_or_path[DPOC_PATH_MAX]; /* empty: the model directory */
     char chat_template[32];                     /* "auto" or chatml, qwen2.5, smollm2, llama3 */
@@ -72,6 +76,12 @@ typedef struct {
     long max_length; /* <= 0: no truncation (None) */
     int truncation_keep_end;
     size_t logging_steps;
+    /* evaluation (HF Trainer): eval_strategy no | steps | epoch; eval_steps 0: logging_steps */
+    int eval_strategy;
+    size_t eval_steps;
+    size_t per_device_eval_batch_size;
+    int eval_on_start;
+    int prediction_loss_only; /* accepted: DPOTrainer computes its metrics either way */
     int logging_first_step;
     unsigned long long seed;
     int shuffle; /* train_sampling_strategy: "random" (1) or "sequential" (0) */

@@ -3,7 +3,10 @@
  *   output_dir/metrics.h5     one chunked, extendible 1-D float64 dataset per metric,
  *                             named by the metric ("rewards/chosen" is the dataset
  *                             "chosen" in group "rewards"), row i = logged step i;
- *                             the run's config as the JSON string attribute "config".
+ *                             the run's config as the JSON string attribute "config";
+ *                             evaluation rows (eval_loss, ...) in the group "eval", each
+ *                             series named without "eval_" (eval/loss, eval/rewards/chosen,
+ *                             eval/step, eval/epoch), with rows of their own.
  * Both are flushed at every step; on resume both are cut back to the checkpoint's
  * step so steps stay unique and increasing. */
 #ifndef DPOC_METRICS_H
@@ -19,6 +22,7 @@ typedef struct {
     FILE *jsonl;
     long long h5;      /* hid_t of metrics.h5, or -1 */
     size_t rows;       /* rows in metrics.h5 */
+    size_t eval_rows;  /* rows of its group "eval" */
     int print;         /* print a progress line per row */
     long total_steps;  /* for the progress line */
 } dpoc_metrics_writer;

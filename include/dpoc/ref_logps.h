@@ -17,6 +17,8 @@
 #include "dpoc/err.h"
 
 #define DPOC_REF_LOGPS_FILE "ref_logps.h5"
+/* The evaluation set's (eval_file), in the same format under its own key. */
+#define DPOC_EVAL_REF_LOGPS_FILE "ref_logps_eval.h5"
 
 /* *found = 1 and out (n_pairs * 2) filled when path exists and matches
  * (fingerprint, n_pairs); *found = 0 when it is absent or does not match (why:

@@ -103,6 +103,15 @@ typedef struct {
     int ref_is_base;
     dpoc_tokenizer *tok; /* NULL when the model has no tokenizer.json (pre-tokenized data only) */
     dpoc_dataset data;
+    /* eval_file (dpoc/evaluate.h): its pairs, their precomputed reference
+     * log-probs (or NULL), and the per-batch metric sums of one pass */
+    dpoc_dataset eval;
+    int has_eval;
+    double *eval_ref_logps;
+    double *eval_sums;  /* (eval batches x DPOC_MB_N + 1) */
+    size_t eval_batches;
+    size_t max_B;       /* pairs a forward may hold: the larger of the training and evaluation batches */
+    double epoch_f;     /* HF's state.epoch after the last step */
     float *grads;        /* the gradient block: sync.grads, or with zero_stage 2 shard.local */
     dpoc_grad_sync sync; /* stages 0 and 1 (unused at stage 2: path NONE) */
     int zero_stage;      /* cfg.zero_stage: 0, or shard is made */
@@ -178,6 +187,11 @@ int dpoc_trainer_set_ref_logps(dpoc_trainer *t, const double *values, dpoc_err *
 /* Whoever writes t->policy.params outside a step (a checkpoint restore) calls
  * this before the next step, so that bf16 products see the new weights. */
 void dpoc_trainer_weights_changed(dpoc_trainer *t);
+/* The same for the evaluation set: t->eval_ref_logps. */
+int dpoc_trainer_compute_eval_ref_logps(dpoc_trainer *t, dpoc_err *err);
+int dpoc_trainer_set_eval_ref_logps(dpoc_trainer *t, const double *values, dpoc_err *err);
+/* The key of stored evaluation reference log-probs: as the training set's, with the eval set's content. */
+uint64_t dpoc_trainer_eval_ref_logps_key(const dpoc_trainer *t);
 /* Frees the reference model and its activations once t->ref_logps holds everything. */
 void dpoc_trainer_drop_ref(dpoc_trainer *t);
 

@@ -212,6 +212,12 @@ static int set_loading(dpoc_config *c, const key_def *k, const cJSON *v, const c
 }
 static cJSON *get_loading(const dpoc_config *c) { return cJSON_CreateString(LOADING[c->model_loading_broadcast]); }
 
+static const char *const EVAL_STRATEGY[] = {"no", "steps", "epoch"};
+static int set_eval_strategy(dpoc_config *c, const key_def *k, const cJSON *v, const char *where, dpoc_err *err) {
+    return set_enum(k, v, where, EVAL_STRATEGY, 3, &c->eval_strategy, err);
+}
+static cJSON *get_eval_strategy(const dpoc_config *c) { return cJSON_CreateString(EVAL_STRATEGY[c->eval_strategy]); }
+
 static const char *const ALLREDUCE[] = {"auto", "shared", "mpi"};
 static int set_allreduce(dpoc_config *c, const key_def *k, const cJSON *v, const char *where, dpoc_err *err) {
     int x = 0;
@@ -410,6 +416,16 @@ static const key_def KEYS[] = {
      "reference model directory (default: a frozen copy of the starting policy)"},
     {"train_file", K_PATH, OFF(train_file), 0, 0, 0, 0,
      "training pairs: JSONL or a JSON array in a TRL preference format, or pre-tokenized"},
+    {"eval_file", K_PATH, OFF(eval_file), 0, 0, 0, 0,
+     "evaluation pairs (TRL's eval_dataset): any format train_file takes; evaluated per eval_strategy"},
+    {"eval_strategy", K_CUSTOM, 0, 0, 0, set_eval_strategy, get_eval_strategy,
+     "when to evaluate eval_file: no, steps (every eval_steps), epoch"},
+    {"eval_steps", K_SIZE, OFF(eval_steps), 0, 1e15, 0, 0, "evaluate every N optimizer steps (0: logging_steps)"},
+    {"per_device_eval_batch_size", K_SIZE, OFF(per_device_eval_batch_size), 1, 1e9, 0, 0,
+     "eval pairs per rank per batch"},
+    {"eval_on_start", K_BOOL, OFF(eval_on_start), 0, 0, 0, 0, "evaluate before the first step"},
+    {"prediction_loss_only", K_BOOL, OFF(prediction_loss_only), 0, 0, 0, 0,
+     "accepted (TRL's DPO metrics are computed either way)"},
     {"output_dir", K_PATH, OFF(output_dir), 0, 0, 0, 0, "where metrics.jsonl and checkpoints go"},
     {"tokenizer_name_or_path", K_PATH, OFF(tokenizer_name_or_path), 0, 0, 0, 0,
      "directory with tokenizer.json (default: the model directory; needed for text data sets)"},
@@ -548,6 +564,7 @@ void dpoc_config_defaults(dpoc_config *c) {
     c->max_steps = -1;
     c->max_length = 1024;
     c->logging_steps = 10;
+    c->per_device_eval_batch_size = 8; /* HF's default */
     c->seed = 42;
     c->shuffle = 1;
     c->shared_prefix = 1;
@@ -673,6 +690,10 @@ int dpoc_config_finalize(dpoc_config *c, dpoc_err *err) {
     if (c->lora.keep_base && !c->lora.use_peft)
         return dpoc_errf(err, DPOC_EINPUT,
                          "config key 'base_weights_dtype': keep needs use_peft (a kept base is frozen: only adapters train)");
+    if (c->eval_steps == 0) c->eval_steps = c->logging_steps; /* HF: eval_steps defaults to logging_steps */
+    if ((c->eval_strategy != DPOC_EVAL_NO || c->eval_on_start) && !c->eval_file[0])
+        return dpoc_errf(err, DPOC_EINPUT, "config key 'eval_strategy'%s needs 'eval_file' (TRL: an eval_dataset)",
+                         c->eval_on_start ? " / 'eval_on_start'" : "");
     if (c->max_steps <= 0 && !(c->num_train_epochs > 0))
         return dpoc_errf(err, DPOC_EINPUT, "config keys 'max_steps' / 'num_train_epochs': one must be > 0");
     return dpoc_loss_cfg_validate(&c->loss, err);

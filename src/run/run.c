@@ -14,6 +14,7 @@
 
 #include "core/fileutil.h"
 #include "dpoc/checkpoint.h"
+#include "dpoc/evaluate.h"
 #include "dpoc/lora.h"
 #include "dpoc/metrics.h"
 #include "dpoc/ref_logps.h"
@@ -80,16 +81,16 @@ static int agree_on_stop(dpoc_trainer *t, dpoc_err *err, int *stop) {
     return 0;
 }
 
-/* precompute_ref_log_probs: rank 0 looks for output_dir/ref_logps.h5 with the
- * right fingerprint and shares what it found; otherwise every rank computes its
- * share and rank 0 stores the result. Then the reference model is let go. */
-static int precompute_ref(dpoc_trainer *t, dpoc_err *err) {
+/* One set's reference log-probs (the training set's, or the evaluation set's):
+ * rank 0 looks for output_dir/<file> with the right fingerprint and shares what
+ * it found; otherwise every rank computes its share and rank 0 stores the result. */
+static int precompute_set(dpoc_trainer *t, int eval, dpoc_err *err) {
     const dpoc_config *cfg = &t->cfg;
     const int root = dpoc_dist_is_root(t->dist);
-    const size_t n = t->data.n_pairs;
-    const uint64_t key = dpoc_trainer_ref_logps_key(t);
+    const size_t n = eval ? t->eval.n_pairs : t->data.n_pairs;
+    const uint64_t key = eval ? dpoc_trainer_eval_ref_logps_key(t) : dpoc_trainer_ref_logps_key(t);
     char path[DPOC_PATH_MAX + 32];
-    DPOC_TRY(dpoc_path_join(path, sizeof path, cfg->output_dir, DPOC_REF_LOGPS_FILE, err));
+    DPOC_TRY(dpoc_path_join(path, sizeof path, cfg->output_dir, eval ? DPOC_EVAL_REF_LOGPS_FILE : DPOC_REF_LOGPS_FILE, err));
     double *v = dpoc_calloc(2 * n + 1, sizeof(double), "reference log-probs", err);
     if (!v) return DPOC_ENOMEM;
     char why[128] = "";
@@ -100,21 +101,38 @@ static int precompute_ref(dpoc_trainer *t, dpoc_err *err) {
     v[2 * n] = found;
     if (!rc && t->dist) rc = dpoc_dist_sum_doubles(t->dist, v, 2 * n + 1, err);
     found = v[2 * n] > 0.5;
+    const char *what = eval ? "evaluation pairs" : "pairs";
     if (!rc && found) {
-        rc = dpoc_trainer_set_ref_logps(t, v, err);
-        if (!rc && root) printf("dpoc: reference log-probs of %zu pairs reused from %s\n", n, path);
+        rc = eval ? dpoc_trainer_set_eval_ref_logps(t, v, err) : dpoc_trainer_set_ref_logps(t, v, err);
+        if (!rc && root) printf("dpoc: reference log-probs of %zu %s reused from %s\n", n, what, path);
     } else if (!rc) {
-        rc = dpoc_trainer_compute_ref_logps(t, err);
+        rc = eval ? dpoc_trainer_compute_eval_ref_logps(t, err) : dpoc_trainer_compute_ref_logps(t, err);
+        const double *got = eval ? t->eval_ref_logps : t->ref_logps;
         if (!rc && root) rc = dpoc_mkdirs(cfg->output_dir, err);
-        if (!rc && root) rc = dpoc_ref_logps_write(path, key, n, t->ref_logps, err);
+        if (!rc && root) rc = dpoc_ref_logps_write(path, key, n, got, err);
         if (!rc && root)
-            printf("dpoc: reference log-probs of %zu pairs computed in %.2f s (%s: %s), stored\n", n,
+            printf("dpoc: reference log-probs of %zu %s computed in %.2f s (%s: %s), stored\n", n, what,
                    dpoc_now_s() - t0, path, why);
     }
-    if (!rc) dpoc_trainer_drop_ref(t);
     fflush(stdout);
     free(v);
     return rc;
+}
+
+/* precompute_ref_log_probs: the training set's and (with eval_file) the
+ * evaluation set's reference log-probs, then the reference model is let go. */
+static int precompute_ref(dpoc_trainer *t, dpoc_err *err) {
+    DPOC_TRY(precompute_set(t, 0, err));
+    if (t->has_eval) DPOC_TRY(precompute_set(t, 1, err));
+    dpoc_trainer_drop_ref(t);
+    return 0;
+}
+
+/* An evaluation pass and its row (every rank takes part). */
+static int evaluate(dpoc_trainer *t, dpoc_err *err) {
+    dpoc_eval_result r;
+    DPOC_TRY(dpoc_trainer_evaluate(t, &r, err));
+    return dpoc_trainer_log_eval(t, &r, err);
 }
 
 /* Rank 0's writers of a logged row: metrics.jsonl + metrics.h5, and the
@@ -145,6 +163,7 @@ static int open_tensorboard(const dpoc_config *cfg, long resumed_step, const cha
     if (!rc) printf("dpoc: TensorBoard events in %s (tensorboard --logdir %s/runs)\n", tb->path, cfg->output_dir);
     return rc;
 }
+
 
 static int checkpoint(dpoc_trainer *t, dpoc_err *err) {
     int rc = 0;
@@ -251,9 +270,13 @@ int dpoc_run_train(const dpoc_config *cfg, dpoc_dist *dist, const char *resume, 
     /* test-only: raise SIGUSR1 on this process after step N (DPOC_TEST_SIGNAL_AT_STEP=N) */
     const char *sig_at = getenv("DPOC_TEST_SIGNAL_AT_STEP");
     const long signal_at = sig_at ? atol(sig_at) : -1;
+    t->epoch_f = (double)t->global_step / (double)t->updates_per_epoch;
+    if (!rc && t->has_eval && cfg->eval_on_start) rc = evaluate(t, err);
     while (!rc && t->global_step < t->total_steps) {
         if ((rc = agree_on_stop(t, err, &stopped)) || stopped) break;
         if ((rc = dpoc_trainer_step(t, err))) break;
+        /* as HF's _maybe_log_save_evaluate: the step's log row, then evaluation, then saving */
+        if (dpoc_trainer_eval_due(t) && (rc = evaluate(t, err))) break;
         if (t->global_step == signal_at) raise(SIGUSR1);
         if (cfg->save_steps && t->global_step % (long)cfg->save_steps == 0 && t->global_step < t->total_steps)
             rc = checkpoint(t, err);

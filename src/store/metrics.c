@@ -14,6 +14,8 @@
 
 /* rows per HDF5 chunk of a metric series */
 #define METRIC_CHUNK_ROWS 1024
+/* metrics.h5 group of the evaluation rows */
+#define METRICS_EVAL_GROUP "eval"
 
 static int jsonl_cut(const char *path, long keep_up_to_step, dpoc_err *err) {
     char *text = NULL;
@@ -154,11 +156,20 @@ int dpoc_metrics_open(dpoc_metrics_writer *w, const char *output_dir, const char
         f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
         if (f >= 0) {
             hsize_t keep = h5_rows_to_keep(f, keep_up_to_step);
-            if (cut_series(f, keep) < 0) {
+            hsize_t keep_eval = 0;
+            int bad = cut_series(f, keep) < 0;
+            if (!bad && H5Lexists(f, METRICS_EVAL_GROUP, H5P_DEFAULT) > 0) {
+                hid_t g = H5Gopen2(f, METRICS_EVAL_GROUP, H5P_DEFAULT);
+                keep_eval = g >= 0 ? h5_rows_to_keep(g, keep_up_to_step) : 0;
+                bad = g < 0 || cut_series(g, keep_eval) < 0;
+                if (g >= 0) H5Gclose(g);
+            }
+            if (bad) {
                 H5Fclose(f);
                 f = -1;
             } else {
                 w->rows = (size_t)keep;
+                w->eval_rows = (size_t)keep_eval;
             }
         }
         /* an unreadable metrics.h5 is started afresh: the JSONL keeps the history */
@@ -227,8 +238,8 @@ static int h5_append(hid_t f, const char *name, size_t row, double v, dpoc_err *
     return r < 0 ? dpoc_errf(err, DPOC_EIO, "metrics.h5: cannot append to '%s'", name) : 0;
 }
 
-int dpoc_metrics_write(void *writer, const dpoc_log_record *rec, dpoc_err *err) {
-    dpoc_metrics_writer *w = writer;
+/* One JSON object per row, flushed. */
+static int write_jsonl(dpoc_metrics_writer *w, const dpoc_log_record *rec, dpoc_err *err) {
     cJSON *o = cJSON_CreateObject();
     if (!o) return dpoc_errf(err, DPOC_ENOMEM, "out of memory logging metrics");
     for (size_t i = 0; i < rec->n; i++) cJSON_AddNumberToObject(o, rec->names[i], rec->values[i]);
@@ -239,6 +250,39 @@ int dpoc_metrics_write(void *writer, const dpoc_log_record *rec, dpoc_err *err) 
     if (fprintf(w->jsonl, "%s\n", line) < 0 || fflush(w->jsonl) != 0)
         rc = dpoc_errf(err, DPOC_EIO, "%s/metrics.jsonl: write failed: %s", w->dir, strerror(errno));
     free(line);
+    return rc;
+}
+
+static int write_eval_row(dpoc_metrics_writer *w, const dpoc_log_record *rec, dpoc_err *err);
+
+/* An evaluation row (eval_loss first): metrics.h5 keeps it in the group "eval",
+ * each series named without the prefix ("eval_rewards/chosen" is eval/rewards/chosen),
+ * with its own rows and its own step and epoch. */
+static int is_eval_record(const dpoc_log_record *rec) { return rec->n > 0 && !strncmp(rec->names[0], "eval_", 5); }
+
+static const char *eval_series_name(const char *name) { return strncmp(name, "eval_", 5) ? name : name + 5; }
+
+static int write_eval_h5(dpoc_metrics_writer *w, const dpoc_log_record *rec, dpoc_err *err) {
+    hid_t f = (hid_t)w->h5;
+    hid_t g = H5Lexists(f, METRICS_EVAL_GROUP, H5P_DEFAULT) > 0 ? H5Gopen2(f, METRICS_EVAL_GROUP, H5P_DEFAULT)
+                                                              : H5Gcreate2(f, METRICS_EVAL_GROUP, H5P_DEFAULT,
+                                                                           H5P_DEFAULT, H5P_DEFAULT);
+    if (g < 0) return dpoc_errf(err, DPOC_EIO, "%s/metrics.h5: cannot open the group '%s'", w->dir, METRICS_EVAL_GROUP);
+    dpoc_log_record named = *rec;
+    for (size_t i = 0; i < rec->n; i++) named.names[i] = eval_series_name(rec->names[i]);
+    int rc = 0;
+    if (w->eval_rows == 0 && h5_write_series_names(g, &named) < 0)
+        rc = dpoc_errf(err, DPOC_EIO, "%s/metrics.h5: cannot write the eval series list", w->dir);
+    for (size_t i = 0; !rc && i < named.n; i++) rc = h5_append(g, named.names[i], w->eval_rows, named.values[i], err);
+    H5Gclose(g);
+    if (!rc) w->eval_rows++;
+    return rc;
+}
+
+int dpoc_metrics_write(void *writer, const dpoc_log_record *rec, dpoc_err *err) {
+    dpoc_metrics_writer *w = writer;
+    if (is_eval_record(rec)) return write_eval_row(w, rec, err);
+    int rc = write_jsonl(w, rec, err);
     if (!rc && w->rows == 0 && h5_write_series_names((hid_t)w->h5, rec) < 0)
         rc = dpoc_errf(err, DPOC_EIO, "%s/metrics.h5: cannot write the series list", w->dir);
     for (size_t i = 0; !rc && i < rec->n; i++) rc = h5_append((hid_t)w->h5, rec->names[i], w->rows, rec->values[i], err);
@@ -255,6 +299,24 @@ int dpoc_metrics_write(void *writer, const dpoc_log_record *rec, dpoc_err *err) 
         printf("step %.0f/%ld  loss %.4f  rewards/margins %.4f  rewards/accuracies %.3f  grad_norm %.4f  lr %.3g  "
                "epoch %.2f  %.0f tok/s\n",
                v[0], w->total_steps, v[1], v[2], v[3], v[4], v[5], v[6], v[7]);
+        fflush(stdout);
+    }
+    return rc;
+}
+
+static int write_eval_row(dpoc_metrics_writer *w, const dpoc_log_record *rec, dpoc_err *err) {
+    int rc = write_jsonl(w, rec, err);
+    if (!rc) rc = write_eval_h5(w, rec, err);
+    if (!rc && H5Fflush((hid_t)w->h5, H5F_SCOPE_GLOBAL) < 0)
+        rc = dpoc_errf(err, DPOC_EIO, "%s/metrics.h5: flush failed", w->dir);
+    if (!rc && w->print) {
+        double v[5] = {0};
+        const char *want[5] = {"step", "eval_loss", "eval_rewards/margins", "eval_rewards/accuracies", "eval_runtime"};
+        for (size_t k = 0; k < 5; k++)
+            for (size_t i = 0; i < rec->n; i++)
+                if (!strcmp(rec->names[i], want[k])) v[k] = rec->values[i];
+        printf("eval at step %.0f  eval_loss %.4f  eval_rewards/margins %.4f  eval_rewards/accuracies %.3f  (%.2f s)\n",
+               v[0], v[1], v[2], v[3], v[4]);
         fflush(stdout);
     }
     return rc;

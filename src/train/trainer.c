@@ -160,7 +160,12 @@ static int load_data(dpoc_trainer *t, dpoc_err *err) {
     }
     const dpoc_prefs_ctx ctx = {t->tok, chat_kind, t->policy.cfg.vocab_size};
     const dpoc_dataset_opts o = {cfg->max_length, cfg->truncation_keep_end, cfg->skip_bad_records};
-    return dpoc_dataset_load(&t->data, cfg->train_file, &ctx, &o, err);
+    DPOC_TRY(dpoc_dataset_load(&t->data, cfg->train_file, &ctx, &o, err));
+    if (!cfg->eval_file[0]) return 0;
+    DPOC_TRY(dpoc_dataset_load(&t->eval, cfg->eval_file, &ctx, &o, err));
+    t->has_eval = 1;
+    if (t->eval.n_pairs == 0) return dpoc_errf(err, DPOC_EINPUT, "%s: no pairs to evaluate", cfg->eval_file);
+    return 0;
 }
 
 /* A pair can run with its prompt shared when both sequences keep the whole prompt
@@ -173,14 +178,13 @@ static int pair_shares_prompt(const dpoc_seq *c, const dpoc_seq *r, const int32_
 }
 
 /* Uses seq_buf (2 sequences of max_T) as scratch; *pair_T = the longest prompt + both completions. */
-static int all_pairs_share_prompt(dpoc_trainer *t, size_t *pair_T) {
+static int all_pairs_share_prompt(dpoc_trainer *t, const dpoc_dataset *d, size_t *pair_T) {
     const dpoc_config *cfg = &t->cfg;
     int32_t *ids[2] = {t->seq_buf, t->seq_buf + t->max_T};
     dpoc_seq seq[2];
-    *pair_T = 0;
-    for (size_t i = 0; i < t->data.n_pairs; i++) {
+    for (size_t i = 0; i < d->n_pairs; i++) {
         for (int r = 0; r < 2; r++)
-            dpoc_dataset_collate(&t->data, i, r, cfg->max_length, cfg->truncation_keep_end, ids[r], &seq[r]);
+            dpoc_dataset_collate(d, i, r, cfg->max_length, cfg->truncation_keep_end, ids[r], &seq[r]);
         if (!pair_shares_prompt(&seq[0], &seq[1], ids[0], ids[1])) return 0;
         const size_t T = seq[0].comp_start + seq[0].R + seq[1].R;
         if (T > *pair_T) *pair_T = T;
@@ -328,8 +332,17 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
     }
     if ((rc = load_data(t, err))) goto fail;
     if ((rc = choose_precision(t, err))) goto fail;
-    const size_t bs = cfg->per_device_train_batch_size, n_seq = 2 * bs, ga = cfg->gradient_accumulation_steps;
+    const size_t bs = cfg->per_device_train_batch_size, ga = cfg->gradient_accumulation_steps;
+    /* an evaluation batch may hold more pairs than a training one: the forward
+     * buffers take the larger, the backward ones stay at the training batch */
+    const size_t ebs = cfg->per_device_eval_batch_size;
+    t->max_B = t->has_eval && ebs > bs ? ebs : bs;
+    const size_t n_seq = 2 * t->max_B;
     t->max_T = dpoc_dataset_max_seq_len(&t->data, cfg->max_length);
+    if (t->has_eval) {
+        const size_t eT = dpoc_dataset_max_seq_len(&t->eval, cfg->max_length);
+        if (eT > t->max_T) t->max_T = eT;
+    }
     if (t->max_T > t->policy.cfg.max_position_embeddings) {
         rc = dpoc_errf(err, DPOC_EINPUT,
                        "%s: a sequence has %zu tokens, more than the model's max_position_embeddings (%zu); set "
@@ -340,15 +353,16 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
     t->seq_buf = dpoc_malloc(n_seq * t->max_T * sizeof(int32_t), "token buffers", err);
     if (t->seq_buf) {
         size_t pair_T = 0;
-        t->shared = cfg->shared_prefix && all_pairs_share_prompt(t, &pair_T);
+        t->shared = cfg->shared_prefix && all_pairs_share_prompt(t, &t->data, &pair_T) &&
+                    (!t->has_eval || all_pairs_share_prompt(t, &t->eval, &pair_T));
         /* shared: one activation set holds the whole micro-batch's pairs (GEMMs over all their rows) */
-        t->act_T = t->shared ? bs * pair_T : t->max_T;
+        t->act_T = t->shared ? t->max_B * pair_T : t->max_T;
         t->n_acts = t->shared ? 1 : n_seq;
     }
     t->acts = dpoc_calloc(n_seq, sizeof *t->acts, "activation sets", err);
     t->tok_buf = dpoc_malloc(n_seq * t->max_T * sizeof(float), "token buffers", err);
     t->order = dpoc_malloc(t->data.n_pairs * sizeof(size_t), "data order", err);
-    t->mb_pairs = dpoc_malloc(bs * sizeof(size_t), "micro-batch", err);
+    t->mb_pairs = dpoc_malloc(t->max_B * sizeof(size_t), "micro-batch", err);
     t->step_sums = dpoc_calloc(ga * DPOC_MB_N, sizeof(double), "metric sums", err);
     t->balance = cfg->balance_batches && world_of(t) > 1 && loss_is_per_pair(&cfg->loss);
     if (t->balance) {
@@ -371,11 +385,15 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
         rc = DPOC_ENOMEM;
         goto fail;
     }
-    if ((rc = micro_batch_alloc(&t->mb, bs, err)) || (rc = dpoc_loss_work_init(&t->loss_work, bs, err))) goto fail;
-    for (size_t s = 0; s < t->n_acts; s++)
+    if ((rc = micro_batch_alloc(&t->mb, t->max_B, err)) || (rc = dpoc_loss_work_init(&t->loss_work, t->max_B, err)))
+        goto fail;
+    for (size_t s = 0; s < t->n_acts; s++) {
+        /* sequences past a training batch's only ever run forward (evaluation): lean */
+        const int lean = cfg->gradient_checkpointing || s >= 2 * bs;
         if ((rc = dpoc_acts_alloc_mode(&t->acts[s], &t->policy.cfg, t->act_T,
-                                       cfg->gradient_checkpointing ? DPOC_ACTS_RECOMPUTE : DPOC_ACTS_KEEP, err)))
+                                       lean ? DPOC_ACTS_RECOMPUTE : DPOC_ACTS_KEEP, err)))
             goto fail;
+    }
     /* the reference only runs forward: its layers need not keep anything */
     if ((rc = dpoc_acts_alloc_mode(&t->ref_acts, &t->policy.cfg, t->act_T, DPOC_ACTS_RECOMPUTE, err))) goto fail;
     if ((rc = dpoc_grad_scratch_alloc(&t->scratch, &t->policy.cfg, t->act_T, err))) goto fail;
@@ -421,6 +439,15 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
     t->fp_ref = t->ref.params ? dpoc_fnv1a(DPOC_FNV_OFFSET, t->ref.params, t->ref.numel * sizeof(float)) : t->fp_policy;
     t->fp_data = dpoc_fnv1a(DPOC_FNV_OFFSET, t->data.tokens, t->data.n_tokens * sizeof(int32_t));
     t->fp_data = dpoc_fnv1a(t->fp_data, t->data.pairs, t->data.n_pairs * sizeof(dpoc_pair));
+    if (t->has_eval) {
+        const size_t G = cfg->per_device_eval_batch_size * (size_t)world_of(t);
+        t->eval_batches = (t->eval.n_pairs + G - 1) / G;
+        t->eval_sums = dpoc_malloc((t->eval_batches * DPOC_MB_N + 1) * sizeof(double), "evaluation sums", err);
+        if (!t->eval_sums) {
+            rc = DPOC_ENOMEM;
+            goto fail;
+        }
+    }
     if ((rc = dpoc_trainer_check_replicas(t, err))) goto fail;
     return 0;
 fail:
@@ -491,6 +518,9 @@ void dpoc_trainer_free(dpoc_trainer *t) {
     dpoc_loss_work_free(&t->loss_work);
     free(t->replica_sums);
     dpoc_dataset_free(&t->data);
+    if (t->has_eval) dpoc_dataset_free(&t->eval);
+    free(t->eval_ref_logps);
+    free(t->eval_sums);
     dpoc_tokenizer_free(t->tok);
     dpoc_model_free(&t->policy);
     dpoc_model_free(&t->ref);
@@ -544,16 +574,25 @@ static void pair_ref_logps(dpoc_trainer *t, const dpoc_model *ref, const int32_t
     }
 }
 
-uint64_t dpoc_trainer_ref_logps_key(const dpoc_trainer *t) {
+/* The reference weights, a data set's content, and what changes a sequence's reference log-prob. */
+static uint64_t ref_logps_key_of(const dpoc_trainer *t, uint64_t fp_data) {
     const dpoc_config *c = &t->cfg;
     const double ld = c->loss.has_ld_alpha ? c->loss.ld_alpha : -1.0;
     const int64_t settings[2] = {c->max_length, c->truncation_keep_end};
     uint64_t h = dpoc_fnv1a(DPOC_FNV_OFFSET, &t->fp_ref, sizeof t->fp_ref);
-    h = dpoc_fnv1a(h, &t->fp_data, sizeof t->fp_data);
+    h = dpoc_fnv1a(h, &fp_data, sizeof fp_data);
     h = dpoc_fnv1a(h, settings, sizeof settings);
     /* bf16 products give other values; fp32 keeps the key it always had */
     if (dpoc_rt()->precision == DPOC_PRECISION_BF16) h = dpoc_fnv1a(h, "bf16", 4);
     return dpoc_fnv1a(h, &ld, sizeof ld);
+}
+
+uint64_t dpoc_trainer_ref_logps_key(const dpoc_trainer *t) { return ref_logps_key_of(t, t->fp_data); }
+
+uint64_t dpoc_trainer_eval_ref_logps_key(const dpoc_trainer *t) {
+    uint64_t fp = dpoc_fnv1a(DPOC_FNV_OFFSET, t->eval.tokens, t->eval.n_tokens * sizeof(int32_t));
+    fp = dpoc_fnv1a(fp, t->eval.pairs, t->eval.n_pairs * sizeof(dpoc_pair));
+    return dpoc_fnv1a(ref_logps_key_of(t, fp), "eval", 4);
 }
 
 int dpoc_trainer_set_ref_logps(dpoc_trainer *t, const double *values, dpoc_err *err) {
@@ -564,30 +603,56 @@ int dpoc_trainer_set_ref_logps(dpoc_trainer *t, const double *values, dpoc_err *
     return 0;
 }
 
-int dpoc_trainer_compute_ref_logps(dpoc_trainer *t, dpoc_err *err) {
+/* The reference log-probs of every pair of d into v (2 per pair), each rank a share. */
+static int compute_ref_logps_of(dpoc_trainer *t, const dpoc_dataset *d, double *v, dpoc_err *err) {
     const dpoc_config *cfg = &t->cfg;
-    const size_t n = t->data.n_pairs, world = (size_t)world_of(t), rank = (size_t)rank_of(t);
+    const size_t n = d->n_pairs, world = (size_t)world_of(t), rank = (size_t)rank_of(t);
     /* no separate reference: the starting policy, not yet updated, is it (or,
      * with LoRA, the policy's base at any step) */
     if (t->global_step != 0 && !t->ref.params && !t->ref_is_base)
         return dpoc_errf(err, DPOC_EINTERNAL, "reference log-probs requested after training started");
     DPOC_TRY(shadows_ensure(t, err));
-    double *v = dpoc_calloc(2 * n + 1, sizeof(double), "reference log-probs", err);
-    if (!v) return DPOC_ENOMEM;
+    memset(v, 0, 2 * n * sizeof *v);
     const dpoc_model *ref = begin_reference(t);
     dpoc_seq seq[2];
     const int32_t *const ids[2] = {t->seq_buf, t->seq_buf + t->max_T};
     for (size_t i = rank; i < n; i += world) {
         for (int r = 0; r < 2; r++)
-            dpoc_dataset_collate(&t->data, i, r, cfg->max_length, cfg->truncation_keep_end, t->seq_buf + (size_t)r * t->max_T,
+            dpoc_dataset_collate(d, i, r, cfg->max_length, cfg->truncation_keep_end, t->seq_buf + (size_t)r * t->max_T,
                                  &seq[r]);
         pair_ref_logps(t, ref, ids, seq, &v[2 * i]);
         t->progress_time = dpoc_now_s();
     }
     end_reference(t);
     /* every pair was computed by exactly one rank, the others hold 0: the sum gathers them */
-    int rc = t->dist ? dpoc_dist_sum_doubles(t->dist, v, 2 * n, err) : 0;
+    return t->dist ? dpoc_dist_sum_doubles(t->dist, v, 2 * n, err) : 0;
+}
+
+int dpoc_trainer_compute_ref_logps(dpoc_trainer *t, dpoc_err *err) {
+    double *v = dpoc_calloc(2 * t->data.n_pairs + 1, sizeof(double), "reference log-probs", err);
+    if (!v) return DPOC_ENOMEM;
+    int rc = compute_ref_logps_of(t, &t->data, v, err);
     if (!rc) rc = dpoc_trainer_set_ref_logps(t, v, err);
+    free(v);
+    return rc;
+}
+
+int dpoc_trainer_set_eval_ref_logps(dpoc_trainer *t, const double *values, dpoc_err *err) {
+    if (!t->has_eval) return dpoc_errf(err, DPOC_EINTERNAL, "no evaluation set");
+    const size_t n = 2 * t->eval.n_pairs;
+    if (!t->eval_ref_logps &&
+        !(t->eval_ref_logps = dpoc_malloc((n ? n : 1) * sizeof(double), "evaluation reference log-probs", err)))
+        return DPOC_ENOMEM;
+    memcpy(t->eval_ref_logps, values, n * sizeof(double));
+    return 0;
+}
+
+int dpoc_trainer_compute_eval_ref_logps(dpoc_trainer *t, dpoc_err *err) {
+    if (!t->has_eval) return dpoc_errf(err, DPOC_EINTERNAL, "no evaluation set");
+    double *v = dpoc_calloc(2 * t->eval.n_pairs + 1, sizeof(double), "evaluation reference log-probs", err);
+    if (!v) return DPOC_ENOMEM;
+    int rc = compute_ref_logps_of(t, &t->eval, v, err);
+    if (!rc) rc = dpoc_trainer_set_eval_ref_logps(t, v, err);
     free(v);
     return rc;
 }
@@ -813,8 +878,7 @@ int dpoc_trainer_forward_loss(dpoc_trainer *t, const dpoc_dataset *data, const d
     const dpoc_config *cfg = &t->cfg;
     dpoc_micro_batch *mb = &t->mb;
     mb->B = 0; /* until this forward is complete, nothing waits for a backward */
-    if (B == 0 || B > cfg->per_device_train_batch_size)
-        return dpoc_errf(err, DPOC_EINTERNAL, "micro-batch of %zu pairs", B);
+    if (B == 0 || B > t->max_B) return dpoc_errf(err, DPOC_EINTERNAL, "micro-batch of %zu pairs", B);
     if (!ref_logps && !t->ref.params && !t->ref_is_base)
         return dpoc_errf(err, DPOC_EINTERNAL, "precomputed reference log-probs are missing");
     DPOC_TRY(check_seq_fit(t, data, pairs, B, err));
@@ -858,6 +922,8 @@ int dpoc_trainer_backward(dpoc_trainer *t, int sync_tail, dpoc_err *err) {
     dpoc_micro_batch *mb = &t->mb;
     const size_t B = mb->B;
     if (B == 0) return dpoc_errf(err, DPOC_EINTERNAL, "a backward without a forward to take it from");
+    if (B > t->cfg.per_device_train_batch_size)
+        return dpoc_errf(err, DPOC_EINTERNAL, "a backward of %zu pairs: only training batches have one", B);
     mb->B = 0; /* its dLoss/dlogp goes into the gradients once */
     sync_ctx sc = {t, 0, err};
     const dpoc_backward_hook hook = {on_grads_ready, &sc};
@@ -1053,6 +1119,7 @@ int dpoc_trainer_step(dpoc_trainer *t, dpoc_err *err) {
     if (cfg->replica_check_steps && t->global_step % (long)cfg->replica_check_steps == 0)
         DPOC_TRY(dpoc_trainer_check_replicas(t, err));
     const double epoch_f = (double)epoch + (double)mb_end / (double)t->steps_in_epoch;
+    t->epoch_f = epoch_f;
     if ((t->global_step % (long)cfg->logging_steps) == 0 || (t->global_step == 1 && cfg->logging_first_step))
         DPOC_TRY(log_window(t, grad_norm, lr, epoch_f, err));
     return 0;
