@@ -39,6 +39,8 @@ void dpoc_dist_finalize(dpoc_dist *d);
 _Noreturn void dpoc_dist_abort(const dpoc_dist *d, int code, const char *msg);
 
 int dpoc_dist_is_root(const dpoc_dist *d);
+/* 0 for MPI_SUCCESS, else DPOC_EIO with "<what> failed: <MPI's message>". */
+int dpoc_dist_mpi_check(int rc, const char *what, dpoc_err *err);
 /* After an error on this rank, other ranks may wait in a collective this rank
  * will never join: from then on frees skip collective calls (MPI_Win_free), and
  * the caller is expected to end the job with dpoc_dist_abort. NULL is allowed. */

@@ -13,7 +13,7 @@
 
 static double wtime(void) { return MPI_Wtime(); }
 
-static int mpi_check(int rc, const char *what, dpoc_err *err) {
+int dpoc_dist_mpi_check(int rc, const char *what, dpoc_err *err) {
     if (rc == MPI_SUCCESS) return 0;
     char msg[MPI_MAX_ERROR_STRING];
     int len = 0;
@@ -60,9 +60,9 @@ int dpoc_dist_init(dpoc_dist *d, int *argc, char ***argv, int requested_threads,
     const char *per_node = getenv("DPOC_TEST_RANKS_PER_NODE");
     const int fake_k = per_node ? atoi(per_node) : 0;
     if (fake_k > 0)
-        DPOC_TRY(mpi_check(MPI_Comm_split(d->comm, d->rank / fake_k, d->rank, &d->node_comm), "MPI_Comm_split", err));
+        DPOC_TRY(dpoc_dist_mpi_check(MPI_Comm_split(d->comm, d->rank / fake_k, d->rank, &d->node_comm), "MPI_Comm_split", err));
     else
-        DPOC_TRY(mpi_check(
+        DPOC_TRY(dpoc_dist_mpi_check(
             MPI_Comm_split_type(d->comm, MPI_COMM_TYPE_SHARED, d->rank, MPI_INFO_NULL, &d->node_comm),
             "MPI_Comm_split_type", err));
     MPI_Comm_rank(d->node_comm, &d->local_rank);
@@ -120,7 +120,7 @@ int dpoc_dist_sum_doubles(dpoc_dist *d, double *v, size_t n, dpoc_err *err) {
     double t0 = wtime();
     for (size_t off = 0; off < n; off += MPI_MAX_COUNT) {
         size_t k = n - off < MPI_MAX_COUNT ? n - off : MPI_MAX_COUNT;
-        DPOC_TRY(mpi_check(MPI_Allreduce(MPI_IN_PLACE, v + off, (int)k, MPI_DOUBLE, MPI_SUM, d->comm), "MPI_Allreduce",
+        DPOC_TRY(dpoc_dist_mpi_check(MPI_Allreduce(MPI_IN_PLACE, v + off, (int)k, MPI_DOUBLE, MPI_SUM, d->comm), "MPI_Allreduce",
                            err));
     }
     d->comm_time_s += wtime() - t0;
@@ -130,8 +130,8 @@ int dpoc_dist_sum_doubles(dpoc_dist *d, double *v, size_t n, dpoc_err *err) {
 int dpoc_dist_min_max_u64(dpoc_dist *d, uint64_t *mn, uint64_t *mx, size_t n, dpoc_err *err) {
     if (!d || d->world == 1) return 0;
     double t0 = wtime();
-    DPOC_TRY(mpi_check(MPI_Allreduce(MPI_IN_PLACE, mn, (int)n, MPI_UINT64_T, MPI_MIN, d->comm), "MPI_Allreduce", err));
-    DPOC_TRY(mpi_check(MPI_Allreduce(MPI_IN_PLACE, mx, (int)n, MPI_UINT64_T, MPI_MAX, d->comm), "MPI_Allreduce", err));
+    DPOC_TRY(dpoc_dist_mpi_check(MPI_Allreduce(MPI_IN_PLACE, mn, (int)n, MPI_UINT64_T, MPI_MIN, d->comm), "MPI_Allreduce", err));
+    DPOC_TRY(dpoc_dist_mpi_check(MPI_Allreduce(MPI_IN_PLACE, mx, (int)n, MPI_UINT64_T, MPI_MAX, d->comm), "MPI_Allreduce", err));
     d->comm_time_s += wtime() - t0;
     return 0;
 }
@@ -141,7 +141,7 @@ int dpoc_dist_bcast_floats(dpoc_dist *d, float *v, size_t n, int root, dpoc_err 
     double t0 = wtime();
     for (size_t off = 0; off < n; off += MPI_MAX_COUNT) {
         size_t k = n - off < MPI_MAX_COUNT ? n - off : MPI_MAX_COUNT;
-        DPOC_TRY(mpi_check(MPI_Bcast(v + off, (int)k, MPI_FLOAT, root, d->comm), "MPI_Bcast", err));
+        DPOC_TRY(dpoc_dist_mpi_check(MPI_Bcast(v + off, (int)k, MPI_FLOAT, root, d->comm), "MPI_Bcast", err));
     }
     d->comm_time_s += wtime() - t0;
     return 0;
@@ -150,7 +150,7 @@ int dpoc_dist_bcast_floats(dpoc_dist *d, float *v, size_t n, int root, dpoc_err 
 int dpoc_dist_barrier(dpoc_dist *d, dpoc_err *err) {
     if (!d || d->world == 1) return 0;
     double t0 = wtime();
-    DPOC_TRY(mpi_check(MPI_Barrier(d->comm), "MPI_Barrier", err));
+    DPOC_TRY(dpoc_dist_mpi_check(MPI_Barrier(d->comm), "MPI_Barrier", err));
     d->comm_time_s += wtime() - t0;
     return 0;
 }
@@ -210,7 +210,7 @@ static int init_shared_path(dpoc_grad_sync *g, dpoc_err *err) {
     if (!g->peer) return DPOC_ENOMEM;
     const size_t bytes = (g->n ? g->n : 1) * sizeof(float);
     MPI_Info info;
-    DPOC_TRY(mpi_check(MPI_Info_create(&info), "MPI_Info_create", err));
+    DPOC_TRY(dpoc_dist_mpi_check(MPI_Info_create(&info), "MPI_Info_create", err));
     /* each rank's segment on its own pages, which the owner touches first (zeroing
      * below): on a NUMA node its gradient memory is then local to it */
     MPI_Info_set(info, "alloc_shared_noncontig", "true");
@@ -219,7 +219,7 @@ static int init_shared_path(dpoc_grad_sync *g, dpoc_err *err) {
     MPI_Info_free(&info);
     if (rc != MPI_SUCCESS) {
         g->win = MPI_WIN_NULL;
-        rc = mpi_check(rc, "MPI_Win_allocate_shared", err);
+        rc = dpoc_dist_mpi_check(rc, "MPI_Win_allocate_shared", err);
         dpoc_err_prefix(err, "grad_allreduce: a shared-memory window of %zu bytes per rank (use grad_allreduce mpi)",
                         bytes);
         return rc;
@@ -230,7 +230,7 @@ static int init_shared_path(dpoc_grad_sync *g, dpoc_err *err) {
         MPI_Aint size = 0;
         int disp = 0;
         void *p = NULL;
-        DPOC_TRY(mpi_check(MPI_Win_shared_query(g->win, (int)j, &size, &disp, &p), "MPI_Win_shared_query", err));
+        DPOC_TRY(dpoc_dist_mpi_check(MPI_Win_shared_query(g->win, (int)j, &size, &disp, &p), "MPI_Win_shared_query", err));
         if (!p || (size_t)size < bytes)
             return dpoc_errf(err, DPOC_EINTERNAL, "shared gradient window: local rank %zu has %zu bytes, want %zu", j,
                              (size_t)size, bytes);
@@ -240,10 +240,10 @@ static int init_shared_path(dpoc_grad_sync *g, dpoc_err *err) {
     g->slice_floats = (per + SLICE_ALIGN_FLOATS - 1) / SLICE_ALIGN_FLOATS * SLICE_ALIGN_FLOATS;
     /* every node runs local_size ranks (checked by the caller), so this is "more than one node" */
     if (d->world > d->local_size)
-        DPOC_TRY(mpi_check(MPI_Comm_split(d->comm, d->local_rank, d->rank, &g->cross_comm), "MPI_Comm_split", err));
+        DPOC_TRY(dpoc_dist_mpi_check(MPI_Comm_split(d->comm, d->local_rank, d->rank, &g->cross_comm), "MPI_Comm_split", err));
     /* one passive epoch for the window's lifetime: loads and stores are plain
      * memory accesses; MPI_Win_sync + barrier order them between ranks */
-    DPOC_TRY(mpi_check(MPI_Win_lock_all(MPI_MODE_NOCHECK, g->win), "MPI_Win_lock_all", err));
+    DPOC_TRY(dpoc_dist_mpi_check(MPI_Win_lock_all(MPI_MODE_NOCHECK, g->win), "MPI_Win_lock_all", err));
     g->win_locked = 1;
     /* MPI does not zero window memory; the trainer expects a zeroed block, as calloc gives */
     memset(g->grads, 0, bytes);
@@ -271,7 +271,7 @@ int dpoc_grad_sync_init(dpoc_grad_sync *g, dpoc_dist *d, size_t n, size_t bucket
         const char *dir = env_dir && *env_dir ? env_dir : SHM_DIR;
         const int no_room = shm_too_small(d, (n ? n : 1) * sizeof(float), dir, &avail, &need);
         int v[3] = {-d->local_size, d->local_size, no_room}; /* max of -x is -min */
-        DPOC_TRY(mpi_check(MPI_Allreduce(MPI_IN_PLACE, v, 3, MPI_INT, MPI_MAX, d->comm), "MPI_Allreduce", err));
+        DPOC_TRY(dpoc_dist_mpi_check(MPI_Allreduce(MPI_IN_PLACE, v, 3, MPI_INT, MPI_MAX, d->comm), "MPI_Allreduce", err));
         const int lo = -v[0], hi = v[1], any_no_room = v[2];
         shared = lo == hi && lo > 1 && !any_no_room;
         if (kind == DPOC_ALLREDUCE_SHARED && !shared) {
@@ -345,7 +345,7 @@ static void bucket_range(const dpoc_grad_sync *g, size_t b, size_t *start, size_
 static int start_bucket(dpoc_grad_sync *g, size_t b, dpoc_err *err) {
     size_t s, e;
     bucket_range(g, b, &s, &e);
-    return mpi_check(MPI_Iallreduce(MPI_IN_PLACE, g->grads + s, (int)(e - s), MPI_FLOAT, MPI_SUM, g->dist->comm,
+    return dpoc_dist_mpi_check(MPI_Iallreduce(MPI_IN_PLACE, g->grads + s, (int)(e - s), MPI_FLOAT, MPI_SUM, g->dist->comm,
                                     &g->reqs[b]),
                      "MPI_Iallreduce", err);
 }
@@ -363,7 +363,7 @@ int dpoc_grad_sync_ready(dpoc_grad_sync *g, size_t ready_from, dpoc_err *err) {
     /* Open MPI has no progress thread: nonblocking collectives advance inside MPI calls */
     if (g->n_started) {
         int flag = 0;
-        DPOC_TRY(mpi_check(MPI_Testall((int)g->n_started, g->reqs, &flag, MPI_STATUSES_IGNORE), "MPI_Testall", err));
+        DPOC_TRY(dpoc_dist_mpi_check(MPI_Testall((int)g->n_started, g->reqs, &flag, MPI_STATUSES_IGNORE), "MPI_Testall", err));
     }
     g->dist->comm_time_s += wtime() - t0;
     return 0;
@@ -374,7 +374,7 @@ static int finish_mpi(dpoc_grad_sync *g, dpoc_err *err) {
         DPOC_TRY(start_bucket(g, g->n_started, err));
         g->n_started++;
     }
-    DPOC_TRY(mpi_check(MPI_Waitall((int)g->n_buckets, g->reqs, MPI_STATUSES_IGNORE), "MPI_Waitall", err));
+    DPOC_TRY(dpoc_dist_mpi_check(MPI_Waitall((int)g->n_buckets, g->reqs, MPI_STATUSES_IGNORE), "MPI_Waitall", err));
     g->n_started = 0;
     const float inv = 1.0f / (float)g->dist->world;
     for (size_t i = 0; i < g->n; i++) g->grads[i] *= inv;
@@ -387,9 +387,9 @@ static int finish_mpi(dpoc_grad_sync *g, dpoc_err *err) {
  * before it is visible to every rank after it (MPI-3 separate/unified model:
  * MPI_Win_sync is the memory barrier, the barrier orders the ranks). */
 static int node_sync(dpoc_grad_sync *g, dpoc_err *err) {
-    DPOC_TRY(mpi_check(MPI_Win_sync(g->win), "MPI_Win_sync", err));
-    DPOC_TRY(mpi_check(MPI_Barrier(g->dist->node_comm), "MPI_Barrier", err));
-    return mpi_check(MPI_Win_sync(g->win), "MPI_Win_sync", err);
+    DPOC_TRY(dpoc_dist_mpi_check(MPI_Win_sync(g->win), "MPI_Win_sync", err));
+    DPOC_TRY(dpoc_dist_mpi_check(MPI_Barrier(g->dist->node_comm), "MPI_Barrier", err));
+    return dpoc_dist_mpi_check(MPI_Win_sync(g->win), "MPI_Win_sync", err);
 }
 
 static void slice_range(const dpoc_grad_sync *g, size_t i, size_t *start, size_t *end) {
@@ -439,7 +439,7 @@ static int finish_shared(dpoc_grad_sync *g, dpoc_err *err) {
     if (!one_node) {
         for (size_t off = s; off < e; off += MPI_MAX_COUNT) {
             const size_t k = e - off < MPI_MAX_COUNT ? e - off : MPI_MAX_COUNT;
-            DPOC_TRY(mpi_check(MPI_Allreduce(MPI_IN_PLACE, g->grads + off, (int)k, MPI_FLOAT, MPI_SUM, g->cross_comm),
+            DPOC_TRY(dpoc_dist_mpi_check(MPI_Allreduce(MPI_IN_PLACE, g->grads + off, (int)k, MPI_FLOAT, MPI_SUM, g->cross_comm),
                                "MPI_Allreduce", err));
         }
         for (size_t i = s; i < e; i++) g->grads[i] *= inv;

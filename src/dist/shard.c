@@ -10,14 +10,6 @@
 
 #include "model/kernels.h"
 
-static int shard_mpi_check(int rc, const char *what, dpoc_err *err) {
-    if (rc == MPI_SUCCESS) return 0;
-    char msg[MPI_MAX_ERROR_STRING];
-    int len = 0;
-    MPI_Error_string(rc, msg, &len);
-    return dpoc_errf(err, DPOC_EIO, "%s failed: %s", what, msg);
-}
-
 static int world_of(const dpoc_shard *s) { return s->dist ? s->dist->world : 1; }
 
 void dpoc_shard_range(size_t n, int world, int r, size_t *lo, size_t *hi) {
@@ -116,7 +108,7 @@ int dpoc_shard_reduce(dpoc_shard *s, size_t ready_from, dpoc_err *err) {
                 const size_t x = s->lo[r] > a ? s->lo[r] : a, y = s->lo[r + 1] < b ? s->lo[r + 1] : b;
                 s->counts[r] = y > x ? (int)(y - x) : 0;
             }
-            DPOC_TRY(shard_mpi_check(MPI_Reduce_scatter(s->local + a, s->stage_buf, s->counts, MPI_FLOAT, MPI_SUM,
+            DPOC_TRY(dpoc_dist_mpi_check(MPI_Reduce_scatter(s->local + a, s->stage_buf, s->counts, MPI_FLOAT, MPI_SUM,
                                                         s->dist->comm),
                                      "MPI_Reduce_scatter", err));
         }
@@ -154,7 +146,7 @@ int dpoc_shard_gather(dpoc_shard *s, float *params, dpoc_err *err) {
     for (int r = 0; r < W; r++)
         for (size_t a = s->lo[r]; a < s->lo[r + 1]; a += DPOC_SHARD_PIECE) {
             const size_t k = s->lo[r + 1] - a > DPOC_SHARD_PIECE ? DPOC_SHARD_PIECE : s->lo[r + 1] - a;
-            DPOC_TRY(shard_mpi_check(MPI_Bcast(params + a, (int)k, MPI_FLOAT, r, s->dist->comm), "MPI_Bcast", err));
+            DPOC_TRY(dpoc_dist_mpi_check(MPI_Bcast(params + a, (int)k, MPI_FLOAT, r, s->dist->comm), "MPI_Bcast", err));
         }
     s->dist->comm_time_s += MPI_Wtime() - t0;
     return 0;
@@ -179,6 +171,6 @@ int dpoc_shard_gather_to_root(dpoc_shard *s, const float *mine, size_t off, size
     const int me = s->dist->rank;
     const size_t x = s->me_lo > a ? s->me_lo : a;
     const float *send = counts[me] ? mine + (x - s->me_lo) : mine;
-    return shard_mpi_check(MPI_Gatherv(send, counts[me], MPI_FLOAT, dst, counts, displs, MPI_FLOAT, 0, s->dist->comm),
+    return dpoc_dist_mpi_check(MPI_Gatherv(send, counts[me], MPI_FLOAT, dst, counts, displs, MPI_FLOAT, 0, s->dist->comm),
                            "MPI_Gatherv", err);
 }

@@ -147,14 +147,16 @@ static int stored_as_written(hid_t d) {
     return ok;
 }
 
-/* Reads a tensor, checking its shape; Fletcher32 fails the read on corruption. */
-static int read_tensor(hid_t g, const dpoc_param_info *p, float *out, const char *path, const char *group,
+/* Opens tensor p's dataset in g after checking it exists, has the model's shape
+ * and is stored as dpoc writes it; *d < 0 on error. */
+static int open_tensor(hid_t g, const dpoc_param_info *p, const char *path, const char *group, hid_t *d,
                        dpoc_err *err) {
+    *d = -1;
     if (H5Lexists(g, p->name, H5P_DEFAULT) <= 0)
         return dpoc_errf(err, DPOC_EINPUT, "%s: checkpoint has no tensor %s/%s (another model?)", path, group, p->name);
-    hid_t d = H5Dopen2(g, p->name, H5P_DEFAULT);
-    if (d < 0) return dpoc_errf(err, DPOC_EINPUT, "%s: cannot open %s/%s", path, group, p->name);
-    hid_t sp = H5Dget_space(d);
+    hid_t ds = H5Dopen2(g, p->name, H5P_DEFAULT);
+    if (ds < 0) return dpoc_errf(err, DPOC_EINPUT, "%s: cannot open %s/%s", path, group, p->name);
+    hid_t sp = H5Dget_space(ds);
     hsize_t dims[2] = {0, 0};
     int rank = H5Sget_simple_extent_dims(sp, dims, NULL);
     H5Sclose(sp);
@@ -162,9 +164,20 @@ static int read_tensor(hid_t g, const dpoc_param_info *p, float *out, const char
     if (rank != (int)p->ndim || dims[0] != p->shape[0] || (rank == 2 && dims[1] != p->shape[1]))
         rc = dpoc_errf(err, DPOC_EINPUT, "%s: %s/%s has another shape than the model's (another model?)", path, group,
                        p->name);
-    else if (!stored_as_written(d))
+    else if (!stored_as_written(ds))
         rc = dpoc_errf(err, DPOC_EINPUT, "%s: %s/%s is not stored as dpoc writes it (corrupted metadata)", path, group, p->name);
-    else if (H5Dread(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0)
+    if (rc) H5Dclose(ds);
+    else *d = ds;
+    return rc;
+}
+
+/* Reads a tensor, checking its shape; Fletcher32 fails the read on corruption. */
+static int read_tensor(hid_t g, const dpoc_param_info *p, float *out, const char *path, const char *group,
+                       dpoc_err *err) {
+    hid_t d;
+    DPOC_TRY(open_tensor(g, p, path, group, &d, err));
+    int rc = 0;
+    if (H5Dread(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0)
         rc = dpoc_errf(err, DPOC_EINPUT, "%s: %s/%s cannot be read (checksum mismatch: the file is corrupted)", path,
                        group, p->name);
     H5Dclose(d);
@@ -348,21 +361,9 @@ static int read_sharded_group(hid_t grp, const dpoc_trainer *t, float *mine, con
     const size_t lo = t->opt.lo, hi = t->opt.hi;
     for (size_t k = 0; k < n_idx; k++) {
         const dpoc_param_info *p = &m->info[idx[k].index];
-        if (H5Lexists(grp, p->name, H5P_DEFAULT) <= 0)
-            return dpoc_errf(err, DPOC_EINPUT, "%s: checkpoint has no tensor %s/%s (another model?)", path, group, p->name);
-        hid_t d = H5Dopen2(grp, p->name, H5P_DEFAULT);
-        if (d < 0) return dpoc_errf(err, DPOC_EINPUT, "%s: cannot open %s/%s", path, group, p->name);
-        hid_t sp = H5Dget_space(d);
-        hsize_t dims[2] = {0, 0};
-        const int rank = H5Sget_simple_extent_dims(sp, dims, NULL);
-        H5Sclose(sp);
+        hid_t d;
+        DPOC_TRY(open_tensor(grp, p, path, group, &d, err));
         int rc = 0;
-        if (rank != (int)p->ndim || dims[0] != p->shape[0] || (rank == 2 && dims[1] != p->shape[1]))
-            rc = dpoc_errf(err, DPOC_EINPUT, "%s: %s/%s has another shape than the model's (another model?)", path,
-                           group, p->name);
-        else if (!stored_as_written(d))
-            rc = dpoc_errf(err, DPOC_EINPUT, "%s: %s/%s is not stored as dpoc writes it (corrupted metadata)", path,
-                           group, p->name);
         const size_t row = p->ndim == 2 ? p->shape[1] : 1, per = piece_rows(p);
         for (size_t r0 = 0; r0 < p->shape[0] && !rc; r0 += per) {
             const size_t nr = p->shape[0] - r0 < per ? p->shape[0] - r0 : per;
