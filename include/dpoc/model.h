@@ -130,6 +130,26 @@ int dpoc_model_write_safetensors(const dpoc_model *m, const char *path, int bf16
 /* Index of a tensor by HF name, or DPOC_NO_PARAM. */
 size_t dpoc_model_find(const dpoc_model *m, const char *name);
 
+/* Watching a forward's outputs (dpoc_acts.watch, NULL: not watched): where a
+ * value first stopped being finite, when a step's loss was not, and the tests'
+ * fault injection. Each output is named for the Hugging Face module computing
+ * it: "model.embed_tokens", "model.layers.N.input_layernorm",
+ * "model.layers.N.self_attn.{q,k,v}_proj" (before RoPE), "model.layers.N.self_attn"
+ * (attention, before o_proj), "model.layers.N.self_attn.o_proj",
+ * "model.layers.N.post_attention_layernorm", "model.layers.N.mlp.{gate,up}_proj",
+ * "model.layers.N.mlp.act_fn" (silu(gate) * up), "model.layers.N.mlp.down_proj",
+ * "model.layers.N" (the residual stream after the layer), "model.norm",
+ * "lm_head" (the scored rows' log-probs). */
+typedef struct {
+    int check;                        /* record the first output holding a NaN or an Inf */
+    char inject[DPOC_PARAM_NAME_MAX]; /* test hook: this output's element 0 := inject_value ("": none) */
+    float inject_value;
+    size_t injected;                  /* how many times it was */
+    char first[DPOC_PARAM_NAME_MAX];  /* the first non-finite output seen ("": none) */
+    size_t first_index;
+    float first_value;
+} dpoc_act_watch;
+
 /* Activations of one sequence, kept per layer so backward (or a recompute) can use them.
  * Sized for up to max_T tokens and max_R scored rows. */
 typedef struct {
@@ -162,6 +182,7 @@ typedef struct {
     float *head_in;             /* (R,C) the head's input rows gathered from lnf (shared layout only) */
     int32_t *tokens;            /* (T) the token of each row (shared layout only) */
     int32_t *labels;            /* (R) */
+    dpoc_act_watch *watch;      /* NULL, or who sees each output (diagnosis, tests) */
     /* per scored row: outputs of the head */
     float *logp, *lse, *entropy, *mean_logit, *log_sum_sq_probs;
     uint8_t *is_top1;

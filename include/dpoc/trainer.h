@@ -62,11 +62,23 @@ typedef struct {
 /* Receives each logged row on rank 0 (files, progress lines); a non-zero return stops training. */
 typedef int (*dpoc_log_fn)(void *ctx, const dpoc_log_record *rec, dpoc_err *err);
 
+/* What DPOC_TEST_INJECT puts a NaN or an Inf into. */
+typedef enum { DPOC_INJECT_NONE, DPOC_INJECT_WEIGHT, DPOC_INJECT_GRAD, DPOC_INJECT_ACT } dpoc_inject_kind;
+
 /* Test-only fault injection, read from the environment at init:
  * DPOC_TEST_FAIL_AT="RANK:STEP" makes that rank fail at that optimizer step;
  * DPOC_TEST_PERTURB="RANK:TENSOR" perturbs a weight on that rank after loading;
- * DPOC_TEST_HANG_AT="RANK:STEP" makes that rank stop making progress at that step. */
+ * DPOC_TEST_HANG_AT="RANK:STEP" makes that rank stop making progress at that step;
+ * DPOC_TEST_INJECT="KIND:RANK:STEP:NAME[:VALUE]" (VALUE nan, inf or -inf; nan
+ * when left out) writes VALUE on that rank into element 0 of: weight NAME after
+ * step STEP's update (0: after loading); the gradient of tensor NAME before step
+ * STEP's norm; the forward output NAME (dpoc_act_watch) during step STEP. */
 typedef struct {
+    dpoc_inject_kind inject_kind;
+    int inject_rank;
+    long inject_step;
+    char inject_name[DPOC_PARAM_NAME_MAX];
+    float inject_value;
     int fail_rank;
     long fail_step;
     int hang_rank;
@@ -82,6 +94,7 @@ typedef struct {
  * pair s - B otherwise (TRL's order). */
 typedef struct {
     size_t B;               /* pairs of the forward waiting for its backward; 0: none */
+    size_t last_B;          /* pairs of the last backward (a failing step's diagnosis runs its forward again) */
     dpoc_seq *seq;          /* (2B) */
     size_t *actp, *offp;    /* (2B) sequence s's head outputs: acts[actp[s]] rows [offp[s], offp[s] + R) */
     dpoc_pair_tokens *ptok; /* (B) the pairs layout of the shared path */
@@ -162,6 +175,7 @@ typedef struct {
     dpoc_log_fn on_log; /* NULL: nothing is logged */
     void *on_log_ctx;
     dpoc_test_hooks hooks;
+    dpoc_act_watch watch; /* the forward watch a failing step's diagnosis and DPOC_TEST_INJECT use */
     /* content fingerprints (FNV-1a 64) of what the run started from, kept in checkpoints */
     uint64_t fp_policy, fp_ref, fp_data;
     dpoc_prof *prof;   /* where step time goes (dpoc bench); NULL: not measured */

@@ -10,12 +10,18 @@
 #include "dpoc/model.h"
 #include "dpoc/prof.h"
 
-/* q (T,QD), k and v (T,KD) = the layer's projections of ln (T,C), biases included. */
+/* The watch's view of an output x (n) of layer l's module ("mlp.up_proj"), or of
+ * a model-level one (l = DECODER_NO_LAYER, module "model.norm"); w may be NULL. */
+#define DECODER_NO_LAYER ((size_t)-1)
+void decoder_see(dpoc_act_watch *w, size_t l, const char *module, float *x, size_t n);
+
+/* q (T,QD), k and v (T,KD) = the layer's projections of ln (T,C), biases included.
+ * w (may be NULL) sees them as layer l's. */
 void decoder_qkv_forward(const dpoc_layer *L, float *q, float *k, float *v, const float *ln,
-                         size_t T, dpoc_prof *prof, float *ws);
+                         size_t T, dpoc_prof *prof, float *ws, dpoc_act_watch *w, size_t l);
 /* out (T,C) = down(silu(gate(ln)) * up(ln)) of ln (T,C); gate, up and act (T,F)
  * keep the inner values (backward reads them). Overwrites out. */
 void decoder_mlp_forward(const dpoc_layer *L, float *out, float *gate, float *up, float *act,
-                         const float *ln, size_t T, dpoc_prof *prof, float *ws);
+                         const float *ln, size_t T, dpoc_prof *prof, float *ws, dpoc_act_watch *w, size_t l);
 
 #endif

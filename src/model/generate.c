@@ -118,7 +118,7 @@ static void gen_step(gen_state *s, const int32_t *tokens, const size_t *seq, con
     for (size_t l = 0; l < s->L; l++) {
         const dpoc_layer *o = &m->layers[l];
         rmsnorm_forward(s->ln, rstd, s->x, o->attn_norm.v, N, C, c->rms_norm_eps);
-        decoder_qkv_forward(o, s->q, s->k, s->v, s->ln, N, NULL, s->lora_ws);
+        decoder_qkv_forward(o, s->q, s->k, s->v, s->ln, N, NULL, s->lora_ws, NULL, 0);
         for (size_t r = 0; r < N; r++) {
             const float *cs = s->cos_t + pos[r] * (hd / 2), *sn = s->sin_t + pos[r] * (hd / 2);
             rope_forward(s->q + r * QD, cs, sn, 1, s->nh, hd);
@@ -139,7 +139,7 @@ static void gen_step(gen_state *s, const int32_t *tokens, const size_t *seq, con
         linear_forward(&o->o, s->tmp, s->atty, N, s->lora_ws);
         for (size_t i = 0; i < N * C; i++) s->x[i] += s->tmp[i];
         rmsnorm_forward(s->ln, rstd, s->x, o->mlp_norm.v, N, C, c->rms_norm_eps);
-        decoder_mlp_forward(o, s->tmp, s->gate, s->up, s->act, s->ln, N, NULL, s->lora_ws);
+        decoder_mlp_forward(o, s->tmp, s->gate, s->up, s->act, s->ln, N, NULL, s->lora_ws, NULL, 0);
         for (size_t i = 0; i < N * C; i++) s->x[i] += s->tmp[i];
     }
     for (size_t i = 0; i < n_out; i++) memcpy(s->tmp + i * C, s->x + out_rows[i] * C, C * sizeof(float));

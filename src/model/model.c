@@ -15,6 +15,7 @@
 #include "core/fileutil.h"
 #include "core/pool.h"
 #include "dpoc/runtime.h"
+#include "dpoc/finite.h"
 #include "dpoc/gguf.h"
 #include "model/decoder.h"
 
@@ -512,19 +513,35 @@ static void attention_rows_backward(const dpoc_acts *a, float *dq, float *dk, fl
         dpoc_prof_add(prof, kind, t0_);                  \
     } while (0)
 
+void decoder_see(dpoc_act_watch *w, size_t l, const char *module, float *x, size_t n) {
+    if (!w) return; /* the usual case: a forward pays one test per output */
+    char name[DPOC_PARAM_NAME_MAX];
+    if (l == DECODER_NO_LAYER) snprintf(name, sizeof name, "%s", module);
+    else if (!module[0]) snprintf(name, sizeof name, "model.layers.%zu", l); /* the layer's output */
+    else snprintf(name, sizeof name, "model.layers.%zu.%s", l, module);
+    dpoc_act_watch_see(w, name, x, n);
+}
+
 void decoder_qkv_forward(const dpoc_layer *L, float *q, float *k, float *v, const float *ln,
-                         size_t T, dpoc_prof *prof, float *ws) {
+                         size_t T, dpoc_prof *prof, float *ws, dpoc_act_watch *w, size_t l) {
     TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->q, q, ln, T, ws));
+    decoder_see(w, l, "self_attn.q_proj", q, T * L->q.out);
     TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->k, k, ln, T, ws));
+    decoder_see(w, l, "self_attn.k_proj", k, T * L->k.out);
     TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->v, v, ln, T, ws));
+    decoder_see(w, l, "self_attn.v_proj", v, T * L->v.out);
 }
 
 void decoder_mlp_forward(const dpoc_layer *L, float *out, float *gate, float *up, float *act,
-                         const float *ln, size_t T, dpoc_prof *prof, float *ws) {
+                         const float *ln, size_t T, dpoc_prof *prof, float *ws, dpoc_act_watch *w, size_t l) {
     TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->gate, gate, ln, T, ws));
+    decoder_see(w, l, "mlp.gate_proj", gate, T * L->gate.out);
     TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->up, up, ln, T, ws));
+    decoder_see(w, l, "mlp.up_proj", up, T * L->up.out);
     TIMED(prof, DPOC_PROF_POINTWISE, swiglu_forward(act, gate, up, T * L->gate.out));
+    decoder_see(w, l, "mlp.act_fn", act, T * L->gate.out);
     TIMED(prof, DPOC_PROF_GEMM, linear_forward(&L->down, out, act, T, ws));
+    decoder_see(w, l, "mlp.down_proj", out, T * L->down.out);
 }
 
 /* Layer l from a->layers[l].x_in to x_next (T,C), keeping what its backward
@@ -537,17 +554,23 @@ static void layer_forward(const dpoc_model *m, dpoc_acts *a, size_t l, float *x_
     const dpoc_layer *o = &m->layers[l];
     dpoc_layer_acts *la = &a->layers[l];
     // attention block: x_mid = x_in + o_proj(attn(rope(q), rope(k), v))
+    dpoc_act_watch *w = a->watch;
     TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_forward(la->ln1, la->rstd1, la->x_in, o->attn_norm.v, T, C, cfg->rms_norm_eps));
-    decoder_qkv_forward(o, la->q, la->k, la->v, la->ln1, T, a->prof, a->lora_ws);
+    decoder_see(w, l, "input_layernorm", la->ln1, T * C);
+    decoder_qkv_forward(o, la->q, la->k, la->v, la->ln1, T, a->prof, a->lora_ws, w, l);
     TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, la->q, nh, hd, 0));
     TIMED(a->prof, DPOC_PROF_POINTWISE, rope_rows(a, la->k, nkv, hd, 0));
     TIMED(a->prof, DPOC_PROF_ATTENTION, attention_rows_forward(a, la->atty, la->att_lse, la->q, la->k, la->v, nh, nkv, hd));
+    decoder_see(w, l, "self_attn", la->atty, T * nh * hd);
     TIMED(a->prof, DPOC_PROF_GEMM, linear_forward(&o->o, la->x_mid, la->atty, T, a->lora_ws));
+    decoder_see(w, l, "self_attn.o_proj", la->x_mid, T * C);
     TIMED(a->prof, DPOC_PROF_POINTWISE, add_inplace(la->x_mid, la->x_in, T * C));
     // MLP block: x_next = x_mid + down(silu(gate(ln2)) * up(ln2))
     TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_forward(la->ln2, la->rstd2, la->x_mid, o->mlp_norm.v, T, C, cfg->rms_norm_eps));
-    decoder_mlp_forward(o, x_next, la->gate, la->up, la->act, la->ln2, T, a->prof, a->lora_ws);
+    decoder_see(w, l, "post_attention_layernorm", la->ln2, T * C);
+    decoder_mlp_forward(o, x_next, la->gate, la->up, la->act, la->ln2, T, a->prof, a->lora_ws, w, l);
     TIMED(a->prof, DPOC_PROF_POINTWISE, add_inplace(x_next, la->x_mid, T * C));
+    decoder_see(w, l, "", x_next, T * C);
 }
 
 /* From the embedded rows in layers[0].x_in (T,C) to the final norm's lnf (T,C),
@@ -558,6 +581,7 @@ static void forward_trunk(const dpoc_model *m, dpoc_acts *a) {
         layer_forward(m, a, l, l + 1 < cfg->n_layers ? a->layers[l + 1].x_in : a->x_out);
     TIMED(a->prof, DPOC_PROF_POINTWISE, rmsnorm_forward(a->lnf, a->rstdf, a->x_out, m->final_norm.v, a->T,
                                                         cfg->hidden_size, cfg->rms_norm_eps));
+    decoder_see(a->watch, DECODER_NO_LAYER, "model.norm", a->lnf, a->T * cfg->hidden_size);
 }
 
 void dpoc_model_forward(const dpoc_model *m, dpoc_acts *a, const int32_t *tokens, size_t T, size_t row0,
@@ -570,10 +594,12 @@ void dpoc_model_forward(const dpoc_model *m, dpoc_acts *a, const int32_t *tokens
     a->n_pairs = 0;
     TIMED(a->prof, DPOC_PROF_POINTWISE, rope_tables(a->cos_t, a->sin_t, T, cfg->head_dim, cfg->rope_theta));
     TIMED(a->prof, DPOC_PROF_POINTWISE, embed_tokens(m, a->layers[0].x_in, tokens, T));
+    decoder_see(a->watch, DECODER_NO_LAYER, "model.embed_tokens", a->layers[0].x_in, T * C);
     forward_trunk(m, a);
     for (size_t r = 0; r < R; r++) a->labels[r] = tokens[row0 + r + 1];
     lmhead_out out = {a->logp, a->lse, a->entropy, a->mean_logit, a->log_sum_sq_probs, a->is_top1};
     TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_forward_linear(&out, a->lnf + row0 * C, &m->lm_head, a->labels, R, a->logits_scratch));
+    decoder_see(a->watch, DECODER_NO_LAYER, "lm_head", a->logp, R);
 }
 
 void dpoc_model_forward_pairs(const dpoc_model *m, dpoc_acts *a, const dpoc_pair_tokens *pairs, size_t n) {
@@ -611,11 +637,13 @@ void dpoc_model_forward_pairs(const dpoc_model *m, dpoc_acts *a, const dpoc_pair
     /* positions 0 .. Tp + max(na, nb) - 1 of the longest pair: prompts', then completions' from Tp */
     TIMED(a->prof, DPOC_PROF_POINTWISE, rope_tables(a->cos_t, a->sin_t, max_pos, cfg->head_dim, cfg->rope_theta));
     TIMED(a->prof, DPOC_PROF_POINTWISE, embed_tokens(m, a->layers[0].x_in, a->tokens, T));
+    decoder_see(a->watch, DECODER_NO_LAYER, "model.embed_tokens", a->layers[0].x_in, T * C);
     forward_trunk(m, a);
     /* every pair's completions in one head call: one pass over the (V,C) head weight */
     for (size_t r = 0; r < R; r++) memcpy(a->head_in + r * C, a->lnf + a->head_src[r] * C, C * sizeof(float));
     lmhead_out out = {a->logp, a->lse, a->entropy, a->mean_logit, a->log_sum_sq_probs, a->is_top1};
     TIMED(a->prof, DPOC_PROF_LMHEAD, lmhead_forward_linear(&out, a->head_in, &m->lm_head, a->labels, R, a->logits_scratch));
+    decoder_see(a->watch, DECODER_NO_LAYER, "lm_head", a->logp, R);
 }
 
 void dpoc_model_forward_shared(const dpoc_model *m, dpoc_acts *a, const int32_t *prompt, size_t Tp,

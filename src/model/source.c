@@ -10,6 +10,7 @@
 
 #include "core/fileutil.h"
 #include "dpoc/config.h"
+#include "dpoc/finite.h"
 
 /* A model path that is neither: say what was expected. */
 static int not_a_model(const char *path, dpoc_err *err) {
@@ -58,6 +59,8 @@ int dpoc_source_load_model_stored(dpoc_model *m, const char *path, dpoc_weight_s
         DPOC_TRY(dpoc_ts_open_safetensors(&src, path, err));
     }
     if (!rc) rc = dpoc_model_from_source(m, &cfg, src, storage, err);
+    /* a NaN or an Inf in a file would reach every activation: refuse it here, named */
+    if (!rc && (rc = dpoc_model_check_weights(m, path, err))) dpoc_model_free(m);
     /* kept tensors point into the mapping: the model keeps the source open */
     if (!rc && dpoc_model_has_kept(m)) {
         rc = dpoc_model_own(m, src, close_source, err);

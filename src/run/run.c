@@ -179,7 +179,9 @@ static int checkpoint(dpoc_trainer *t, dpoc_err *err) {
     /* the others wait, so that no rank exits before the checkpoint is durable */
     double status = rc;
     int rc2 = dpoc_dist_sum_doubles(t->dist, &status, 1, err);
-    if (!rc && status != 0) rc = dpoc_errf(err, DPOC_EIO, "rank 0 could not write the checkpoint");
+    /* rank 0's status (the others' are 0 but with ZeRO, where all share the cause) gives the exit code */
+    const int code = status == DPOC_EINPUT || status == DPOC_ENOMEM ? (int)status : DPOC_EIO;
+    if (!rc && status != 0) rc = dpoc_errf(err, code, "rank 0 could not write the checkpoint");
     return rc ? rc : rc2;
 }
 

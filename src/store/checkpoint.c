@@ -1,5 +1,6 @@
 /* HDF5 checkpoints (see checkpoint.h). */
 #include "dpoc/checkpoint.h"
+#include "dpoc/finite.h"
 #include "dpoc/runtime.h"
 
 #include <dirent.h>
@@ -417,9 +418,32 @@ static int serve_sharded_save(const dpoc_trainer *t, dpoc_err *err) {
     return rc;
 }
 
+/* The weights and this rank's optimizer moments hold no NaN or Inf (a bad step
+ * stops the job before its update; this makes sure none is ever saved). Sharded:
+ * collective, every rank learns whether any rank's slice is bad. */
+static int state_finite(const dpoc_trainer *t, int sharded, const char *name, dpoc_err *err) {
+    const dpoc_model *m = &t->policy;
+    const size_t lo = t->opt.lo, hi = t->opt.hi;
+    int rc = dpoc_model_check_finite(m, m->params, 0, m->numel, "the weight", err);
+    if (!rc) rc = dpoc_model_check_finite(m, t->opt.m, lo, hi, "the optimizer's exp_avg of", err);
+    if (!rc) rc = dpoc_model_check_finite(m, t->opt.v, lo, hi, "the optimizer's exp_avg_sq of", err);
+    if (sharded) {
+        double any = rc != 0;
+        DPOC_TRY(dpoc_dist_sum_doubles(t->dist, &any, 1, err));
+        if (any > 0 && !rc) rc = dpoc_errf(err, DPOC_EINPUT, "another rank's optimizer state is not finite");
+    }
+    if (rc) dpoc_err_prefix(err, "%s/%s not written", t->cfg.output_dir, name);
+    return rc;
+}
+
 int dpoc_ckpt_save(const dpoc_trainer *t, size_t save_total_limit, char *path_out, size_t path_n, dpoc_err *err) {
     const dpoc_config *cfg = &t->cfg;
     const int sharded = moments_sharded(t);
+    {
+        char name[128];
+        snprintf(name, sizeof name, CKPT_PREFIX "%ld" CKPT_SUFFIX, t->global_step);
+        DPOC_TRY(state_finite(t, sharded, name, err));
+    }
     if (sharded && !dpoc_dist_is_root(t->dist)) return serve_sharded_save(t, err);
     char name[128], path[DPOC_PATH_MAX + 160], tmp[DPOC_PATH_MAX + 160];
     snprintf(name, sizeof name, CKPT_PREFIX "%ld" CKPT_SUFFIX, t->global_step);

@@ -40,6 +40,7 @@
 #include "core/rng.h"
 #include "dpoc/balance.h"
 #include "dpoc/chat.h"
+#include "dpoc/finite.h"
 #include "dpoc/flops.h"
 #include "dpoc/loss.h"
 #include "dpoc/lora.h"
@@ -132,7 +133,48 @@ static int same_architecture(const dpoc_model_config *a, const dpoc_model_config
     return a->vocab_size == b->vocab_size && a->hidden_size == b->hidden_size && a->n_layers == b->n_layers;
 }
 
+/* DPOC_TEST_INJECT="KIND:RANK:STEP:NAME[:VALUE]" (see trainer.h); anything else: no injection. */
+static void read_inject_hook(dpoc_test_hooks *h) {
+    const char *s = getenv("DPOC_TEST_INJECT");
+    char kind[16], value[16] = "nan";
+    int n = s ? sscanf(s, "%15[a-z]:%d:%ld:%95[^:]:%15s", kind, &h->inject_rank, &h->inject_step, h->inject_name,
+                       value)
+              : 0;
+    if (n < 4) return;
+    h->inject_kind = strcmp(kind, "weight") == 0 ? DPOC_INJECT_WEIGHT
+                     : strcmp(kind, "grad") == 0 ? DPOC_INJECT_GRAD
+                     : strcmp(kind, "act") == 0  ? DPOC_INJECT_ACT
+                                                 : DPOC_INJECT_NONE;
+    h->inject_value = strcmp(value, "inf") == 0 ? INFINITY : strcmp(value, "-inf") == 0 ? -INFINITY : NAN;
+}
+
+/* The test hook's value into element 0 of tensor name of block (laid out as m's
+ * table, from parameter lo on: a whole block, or a ZeRO slice [lo, hi)). */
+static void inject_into(const dpoc_model *m, float *block, size_t lo, size_t hi, float *frozen, const char *name,
+                        float value) {
+    const size_t i = dpoc_model_find(m, name);
+    if (i == DPOC_NO_PARAM || m->info[i].data) return;
+    const dpoc_param_info *p = &m->info[i];
+    if (!p->trainable) {
+        if (frozen) frozen[p->offset] = value;
+        return;
+    }
+    if (p->offset >= lo && p->offset < hi) block[p->offset - lo] = value;
+}
+
+/* Whether the hook injects kind at step on this rank. A weight at load (step 0)
+ * is in every rank's copy, as a file's would be; a gradient before ZeRO stage 2
+ * in every rank's averaged gradient, as the average would carry one rank's. */
+static int inject_now(const dpoc_trainer *t, dpoc_inject_kind kind, long step) {
+    const dpoc_test_hooks *h = &t->hooks;
+    const int every_rank = (kind == DPOC_INJECT_WEIGHT && step == 0) || (kind == DPOC_INJECT_GRAD && t->zero_stage < 2);
+    return h->inject_kind == kind && h->inject_step == step &&
+           (every_rank || h->inject_rank == (t->dist ? t->dist->rank : 0));
+}
+
 static void read_test_hooks(dpoc_test_hooks *h) {
+    memset(h, 0, sizeof *h);
+    read_inject_hook(h);
     h->fail_rank = h->perturb_rank = h->hang_rank = -1;
     const char *hang = getenv("DPOC_TEST_HANG_AT");
     if (hang && sscanf(hang, "%d:%ld", &h->hang_rank, &h->hang_step) != 2) h->hang_rank = -1;
@@ -330,6 +372,9 @@ int dpoc_trainer_init(dpoc_trainer *t, const dpoc_config *cfg, dpoc_dist *dist, 
         size_t i = dpoc_model_find(&t->policy, t->hooks.perturb_tensor);
         if (i != DPOC_NO_PARAM && t->policy.info[i].trainable) t->policy.params[t->policy.info[i].offset] += 1e-3f;
     }
+    if (inject_now(t, DPOC_INJECT_WEIGHT, 0))
+        inject_into(&t->policy, t->policy.params, 0, t->policy.numel, t->policy.frozen, t->hooks.inject_name,
+                    t->hooks.inject_value);
     if ((rc = load_data(t, err))) goto fail;
     if ((rc = choose_precision(t, err))) goto fail;
     const size_t bs = cfg->per_device_train_batch_size, ga = cfg->gradient_accumulation_steps;
@@ -873,6 +918,48 @@ static void metric_sums(const dpoc_trainer *t, size_t B, double loss, double *su
     }
 }
 
+/* Every policy activation watched by w (NULL: none). */
+static void watch_policy(dpoc_trainer *t, dpoc_act_watch *w) {
+    for (size_t i = 0; i < t->n_acts; i++) t->acts[i].watch = w;
+}
+
+/* The micro-batch's loss came out NaN or Inf: name where it began. The weights
+ * first (a NaN there reaches everything), then the policy's forward run again
+ * with every output checked, then the reference's log-probs. */
+static int nonfinite_loss(dpoc_trainer *t, const dpoc_dataset *data, size_t B, double loss, dpoc_err *err) {
+    const dpoc_micro_batch *mb = &t->mb;
+    char when[96];
+    snprintf(when, sizeof when, "%s step %ld on rank %d", data == &t->eval ? "evaluation after" : "training",
+             data == &t->eval ? t->global_step : t->global_step + 1, rank_of(t));
+    int rc = dpoc_model_check_weights(&t->policy, "the policy", err);
+    if (rc) {
+        dpoc_err_prefix(err, "%s: the loss is not finite", when);
+        return rc;
+    }
+    dpoc_act_watch *w = &t->watch;
+    w->check = 1;
+    w->first[0] = '\0';
+    watch_policy(t, w);
+    policy_forward(t, B);
+    watch_policy(t, inject_now(t, DPOC_INJECT_ACT, t->global_step + 1) ? w : NULL);
+    w->check = 0;
+    if (w->first[0])
+        return dpoc_errf(err, DPOC_EINPUT,
+                         "%s: the loss is not finite: the policy's forward output %s is (%s at element %zu), its "
+                         "inputs were finite; stopping before this step's update",
+                         when, w->first, isnan(w->first_value) ? "nan" : w->first_value > 0 ? "inf" : "-inf",
+                         w->first_index);
+    for (size_t s = 0; s < 2 * B; s++)
+        if (!isfinite(mb->ls[s].ref_logp))
+            return dpoc_errf(err, DPOC_EINPUT,
+                             "%s: the loss is not finite: the reference log-prob of the %s answer of pair %zu of "
+                             "the micro-batch is %g",
+                             when, s < B ? "chosen" : "rejected", s % B, mb->ls[s].ref_logp);
+    return dpoc_errf(err, DPOC_EINPUT,
+                     "%s: the loss is not finite (%g) though the policy's outputs and the reference log-probs are",
+                     when, loss);
+}
+
 int dpoc_trainer_forward_loss(dpoc_trainer *t, const dpoc_dataset *data, const double *ref_logps,
                               const size_t *pairs, size_t B, double grad_scale, double *sums, dpoc_err *err) {
     const dpoc_config *cfg = &t->cfg;
@@ -897,6 +984,7 @@ int dpoc_trainer_forward_loss(dpoc_trainer *t, const dpoc_dataset *data, const d
     const int rc = dpoc_loss_compute_in(&t->loss_work, &cfg->loss, B, mb->ls, mb->ls + B, grad_scale, mb->dtok,
                                         mb->dtok + B, &lo, err);
     dpoc_prof_add(t->prof, DPOC_PROF_LOSS, t_loss);
+    if (rc && !isfinite(lo.loss)) return nonfinite_loss(t, data, B, lo.loss, err);
     if (rc) return rc;
     metric_sums(t, B, lo.loss, sums);
     mb->B = B;
@@ -925,6 +1013,7 @@ int dpoc_trainer_backward(dpoc_trainer *t, int sync_tail, dpoc_err *err) {
     if (B > t->cfg.per_device_train_batch_size)
         return dpoc_errf(err, DPOC_EINTERNAL, "a backward of %zu pairs: only training batches have one", B);
     mb->B = 0; /* its dLoss/dlogp goes into the gradients once */
+    mb->last_B = B;
     sync_ctx sc = {t, 0, err};
     const dpoc_backward_hook hook = {on_grads_ready, &sc};
     /* A gradient is final once the last sequence of the micro-batch has passed
@@ -1032,6 +1121,40 @@ static int log_window(dpoc_trainer *t, double grad_norm, double lr, double epoch
 
 /* ---- one optimizer step ---- */
 
+/* The step's gradient norm is NaN or Inf: name the tensor (this rank's slice
+ * at ZeRO stage 2; the whole averaged gradient otherwise). Nothing is updated. */
+static int nonfinite_grad(dpoc_trainer *t, dpoc_err *err) {
+    const int stage2 = t->zero_stage >= 2;
+    const float *g = stage2 ? t->shard.grad : t->grads;
+    const size_t lo = stage2 ? t->shard.me_lo : 0, hi = stage2 ? t->shard.me_hi : t->policy.numel;
+    const long step = t->global_step + 1;
+    const int rc = dpoc_model_check_finite(&t->policy, g, lo, hi, "the gradient of", err);
+    if (rc) {
+        dpoc_err_prefix(err, "step %ld on rank %d", step, rank_of(t));
+        /* a forward output that went non-finite without reaching the loss (a row no
+         * label reads) still reaches the gradients: look for it in the last micro-batch */
+        dpoc_act_watch *w = &t->watch;
+        if (t->mb.last_B) {
+            w->check = 1;
+            w->first[0] = '\0';
+            watch_policy(t, w);
+            policy_forward(t, t->mb.last_B);
+            watch_policy(t, NULL);
+            w->check = 0;
+        }
+        if (w->first[0]) {
+            char msg[DPOC_ERR_MSG_MAX];
+            snprintf(msg, sizeof msg, "%s", err->msg);
+            dpoc_errf(err, rc, "%s; it comes from the policy's forward output %s (%s at element %zu)", msg, w->first,
+                      isnan(w->first_value) ? "nan" : w->first_value > 0 ? "inf" : "-inf", w->first_index);
+        }
+        return rc;
+    }
+    return dpoc_errf(err, DPOC_EINPUT,
+                     "step %ld on rank %d: the gradient norm is not finite (in another rank's slice of the gradient)",
+                     step, rank_of(t));
+}
+
 int dpoc_trainer_step(dpoc_trainer *t, dpoc_err *err) {
     const dpoc_config *cfg = &t->cfg;
     const size_t bs = cfg->per_device_train_batch_size, ga = cfg->gradient_accumulation_steps;
@@ -1043,6 +1166,13 @@ int dpoc_trainer_step(dpoc_trainer *t, dpoc_err *err) {
     if (t->hooks.hang_rank == (int)r && t->hooks.hang_step == t->global_step + 1)
         for (;;) pause(); /* only the watchdog ends this */
     DPOC_TRY(shadows_ensure(t, err));
+    if (inject_now(t, DPOC_INJECT_ACT, t->global_step + 1)) {
+        snprintf(t->watch.inject, sizeof t->watch.inject, "%s", t->hooks.inject_name);
+        t->watch.inject_value = t->hooks.inject_value;
+        watch_policy(t, &t->watch);
+    } else {
+        watch_policy(t, NULL);
+    }
     if (t->order_epoch != epoch) {
         if (cfg->shuffle) dpoc_shuffle_order(t->order, N, cfg->seed, (uint64_t)epoch);
         else
@@ -1096,6 +1226,11 @@ int dpoc_trainer_step(dpoc_trainer *t, dpoc_err *err) {
         window_add(t, &mb);
     }
     const double t_opt = dpoc_prof_start(t->prof);
+    if (inject_now(t, DPOC_INJECT_GRAD, t->global_step + 1)) {
+        if (t->zero_stage >= 2) inject_into(&t->policy, t->shard.grad, t->shard.me_lo, t->shard.me_hi, NULL,
+                                            t->hooks.inject_name, t->hooks.inject_value);
+        else inject_into(&t->policy, t->grads, 0, t->policy.numel, NULL, t->hooks.inject_name, t->hooks.inject_value);
+    }
     double grad_norm;
     if (t->zero_stage >= 2) {
         double sq = 0;
@@ -1104,8 +1239,7 @@ int dpoc_trainer_step(dpoc_trainer *t, dpoc_err *err) {
     } else {
         grad_norm = dpoc_grad_norm(t->grads, t->policy.numel);
     }
-    if (!isfinite(grad_norm))
-        return dpoc_errf(err, DPOC_EINPUT, "step %ld: the gradient norm is not finite", t->global_step + 1);
+    if (!isfinite(grad_norm)) return nonfinite_grad(t, err);
     t->last_grad_norm = grad_norm;
     const float clip = dpoc_clip_coef(grad_norm, cfg->max_grad_norm); /* applied inside the AdamW pass */
     const double lr = cfg->learning_rate * dpoc_lr_lambda(cfg, t->global_step, t->warmup_steps, t->total_steps);
@@ -1115,6 +1249,9 @@ int dpoc_trainer_step(dpoc_trainer *t, dpoc_err *err) {
     if (t->zero_stage) DPOC_TRY(gather_weights(t, err));
     dpoc_prof_add(t->prof, DPOC_PROF_OPTIMIZER, t_opt);
     t->global_step++;
+    if (inject_now(t, DPOC_INJECT_WEIGHT, t->global_step))
+        inject_into(&t->policy, t->policy.params, 0, t->policy.numel, t->policy.frozen, t->hooks.inject_name,
+                    t->hooks.inject_value);
     t->progress_time = dpoc_now_s();
     if (cfg->replica_check_steps && t->global_step % (long)cfg->replica_check_steps == 0)
         DPOC_TRY(dpoc_trainer_check_replicas(t, err));
