@@ -26,6 +26,7 @@ typedef struct {
     MPI_Comm node_comm;
     double comm_time_s;         /* time blocked in MPI since the last reset */
     int failed;                 /* dpoc_dist_mark_failed was called */
+    int failed_elsewhere;       /* ... for another rank's failure, which that rank reports (dpoc_dist_abort) */
 } dpoc_dist;
 
 /* MPI_Init_thread asking for MPI_THREAD_FUNNELED (error if not provided), ranks
@@ -45,6 +46,9 @@ int dpoc_dist_mpi_check(int rc, const char *what, dpoc_err *err);
  * will never join: from then on frees skip collective calls (MPI_Win_free), and
  * the caller is expected to end the job with dpoc_dist_abort. NULL is allowed. */
 void dpoc_dist_mark_failed(dpoc_dist *d);
+/* The same when the cause is another rank's: dpoc_dist_abort then gives that rank
+ * DPOC_PEER_REPORT_S to print its message and end the job before ending it itself. */
+void dpoc_dist_mark_failed_elsewhere(dpoc_dist *d);
 
 /* In-place sums across ranks (blocking; time counted in comm_time_s). */
 int dpoc_dist_sum_doubles(dpoc_dist *d, double *v, size_t n, dpoc_err *err);

@@ -72,7 +72,12 @@ int dpoc_fsync_path(const char *path, int directory, dpoc_err *err) {
 int dpoc_commit_file(const char *tmp, const char *path, dpoc_err *err) {
     int rc = dpoc_fsync_path(tmp, 0, err);
     if (!rc && rename(tmp, path) != 0) rc = dpoc_errf(err, DPOC_EIO, "%s: rename failed: %s", path, strerror(errno));
-    if (rc) remove(tmp);
+    if (rc && remove(tmp) != 0 && errno != ENOENT) {
+        /* a directory gone read-only keeps the partial file too: say where it is */
+        char msg[DPOC_ERR_MSG_MAX];
+        snprintf(msg, sizeof msg, "%s", err ? err->msg : "");
+        dpoc_errf(err, rc, "%s (the partial file %s could not be removed: %s)", msg, tmp, strerror(errno));
+    }
     return rc;
 }
 

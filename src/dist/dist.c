@@ -99,9 +99,14 @@ void dpoc_dist_finalize(dpoc_dist *d) {
     d->owns_mpi = 0;
 }
 
+/* How long a rank whose error is another's waits for that rank to report the
+ * cause (MPI_Abort from the first rank would kill the one that knows why). */
+#define DPOC_PEER_REPORT_S 3
+
 _Noreturn void dpoc_dist_abort(const dpoc_dist *d, int code, const char *msg) {
     fprintf(stderr, "dpoc [rank %d of %d]: %s\n", d ? d->rank : 0, d ? d->world : 1, msg);
     fflush(stderr);
+    if (d && d->failed_elsewhere) sleep(DPOC_PEER_REPORT_S);
     MPI_Abort(MPI_COMM_WORLD, code ? code : 1);
     exit(code ? code : 1); /* not reached */
 }
@@ -110,6 +115,10 @@ int dpoc_dist_is_root(const dpoc_dist *d) { return !d || d->rank == 0; }
 
 void dpoc_dist_mark_failed(dpoc_dist *d) {
     if (d) d->failed = 1;
+}
+
+void dpoc_dist_mark_failed_elsewhere(dpoc_dist *d) {
+    if (d) d->failed = d->failed_elsewhere = 1;
 }
 
 /* MPI counts are int: large buffers go in pieces of at most this many elements. */

@@ -181,7 +181,10 @@ static int checkpoint(dpoc_trainer *t, dpoc_err *err) {
     int rc2 = dpoc_dist_sum_doubles(t->dist, &status, 1, err);
     /* rank 0's status (the others' are 0 but with ZeRO, where all share the cause) gives the exit code */
     const int code = status == DPOC_EINPUT || status == DPOC_ENOMEM ? (int)status : DPOC_EIO;
-    if (!rc && status != 0) rc = dpoc_errf(err, code, "rank 0 could not write the checkpoint");
+    if (!rc && status != 0) {
+        rc = dpoc_errf(err, code, "rank 0 could not write the checkpoint");
+        dpoc_dist_mark_failed_elsewhere(t->dist); /* rank 0 says why */
+    }
     return rc ? rc : rc2;
 }
 
